@@ -1,0 +1,194 @@
+"""The `enat` command: thin subcommands over the library.
+
+    enat models                                   sizes, parameters, sampling FLOPs
+    enat flops --model L                          per-step FLOPs with/without reuse and CFG, vs NAT
+    enat sample --config C [--checkpoint W] --labels 1,2,3 --out DIR [key=value ...]
+    enat convert official-enat IN OUT [--num-heads H --enc-depth E]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from enat.config import ConfigError, load_config
+from enat.models.weights import WeightsError
+
+
+def _table(rows: list[list], header: list[str]) -> str:
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _meta_model(cfg):
+    """Build on the meta device: parameter counts of XL without allocating 4 GB."""
+    from enat.models.zoo import build_model
+
+    with torch.device("meta"):
+        return build_model(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_models(args) -> None:
+    from enat.flops import sampling_flops
+    from enat.models.zoo import ZOO, count_parameters, model_config
+
+    rows = []
+    for size in ZOO:
+        cfg = model_config(size, grid_size=args.grid_size)
+        nat = dataclasses.replace(cfg, arch="nat")
+        n_enat = count_parameters(_meta_model(cfg))
+        n_nat = count_parameters(_meta_model(nat))
+        f_enat = sampling_flops(cfg, args.steps).total / 1e12
+        f_nat = sampling_flops(nat, args.steps, reuse=False).total / 1e12
+        rows.append([size, cfg.width, cfg.num_heads, f"{cfg.enc_depth}+{cfg.dec_depth}", f"{n_enat:,}",
+                     f"{n_nat:,}", f"{f_enat:.3f}", f"{f_nat:.3f}", f"{f_nat / f_enat:.2f}x"])
+    print(f"grid {args.grid_size}x{args.grid_size} ({args.grid_size * 16} px with an f16 tokenizer), "
+          f"{args.steps} sampling steps with CFG, TFLOPs per image")
+    print(_table(rows, ["size", "width", "heads", "enc+dec", "ENAT params", "NAT params",
+                        "ENAT TFLOPs", "NAT TFLOPs", "NAT/ENAT"]))
+    print("S and B are not published sizes (DiT widths with ENAT-L's two-block decoder).")
+
+
+def cmd_flops(args) -> None:
+    from enat.flops import expected_train_flops, sampling_flops
+    from enat.models.zoo import model_config
+
+    cfg = model_config(args.model, grid_size=args.grid_size)
+    nat = dataclasses.replace(cfg, arch="nat")
+    variants = {"ENAT": (cfg, True), "ENAT no reuse": (cfg, False), "NAT": (nat, False)}
+    print(f"ENAT-{args.model}: grid {cfg.grid_size}x{cfg.grid_size}, {args.steps} steps, logits at [MASK] positions")
+    for guided in (True, False):
+        res = {k: sampling_flops(c, args.steps, reuse=r, guided=guided) for k, (c, r) in variants.items()}
+        rows = [[s] + [f"{res[k].per_step[s] / 1e9:.2f}" for k in variants] for s in range(args.steps)]
+        rows.append(["total TFLOPs"] + [f"{res[k].total / 1e12:.4f}" for k in variants])
+        rows.append(["NAT / this"] + [f"{res['NAT'].total / res[k].total:.2f}x" for k in variants])
+        print(f"\n{'with' if guided else 'without'} CFG (GFLOPs per image per step)")
+        print(_table(rows, ["step"] + list(variants)))
+    tr = expected_train_flops(cfg)
+    tr_plain = expected_train_flops(cfg, reuse_prob=0.0)
+    tr_nat = expected_train_flops(nat)
+    print(f"\ntraining, per sample (mask ratio ~ Beta(12,3)): ENAT {tr / 1e9:.2f} GFLOPs "
+          f"(reuse-mode steps p=0.5), {tr_plain / 1e9:.2f} without reuse steps; NAT {tr_nat / 1e9:.2f}")
+
+
+def _parse_labels(text: str, num_classes: int) -> torch.Tensor:
+    try:
+        labels = [int(x) for x in text.split(",") if x.strip() != ""]
+    except ValueError:
+        raise ConfigError(f"--labels must be comma-separated class ids, got {text!r}") from None
+    bad = [x for x in labels if not 0 <= x < num_classes]
+    if not labels or bad:
+        raise ConfigError(f"--labels must be class ids in [0, {num_classes}); got {text!r}")
+    return torch.tensor(labels)
+
+
+def cmd_sample(args) -> None:
+    import numpy as np
+
+    from enat.models.weights import load_weights, load_state
+    from enat.models.zoo import build_model
+    from enat.sampling import generate_all
+
+    cfg = load_config(args.config, args.overrides)
+    if args.checkpoint:
+        mcfg, sd, meta = load_weights(args.checkpoint, args.weights)
+        if args.config:
+            diff = {k: (v, getattr(cfg.model, k)) for k, v in dataclasses.asdict(mcfg).items()
+                    if getattr(cfg.model, k) != v and k not in ("size", "dropout", "label_drop")}
+            if diff:
+                raise ConfigError("the checkpoint's model differs from the config's model section "
+                                  + ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items()))
+        model = build_model(mcfg)
+        load_state(model, sd, f"{args.checkpoint} [{args.weights}]")
+        cfg.model = mcfg
+        source = str(args.checkpoint)
+    else:
+        print("warning: no --checkpoint given: sampling from a randomly initialised model "
+              f"(seed {cfg.seed}); the tokens are noise", file=sys.stderr)
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model)
+        source = "random-init"
+    model.eval()
+    labels = _parse_labels(args.labels, cfg.model.num_classes).repeat_interleave(args.per_label)
+    ids = generate_all(model, labels, cfg.sample, progress=sys.stderr.isatty())
+    g = cfg.model.grid_size
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "tokens.npy", ids.view(-1, g, g).numpy().astype(np.uint16))
+    np.save(out / "labels.npy", labels.numpy())
+    record = {"source": source, "num_samples": int(labels.shape[0]), "model": dataclasses.asdict(cfg.model),
+              "sample": dataclasses.asdict(cfg.sample)}
+    (out / "sample.json").write_text(json.dumps(record, indent=2))
+    print(f"wrote {labels.shape[0]} samples ({g}x{g} token ids, uint16) to {out / 'tokens.npy'}")
+
+
+def cmd_convert(args) -> None:
+    from enat.models.convert import convert_official
+
+    convert_official(args.src, args.dst, num_heads=args.num_heads, enc_depth=args.enc_depth, which=args.kind)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="enat", description="ENAT: train, sample, evaluate, scale.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("models", help="zoo sizes with parameter counts and sampling FLOPs")
+    s.add_argument("--grid-size", type=int, default=16)
+    s.add_argument("--steps", type=int, default=8)
+    s.set_defaults(func=cmd_models)
+
+    s = sub.add_parser("flops", help="analytic FLOPs of one zoo size")
+    s.add_argument("--model", default="L")
+    s.add_argument("--grid-size", type=int, default=16)
+    s.add_argument("--steps", type=int, default=8)
+    s.set_defaults(func=cmd_flops)
+
+    s = sub.add_parser("sample", help="sample token ids for given labels")
+    s.add_argument("--config", help="YAML config (sample section; model section without --checkpoint)")
+    s.add_argument("--checkpoint", help="enat-weights file; without it, a random-init model")
+    s.add_argument("--weights", default="ema", choices=["ema", "online"])
+    s.add_argument("--labels", required=True, help="comma-separated class ids, e.g. 1,2,3")
+    s.add_argument("--per-label", type=int, default=1, help="samples per label")
+    s.add_argument("--out", required=True)
+    s.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. sample.steps=12")
+    s.set_defaults(func=cmd_sample)
+
+    s = sub.add_parser("convert", help="import checkpoints from other formats")
+    conv = s.add_subparsers(dest="format", required=True)
+    c = conv.add_parser("official-enat", help="official ENAT state dict -> enat-weights file")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--num-heads", type=int, help="needed unless the shape matches a zoo size")
+    c.add_argument("--enc-depth", type=int, help="needed unless the shape matches a zoo size")
+    c.add_argument("--kind", default="ema", choices=["ema", "online"],
+                   help="which weights the file holds (the released nnet_ema.pth: ema)")
+    c.set_defaults(func=cmd_convert)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, WeightsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""One config tree, from YAML to every component.
+
+A YAML file may name base files (`base: [relative/path.yaml, ...]`, resolved against the file's
+own folder); bases merge in order, then the file itself, then dotted command-line overrides
+(`model.width=512 sample.cfg_scale=3.0`, values parsed as YAML). The merged tree is validated
+into the dataclasses below: an unknown key fails with the key, the file that set it and the
+closest valid key; a value of the wrong type names the expected type.
+
+Components take the section they need (`cfg.model`, `cfg.sample`, ...). `dump_config` writes
+the resolved tree, which `load_config` reads back to an equal object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be turned into a valid config."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """The network. `size` names a zoo entry (enat/models/zoo.py) that fills every
+    architecture field left unset; fields set explicitly win over the zoo."""
+
+    size: str | None = "L"
+    arch: Literal["enat", "nat"] = "enat"  # nat: vanilla MaskGIT-style baseline, all tokens in all blocks
+    width: int | None = None
+    num_heads: int | None = None
+    enc_depth: int | None = None  # nat: enc_depth + dec_depth blocks, all over every token
+    dec_depth: int | None = None
+    mlp_ratio: float = 4.0
+    grid_size: int = 16  # token grid side: 16 for 256 px, 32 for 512 px with an f16 tokenizer
+    codebook_size: int = 1024  # ids 0..codebook_size-1; codebook_size is [MASK]
+    num_classes: int = 1000  # labels 0..num_classes-1; num_classes is the null class
+    dropout: float = 0.1  # after the token embedding
+    label_drop: float = 0.0  # in-model CFG label drop (the released model: 0.1 on top of the data's)
+
+    @property
+    def seq_len(self) -> int:
+        return self.grid_size * self.grid_size
+
+    @property
+    def mask_id(self) -> int:
+        return self.codebook_size
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    @property
+    def depth(self) -> int:
+        return self.enc_depth + self.dec_depth
+
+
+@dataclass
+class SampleConfig:
+    """The iterative decoder (defaults: ENAT-L at 256 px, as released)."""
+
+    steps: int = 8
+    cfg_scale: float = 2.5  # guidance ramps linearly from 0 at step 0 to cfg_scale*(T-1)/T
+    samp_temp: float = 6.0  # token sampling temperature t0; annealed as max(t0*(1-r), 1e-3)
+    mask_temp: float = 1.5  # Gumbel noise on the confidence, annealed as mask_temp*(1-r)
+    reuse: bool = True  # ENAT computation reuse in steps 1..T-1 (off: full mode at every step)
+    greedy: bool = False  # argmax instead of sampling tokens (parity with recorded traces)
+    seed: int = 0  # every sample's noise derives from (seed, sample index)
+    batch_size: int = 64
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+BASE_KEY = "base"
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level, found {type(data).__name__}")
+    return data
+
+
+def _merge(dst: dict, src: dict, origin: dict, source: str | None, prefix: str = "") -> None:
+    """Deep-merge `src` into `dst`, recording in `origin` which source set each dotted key
+    (`source=None`: keep what the source's own load recorded, as for a base file)."""
+    for key, value in src.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(dst.get(key), dict):
+            _merge(dst[key], value, origin, source, dotted + ".")
+        else:
+            dst[key] = _copy(value)
+            if source is not None:
+                origin[dotted] = source
+                if isinstance(value, dict):
+                    for sub in _leaves(value, dotted + "."):
+                        origin[sub] = source
+
+
+def _copy(value):
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
+
+
+def _leaves(tree: dict, prefix: str):
+    for k, v in tree.items():
+        yield f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from _leaves(v, f"{prefix}{k}.")
+
+
+def _load_tree(path: Path, origin: dict, stack: tuple = ()) -> dict:
+    path = path.resolve()
+    if path in stack:
+        chain = " -> ".join(str(p) for p in (*stack, path))
+        raise ConfigError(f"config bases form a cycle: {chain}")
+    data = _read_yaml(path)
+    bases = data.pop(BASE_KEY, []) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: '{BASE_KEY}' must be a file path or a list of file paths")
+    tree: dict = {}
+    for base in bases:
+        _merge(tree, _load_tree(path.parent / base, origin, (*stack, path)), origin, None)
+    _merge(tree, data, origin, str(path))
+    return tree
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['model.width=512', 'sample.reuse=false'] -> nested dict with YAML-parsed values."""
+    out: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {part}")
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build the validated config from a YAML file (or the defaults) plus dotted overrides."""
+    origin: dict[str, str] = {}
+    tree = _load_tree(Path(path), origin) if path is not None else {}
+    _merge(tree, parse_overrides(overrides or []), origin, "command-line override")
+    cfg = from_dict(Config, tree, origin=origin)
+    return resolve(cfg)
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill zoo defaults and check cross-field rules."""
+    from enat.models.zoo import resolve_model_config  # zoo depends on ModelConfig, not vice versa
+
+    cfg.model = resolve_model_config(cfg.model)
+    if cfg.model.arch == "nat" and cfg.sample.reuse:
+        raise ConfigError("sample.reuse=true needs model.arch=enat; the NAT baseline has no reuse "
+                          "path. Set sample.reuse=false.")
+    if cfg.sample.steps < 1:
+        raise ConfigError(f"sample.steps must be >= 1, got {cfg.sample.steps}")
+    if cfg.sample.batch_size < 1:
+        raise ConfigError(f"sample.batch_size must be >= 1, got {cfg.sample.batch_size}")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _type_name(tp) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _where(key: str, origin: dict) -> str:
+    src = origin.get(key)
+    return f" (set in {src})" if src else ""
+
+
+def _coerce(value, tp, key: str, origin: dict):
+    """Check `value` against annotation `tp`; ints are accepted where floats are expected."""
+    o = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}'{_where(key, origin)} must be a mapping (section {tp.__name__}), "
+                              f"got {type(value).__name__}")
+        return from_dict(tp, value, origin=origin, prefix=key + ".")
+    if o in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, origin)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"'{key}'{_where(key, origin)} expects {_type_name(tp)}, got {value!r}")
+    if o is Literal:
+        if value not in args:
+            raise ConfigError(f"'{key}'{_where(key, origin)} must be one of {list(args)}, got {value!r}")
+        return value
+    if o in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{key}'{_where(key, origin)} expects a list ({_type_name(tp)}), got {value!r}")
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, f"{key}[{i}]", origin) for i, v in enumerate(value)]
+        return items if o is list else tuple(items)
+    if o is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}'{_where(key, origin)} expects a mapping, got {value!r}")
+        vt = args[1] if args else Any
+        return {str(k): _coerce(v, vt, f"{key}.{k}", origin) for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"'{key}'{_where(key, origin)} expects float, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"'{key}'{_where(key, origin)} expects int, got {value!r}")
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            raise ConfigError(f"'{key}'{_where(key, origin)} expects {tp.__name__}, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} for {key}")
+
+
+def from_dict(cls, data: dict, origin: dict | None = None, prefix: str = ""):
+    """Validate a nested dict into dataclass `cls`."""
+    origin = origin or {}
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{dotted}'{_where(dotted, origin)}{hint}")
+        kwargs[key] = _coerce(value, hints[key], dotted, origin)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config, path: str | Path | None = None) -> str:
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    if path is not None:
+        Path(path).write_text(text)
+    return text

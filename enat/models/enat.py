@@ -1,0 +1,138 @@
+"""ENAT: an encoder over visible tokens, a small decoder over [MASK] tokens, and computation
+reuse across sampling steps (Ni et al., NeurIPS 2024).
+
+Full mode (no previous state): the encoder runs self-attention over the visible tokens only; the
+decoder runs over the [MASK] tokens only, with the final encoder output as SC-attention context
+in every decoder block.
+
+Reuse mode (previous step's output given): tokens that were already visible in the previous call
+are not encoded again. Their previous features go through the reuse projection f and serve as
+the context of every encoder block, which now runs over the newly revealed tokens only. The
+decoder sees the merged visible set. The returned features hold f(z_prev) at the old positions,
+so f compounds over steps, as in the released code.
+
+All rows of a batch must have the same number of [MASK] tokens (and, in reuse mode, of newly
+revealed tokens): sequences are split by reshaping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from enat.config import ModelConfig
+from enat.models.layers import Block, LabelEmbedder, ReuseProjection, TokenEmbedder, TokenHead
+
+
+@dataclass
+class Output:
+    """What a forward returns; pass it back as `prev` for the next reuse-mode call of the same
+    branch (conditional and unconditional passes keep separate states)."""
+
+    logits: torch.Tensor | None  # (B, N, V) for logits="all", (B, M, V) at [MASK] positions for "masked"
+    feat: torch.Tensor  # (B, N, D) features per position, before the head's LayerNorm
+    mask: torch.Tensor  # (B, N) bool, True at [MASK] inputs
+
+
+def _take(x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """Rows of x (B, N, D) at the True positions of where (B, N), same count per row."""
+    return x[where].view(x.shape[0], -1, x.shape[-1])
+
+
+def _row_count(where: torch.Tensor, what: str) -> int:
+    counts = where.sum(dim=1)
+    n = int(counts[0])
+    if not bool((counts == n).all()):
+        raise ValueError(f"every row of a batch must have the same number of {what}; got {counts.tolist()}")
+    return n
+
+
+class ENAT(nn.Module):
+    supports_reuse = True
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.width
+        self.embed = TokenEmbedder(cfg.codebook_size + 1, cfg.seq_len, D, cfg.dropout)
+        self.label_embed = LabelEmbedder(cfg.num_classes, D, cfg.label_drop)
+        self.reuse_proj = ReuseProjection(D)
+        self.encoder = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.enc_depth))
+        self.decoder = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.dec_depth))
+        self.head = TokenHead(D, cfg.codebook_size + 1)
+        init_weights(self)
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor, prev: Output | None = None,
+                logits: str = "all") -> Output:
+        """ids: (B, N) token ids with [MASK] = codebook_size; labels: (B,) classes (null class for
+        the unconditional pass); prev: this branch's previous Output for reuse mode;
+        logits: "all" positions (as released), "masked" positions only (all the sampler and the
+        loss need), or "none" (features only)."""
+        cfg = self.cfg
+        mask = ids == cfg.mask_id
+        _row_count(mask, "[MASK] tokens")
+        x = self.embed(ids)
+        c = F.silu(self.label_embed(labels.reshape(-1)))  # every block's adaLN starts with SiLU
+
+        if prev is None:
+            ctx, h = None, _take(x, ~mask)
+        else:
+            if bool((mask & ~prev.mask).any()):
+                raise ValueError("reuse mode: a position masked now was visible in the previous call")
+            old, new = ~prev.mask, ~mask & prev.mask
+            _row_count(new, "newly revealed tokens")
+            ctx = self.reuse_proj(_take(prev.feat.detach(), old).to(x.dtype))
+            h = _take(x, new)
+
+        if h.shape[1] > 0:
+            for block in self.encoder:
+                h = block(h, c, ctx)
+
+        if prev is None:
+            visible = h
+        else:  # merge encoded new tokens and projected old ones back into position order
+            merged = x.new_empty(x.shape)
+            merged[new] = h.reshape(-1, h.shape[-1])
+            merged[old] = ctx.reshape(-1, ctx.shape[-1])
+            visible = _take(merged, ~mask)
+
+        m = _take(x, mask)
+        if m.shape[1] > 0:
+            for block in self.decoder:
+                m = block(m, c, visible)
+
+        feat = x.new_empty(x.shape)
+        feat[~mask] = visible.reshape(-1, visible.shape[-1])
+        feat[mask] = m.reshape(-1, m.shape[-1])
+        return Output(logits=head_logits(self.head, self.embed, feat, m, logits, cfg.codebook_size),
+                      feat=feat, mask=mask)
+
+
+def head_logits(head: TokenHead, embed: TokenEmbedder, feat: torch.Tensor, masked: torch.Tensor,
+                which: str, codebook_size: int) -> torch.Tensor | None:
+    if which == "all":
+        return head(feat, embed.tokens.weight, codebook_size)
+    if which == "masked":
+        return head(masked, embed.tokens.weight, codebook_size)
+    if which == "none":
+        return None
+    raise ValueError(f"logits must be 'all', 'masked' or 'none', got {which!r}")
+
+
+def init_weights(model: nn.Module) -> None:
+    """The released init: Xavier-uniform linears with zero bias, N(0, 0.02) tables and positions,
+    zero adaLN (every block starts as the identity), zero logit bias."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+    nn.init.normal_(model.embed.tokens.weight, std=0.02)
+    nn.init.normal_(model.embed.positions, std=0.02)
+    nn.init.normal_(model.label_embed.table.weight, std=0.02)
+    for name, module in model.named_modules():
+        if name.endswith("adaLN"):
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)

@@ -1,0 +1,157 @@
+"""Building blocks shared by ENAT and the vanilla NAT baseline.
+
+Everything here follows the released ENAT code numerically (see tests/test_parity.py); names are
+this project's own, `enat.models.convert` maps them to and from the official state_dict keys.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: per-sample shift/scale of a (B, L, D) sequence."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    """The blocks' LayerNorm: no affine parameters (adaLN supplies them), eps 1e-6."""
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU -> Linear. Blocks and the reuse projection use the tanh GELU."""
+
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class TokenEmbedder(nn.Module):
+    """Token table (codebook + [MASK]) plus learned absolute positions, LayerNorm, dropout."""
+
+    def __init__(self, vocab_size: int, seq_len: int, width: int, dropout: float):
+        super().__init__()
+        self.tokens = nn.Embedding(vocab_size, width)
+        self.positions = nn.Parameter(torch.zeros(seq_len, width))
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.norm(self.tokens(ids) + self.positions))
+
+
+class LabelEmbedder(nn.Module):
+    """Class table with one extra row, the null class used for classifier-free guidance.
+
+    `drop_prob` > 0 replaces labels by the null class during training. The released model did this
+    on top of the data pipeline's drop (a quirk); this project drops labels in the data loader and
+    keeps 0 here by default.
+    """
+
+    def __init__(self, num_classes: int, width: int, drop_prob: float = 0.0):
+        super().__init__()
+        self.table = nn.Embedding(num_classes + 1, width)
+        self.num_classes = num_classes
+        self.drop_prob = drop_prob
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        if self.training and self.drop_prob > 0:
+            drop = torch.rand(labels.shape, device=labels.device) < self.drop_prob
+            labels = torch.where(drop, self.num_classes, labels)
+        return self.table(labels)
+
+
+class SCAttention(nn.Module):
+    """Attention whose queries are the block's own tokens and whose keys/values are
+    [context ; own tokens]. With `two_way`, context and own tokens have separate K/V projections
+    (ENAT's two-way K/V); the own-token projection is used alone when there is no context.
+    """
+
+    def __init__(self, width: int, num_heads: int, two_way: bool = True):
+        super().__init__()
+        if width % num_heads:
+            raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)  # own tokens
+        self.kv_ctx = nn.Linear(width, 2 * width) if two_way else None  # context tokens
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, D = x.shape
+        H = self.num_heads
+        q = self.q(x).view(B, N, H, D // H).transpose(1, 2)
+        kv = self.kv(x)
+        if ctx is not None and ctx.shape[1] > 0:
+            kv = torch.cat([self.kv_ctx(ctx), kv], dim=1)
+        # K/V projections lay out their 2D outputs as (k|v, head, head_dim).
+        k, v = kv.view(B, -1, 2, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+class Block(nn.Module):
+    """SC-attention + MLP with adaLN-Zero conditioning on the class.
+
+    Two-way blocks take 8 modulation chunks: shift/scale for own tokens, shift/scale for context
+    tokens, attention gate, MLP shift/scale/gate. One-way blocks (the NAT baseline) drop the two
+    context chunks, which makes them plain DiT blocks.
+    """
+
+    def __init__(self, width: int, num_heads: int, mlp_ratio: float, two_way: bool = True):
+        super().__init__()
+        self.two_way = two_way
+        self.attn = SCAttention(width, num_heads, two_way)
+        self.mlp = Mlp(width, int(width * mlp_ratio))
+        self.adaLN = nn.Linear(width, (8 if two_way else 6) * width)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, ctx: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, N, D) own tokens; c: (B, D) conditioning, already through SiLU;
+        ctx: (B, M, D) context tokens (M may be 0) or None."""
+        if self.two_way:
+            shift, scale, shift_ctx, scale_ctx, gate, shift_mlp, scale_mlp, gate_mlp = self.adaLN(c).chunk(8, dim=1)
+            if ctx is not None:
+                ctx = modulate(norm(ctx), shift_ctx, scale_ctx)
+        else:
+            if ctx is not None:
+                raise ValueError("a one-way block takes no context tokens")
+            shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = self.adaLN(c).chunk(6, dim=1)
+        x = x + gate.unsqueeze(1) * self.attn(modulate(norm(x), shift, scale), ctx)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(norm(x), shift_mlp, scale_mlp))
+        return x
+
+
+class ReuseProjection(nn.Module):
+    """f(z) = z + MLP4x(LayerNorm(z)): maps the previous step's features of already-visible
+    tokens to the context the current step's encoder attends to."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = Mlp(width, 4 * width)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z + self.mlp(self.norm(z))
+
+
+class TokenHead(nn.Module):
+    """Final LayerNorm, Linear+GELU+LayerNorm, then logits against the token table (tied weights,
+    gradient stopped) plus a bias. The [MASK] row never becomes a logit."""
+
+    def __init__(self, width: int, vocab_size: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, width)
+        self.ln = nn.LayerNorm(width)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, feat: torch.Tensor, token_table: torch.Tensor, codebook_size: int) -> torch.Tensor:
+        h = self.ln(F.gelu(self.fc(self.norm(feat))))
+        return h @ token_table[:codebook_size].detach().t() + self.bias[:codebook_size]

@@ -1,0 +1,42 @@
+"""The vanilla NAT baseline (MaskGIT-style): every token, visible or [MASK], goes through every
+block; no encoder/decoder split, no context tokens, no reuse. Same embedding, block family
+(one-way K/V, 6 adaLN chunks) and head as ENAT, so ablations and benchmarks compare like with like.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from enat.config import ModelConfig
+from enat.models.enat import Output, head_logits, init_weights
+from enat.models.layers import Block, LabelEmbedder, TokenEmbedder, TokenHead
+
+
+class NAT(nn.Module):
+    supports_reuse = False
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.width
+        self.embed = TokenEmbedder(cfg.codebook_size + 1, cfg.seq_len, D, cfg.dropout)
+        self.label_embed = LabelEmbedder(cfg.num_classes, D, cfg.label_drop)
+        self.blocks = nn.ModuleList(
+            Block(D, cfg.num_heads, cfg.mlp_ratio, two_way=False) for _ in range(cfg.depth))
+        self.head = TokenHead(D, cfg.codebook_size + 1)
+        init_weights(self)
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor, prev: Output | None = None,
+                logits: str = "all") -> Output:
+        if prev is not None:
+            raise ValueError("the NAT baseline has no reuse mode; call it without prev")
+        mask = ids == self.cfg.mask_id
+        x = self.embed(ids)
+        c = F.silu(self.label_embed(labels.reshape(-1)))
+        for block in self.blocks:
+            x = block(x, c)
+        masked = x[mask].view(x.shape[0], -1, x.shape[-1]) if logits == "masked" else None
+        return Output(logits=head_logits(self.head, self.embed, x, masked, logits, self.cfg.codebook_size),
+                      feat=x, mask=mask)
