@@ -113,6 +113,16 @@ def infer_config(sd: dict, num_heads: int | None = None, enc_depth: int | None =
         raise WeightsError(str(e)) from None
 
 
+def config_from_official_args(args: dict) -> ModelConfig:
+    """ModelConfig from the official training arguments (embed_dim, num_heads, enc_dec,
+    latent_size, codebook_size, num_classes, mlp_ratio), as stored with recorded references."""
+    enc, dec = args["enc_dec"]
+    return resolve_model_config(ModelConfig(
+        size=None, arch="enat", width=args["embed_dim"], num_heads=args["num_heads"], enc_depth=enc,
+        dec_depth=dec, mlp_ratio=float(args.get("mlp_ratio", 4.0)), grid_size=args["latent_size"],
+        codebook_size=args.get("codebook_size", 1024), num_classes=args.get("num_classes", 1000)))
+
+
 def from_official(sd: dict, cfg: ModelConfig) -> dict:
     """Cleaned official state dict -> this project's ENAT state dict."""
     out = {}

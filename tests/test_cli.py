@@ -1,0 +1,113 @@
+"""The `enat` command and the README's fresh-machine main job."""
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, golden_files
+from enat.cli import main
+
+BIN = Path(sys.executable).parent
+
+
+def test_models_lists_L_with_official_count(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^L\s+1024\s+16\s+22\+2\s+565,904,385", out, re.M)
+    for size in ("tiny", "S", "B", "XL"):
+        assert re.search(rf"^{size}\s", out, re.M)
+
+
+def test_flops_prints_per_step_and_ratio(capsys):
+    assert main(["flops", "--model", "L"]) == 0
+    out = capsys.readouterr().out
+    assert "with CFG" in out and "without CFG" in out
+    totals = re.findall(r"^total TFLOPs\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", out, re.M)
+    assert len(totals) == 2
+    enat, noreuse, nat = map(float, totals[0])
+    assert enat < noreuse < nat and nat / enat >= 5
+
+
+def test_sample_random_init_writes_token_grid(tmp_path, capsys):
+    out = tmp_path / "s"
+    rc = main(["sample", "--config", str(ROOT / "configs/experiments/demo.yaml"), "--labels", "0,1,2",
+               "--per-label", "2", "--out", str(out), "sample.steps=4"])
+    assert rc == 0
+    tokens = np.load(out / "tokens.npy")
+    assert tokens.shape == (6, 8, 8) and tokens.dtype == np.uint16 and tokens.max() < 1024
+    assert np.load(out / "labels.npy").tolist() == [0, 0, 1, 1, 2, 2]
+    record = json.loads((out / "sample.json").read_text())
+    assert record["source"] == "random-init" and record["sample"]["steps"] == 4
+    assert "randomly initialised" in capsys.readouterr().err
+
+
+def test_sample_from_converted_checkpoint_and_mismatch(tmp_path, capsys):
+    golden = torch.load(golden_files("enat_*.pt")[0], weights_only=True)
+    src = tmp_path / "official.pth"
+    torch.save(golden["state_dict"], src)
+    weights = tmp_path / "w.pt"
+    assert main(["convert", "official-enat", str(src), str(weights)]) == 0
+    out = tmp_path / "s"
+    assert main(["sample", "--checkpoint", str(weights), "--labels", "7,388", "--out", str(out)]) == 0
+    assert np.load(out / "tokens.npy").shape == (2, 4, 4)
+    # A config whose model section describes another network is refused, naming both sides.
+    rc = main(["sample", "--config", str(ROOT / "configs/experiments/demo.yaml"), "--checkpoint", str(weights),
+               "--labels", "1", "--out", str(out)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "grid_size: checkpoint 4 vs config 8" in err
+
+
+def test_sample_rejects_bad_labels(tmp_path, capsys):
+    rc = main(["sample", "--config", str(ROOT / "configs/experiments/demo.yaml"), "--labels", "3,12",
+               "--out", str(tmp_path)])
+    assert rc == 2 and "[0, 10)" in capsys.readouterr().err
+
+
+def readme_commands() -> tuple[str, str]:
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    return blocks[0].strip(), blocks[1].strip()
+
+
+def test_readme_states_setup_main_job_and_test_commands():
+    setup, tests = readme_commands()
+    assert "-c constraints.txt" in setup and "pip install" in setup
+    assert tests == ".venv/bin/python -m pytest -q"
+    ci = (ROOT / ".ci/run").read_text()
+    assert tests in ci and "-c constraints.txt" in ci
+
+
+@pytest.mark.slow
+def test_readme_main_job_runs(tmp_path):
+    """The README's main job (the part after installing), with this environment's binaries and
+    outputs redirected to a temp dir."""
+    setup, _ = readme_commands()
+    steps = [s.strip() for s in setup.split("&&")]
+    steps = [s for s in steps if not s.startswith("python3 -m venv") and "pip install" not in s]
+    assert steps, "no main-job step in the README command"
+    for step in steps:
+        argv = shlex.split(step.replace(".venv/bin/", f"{BIN}/").replace("runs/", f"{tmp_path}/runs/"))
+        res = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, (step, res.stdout[-2000:], res.stderr[-2000:])
+    assert (tmp_path / "runs/demo/samples/tokens.npy").is_file()
+
+
+@pytest.mark.slow
+def test_sample_benchmark_prints_table_and_json():
+    res = subprocess.run([sys.executable, "-m", "enat.bench", "sample", "--model", "tiny", "--grid-size", "8",
+                          "--batch", "2", "--steps", "4", "--repeats", "1", "--json"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert any(line.startswith("NAT / ENAT") for line in lines)
+    result = json.loads(lines[-1])
+    for key in ("flops_ratio_vanilla_over_enat", "wall_ratio_vanilla_over_enat", "wall_ratio_noreuse_over_enat"):
+        assert result[key] > 0
+    assert result["flops_ratio_vanilla_over_enat"] > 1
