@@ -4,6 +4,9 @@
     enat flops --model L                          per-step FLOPs with/without reuse and CFG, vs NAT
     enat sample --config C [--checkpoint W] --labels 1,2,3 --out DIR [key=value ...]
     enat convert official-enat IN OUT [--num-heads H --enc-depth E]
+    enat tokenizer train --config C               the demo tokenizer, trained on the embedded digits
+    enat tokenize --config C [--split val] [--num-parts K --part I | --merge]
+    enat data prepare --config C                  build the tokenizer/shards a config needs if missing
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 import torch
 
 from enat.config import ConfigError, load_config
+from enat.data.shards import ShardError
 from enat.models.weights import WeightsError
 
 
@@ -133,6 +137,43 @@ def cmd_sample(args) -> None:
     print(f"wrote {labels.shape[0]} samples ({g}x{g} token ids, uint16) to {out / 'tokens.npy'}")
 
 
+def cmd_tokenizer_train(args) -> None:
+    from enat.data.digits import load_digits
+    from enat.tokenizer.train import train_tokenizer
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.data.dataset != "digits":
+        raise ConfigError("`enat tokenizer train` trains the demo tokenizer on data.dataset=digits; for ImageNet "
+                          "use the released VQGAN (tokenizer.checkpoint)")
+    out = args.out or cfg.tokenizer.checkpoint
+    if out is None:
+        raise ConfigError("give --out or set tokenizer.checkpoint")
+    images, _, _ = load_digits("train", cfg.tokenizer.resolution)
+    train_tokenizer(cfg, images, out)
+
+
+def cmd_tokenize(args) -> None:
+    from enat.data.prepare import tokenize_split
+    from enat.data.tokenize import merge_parts
+
+    cfg = load_config(args.config, args.overrides)
+    if args.merge:
+        out = args.out or (cfg.data.shards if args.split == "train" else cfg.data.val_shards)
+        m = merge_parts(out, cfg.tokenizer.checkpoint,
+                        extra={"resolution": cfg.tokenizer.resolution, "flip": cfg.data.flip, "split": args.split})
+        print(f"wrote {Path(out) / 'manifest.json'}: {m.num_samples} samples in {len(m.shards)} shards, "
+              f"{len(m.failed)} unreadable images")
+        return
+    tokenize_split(cfg, args.split, input_=args.input, out=args.out, part=args.part, num_parts=args.num_parts,
+                   device=args.device)
+
+
+def cmd_data_prepare(args) -> None:
+    from enat.data.prepare import prepare_data
+
+    prepare_data(load_config(args.config, args.overrides))
+
+
 def cmd_convert(args) -> None:
     from enat.models.convert import convert_official
 
@@ -167,6 +208,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. sample.steps=12")
     s.set_defaults(func=cmd_sample)
 
+    s = sub.add_parser("tokenizer", help="the VQ tokenizer")
+    tsub = s.add_subparsers(dest="action", required=True)
+    t = tsub.add_parser("train", help="train the demo tokenizer on the embedded digits")
+    t.add_argument("--config", required=True)
+    t.add_argument("--out", help="output file (default: tokenizer.checkpoint)")
+    t.add_argument("overrides", nargs="*")
+    t.set_defaults(func=cmd_tokenizer_train)
+
+    s = sub.add_parser("tokenize", help="images -> webdataset token shards (one part of K, or the merge)")
+    s.add_argument("--config", required=True)
+    s.add_argument("--input", help="'digits' or an ImageFolder root (default: from data.*)")
+    s.add_argument("--split", default="train", choices=["train", "val"])
+    s.add_argument("--out", help="shard folder (default: data.shards / data.val_shards)")
+    s.add_argument("--num-parts", type=int, default=1)
+    s.add_argument("--part", type=int, default=0)
+    s.add_argument("--merge", action="store_true", help="check all parts finished and write manifest.json")
+    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    s.add_argument("overrides", nargs="*")
+    s.set_defaults(func=cmd_tokenize)
+
+    s = sub.add_parser("data", help="data preparation")
+    dsub = s.add_subparsers(dest="action", required=True)
+    t = dsub.add_parser("prepare", help="build the tokenizer (demo) and shards that are missing")
+    t.add_argument("--config", required=True)
+    t.add_argument("overrides", nargs="*")
+    t.set_defaults(func=cmd_data_prepare)
+
     s = sub.add_parser("convert", help="import checkpoints from other formats")
     conv = s.add_subparsers(dest="format", required=True)
     c = conv.add_parser("official-enat", help="official ENAT state dict -> enat-weights file")
@@ -184,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, WeightsError) as e:
+    except (ConfigError, WeightsError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

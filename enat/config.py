@@ -82,9 +82,68 @@ class SampleConfig:
 
 
 @dataclass
+class TokenizerTrainConfig:
+    """Training of a small tokenizer by the project itself (the embedded demo needs no download):
+    reconstruction (L1 + L2) plus codebook and commitment losses, no perceptual/GAN terms."""
+
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup_steps: int = 50
+    commitment: float = 0.25
+    dead_code_every: int = 100  # re-seed codes unused over this many steps from encoder outputs
+    log_every: int = 100
+
+
+@dataclass
+class TokenizerConfig:
+    """MAGE/MaskGIT VQGAN (f = 2^(len(ch_mult)-1)); defaults: the released f16 tokenizer."""
+
+    checkpoint: str | None = None  # official-format VQGAN state dict (or an enat tokenizer file)
+    ch: int = 128
+    ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
+    num_res_blocks: int = 2
+    z_channels: int = 256
+    codebook_size: int = 1024
+    resolution: int = 256  # image side the tokenizer is used at
+    in_channels: int = 3
+    out_channels: int = 3
+    train: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def grid_size(self) -> int:
+        return self.resolution // self.downsample
+
+
+@dataclass
+class DataConfig:
+    """Images -> token shards -> the loader."""
+
+    dataset: Literal["imagefolder", "digits"] = "imagefolder"  # digits: the embedded demo, no download
+    image_dir: str | None = None  # imagefolder: root/<class>/<image> of the training images
+    val_image_dir: str | None = None  # imagefolder: the same for held-out images
+    shards: str = "runs/shards/train"  # token shards of the training split (manifest.json inside)
+    val_shards: str | None = None  # token shards of the held-out split (validation loss, FID reference)
+    flip: bool = True  # tokenize each image as-is and horizontally flipped (2 samples per image)
+    shard_size: int = 10000  # samples per shard file
+    tokenize_batch_size: int = 64
+    cfg_drop: float = 0.15  # label -> null class probability (classifier-free guidance)
+    shuffle: bool = True
+    resampled: bool = False  # infinite draws with replacement (statistical, not exact, resume)
+    strict: bool = False  # corrupt shard or sample: raise (true) or skip, count and log (false)
+    num_workers: int = 2  # DataLoader workers per rank (loading images when tokenizing, reading shards)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     seed: int = 0
 
 
@@ -200,6 +259,14 @@ def resolve(cfg: Config) -> Config:
         raise ConfigError(f"sample.steps must be >= 1, got {cfg.sample.steps}")
     if cfg.sample.batch_size < 1:
         raise ConfigError(f"sample.batch_size must be >= 1, got {cfg.sample.batch_size}")
+    tok, m = cfg.tokenizer, cfg.model
+    if tok.resolution % tok.downsample:
+        raise ConfigError(f"tokenizer.resolution {tok.resolution} is not divisible by its downsampling "
+                          f"factor {tok.downsample} (2^(len(ch_mult)-1))")
+    if (tok.grid_size, tok.codebook_size) != (m.grid_size, m.codebook_size):
+        raise ConfigError(f"the tokenizer gives a {tok.grid_size}x{tok.grid_size} grid of {tok.codebook_size} codes "
+                          f"(tokenizer.resolution {tok.resolution}, ch_mult {tok.ch_mult}) but the model expects "
+                          f"model.grid_size {m.grid_size} and model.codebook_size {m.codebook_size}")
     return cfg
 
 

@@ -1,0 +1,63 @@
+"""Build what a config's data needs and is missing: for the embedded demo, the tokenizer (trained
+here) and the train/val token shards; for image folders, the shards (the tokenizer is given)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from enat.config import Config
+from enat.data.shards import MANIFEST, ShardError
+
+
+def tokenize_split(cfg: Config, split: str, input_: str | None = None, out: str | None = None,
+                   part: int = 0, num_parts: int = 1, merge: bool | None = None, device: str = "cpu",
+                   progress: bool | None = None, log=print):
+    """Tokenize one split (train/val) of the configured data; merge when all parts are done
+    (by default when there is a single part)."""
+    from enat.data.tokenize import make_source, merge_parts, tokenize_part
+    from enat.tokenizer import load_tokenizer
+
+    d = cfg.data
+    if input_ is None:
+        input_ = "digits" if d.dataset == "digits" else (d.image_dir if split == "train" else d.val_image_dir)
+        if input_ is None:
+            raise ShardError(f"no input for the {split} split: set data.{'image_dir' if split == 'train' else 'val_image_dir'}")
+    out = out or (d.shards if split == "train" else d.val_shards)
+    if out is None:
+        raise ShardError(f"no output folder for the {split} split: set data.val_shards")
+    progress = sys.stderr.isatty() if progress is None else progress
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    source = make_source(input_, cfg.tokenizer.resolution, split)
+    tokenize_part(source, tokenizer, out, part=part, num_parts=num_parts, shard_size=d.shard_size, flip=d.flip,
+                  batch_size=d.tokenize_batch_size, num_workers=d.num_workers, device=device, progress=progress,
+                  log=log)
+    if merge if merge is not None else num_parts == 1:
+        manifest = merge_parts(out, cfg.tokenizer.checkpoint,
+                               extra={"resolution": cfg.tokenizer.resolution, "flip": d.flip, "split": split})
+        log(f"wrote {Path(out) / MANIFEST}: {manifest.num_samples} samples in {len(manifest.shards)} shards, "
+            f"{len(manifest.failed)} unreadable images")
+        return manifest
+    return None
+
+
+def prepare_data(cfg: Config, progress: bool | None = None, log=print) -> None:
+    """Make sure the tokenizer and the shards of both splits exist, building what is missing."""
+    from enat.data.digits import load_digits
+    from enat.tokenizer.train import train_tokenizer
+
+    tok = cfg.tokenizer
+    if tok.checkpoint is None:
+        raise ShardError("tokenizer.checkpoint is not set")
+    if not Path(tok.checkpoint).is_file():
+        if cfg.data.dataset != "digits":
+            raise ShardError(f"tokenizer checkpoint {tok.checkpoint} not found; this project trains only the "
+                             f"demo tokenizer itself: give the released VQGAN's path in tokenizer.checkpoint")
+        log(f"no tokenizer at {tok.checkpoint}: training the demo tokenizer ({tok.train.steps} steps)")
+        images, _, _ = load_digits("train", tok.resolution)
+        train_tokenizer(cfg, images, tok.checkpoint, log=log)
+    for split, out in (("train", cfg.data.shards), ("val", cfg.data.val_shards)):
+        if out is None or (Path(out) / MANIFEST).is_file():
+            continue
+        log(f"no token shards at {out}: tokenizing the {split} split")
+        tokenize_split(cfg, split, progress=progress, log=log)
