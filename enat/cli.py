@@ -133,6 +133,17 @@ def cmd_sample(args) -> None:
     np.save(out / "labels.npy", labels.numpy())
     record = {"source": source, "num_samples": int(labels.shape[0]), "model": dataclasses.asdict(cfg.model),
               "sample": dataclasses.asdict(cfg.sample)}
+    tok_path = cfg.tokenizer.checkpoint
+    if not args.no_images and tok_path and Path(tok_path).is_file():
+        from enat.images import save_grid
+        from enat.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.tokenizer)
+        images = torch.cat([tokenizer.decode(ids[i:i + 64].view(-1, g, g)) for i in range(0, len(ids), 64)])
+        record["tokenizer"] = str(tok_path)
+        print(f"wrote {save_grid(images, out / 'samples.png', nrow=args.per_label if args.per_label > 1 else None)}")
+    elif not args.no_images:
+        print(f"no tokenizer at {tok_path}: token ids only (build it with `enat data prepare`)", file=sys.stderr)
     (out / "sample.json").write_text(json.dumps(record, indent=2))
     print(f"wrote {labels.shape[0]} samples ({g}x{g} token ids, uint16) to {out / 'tokens.npy'}")
 
@@ -205,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labels", required=True, help="comma-separated class ids, e.g. 1,2,3")
     s.add_argument("--per-label", type=int, default=1, help="samples per label")
     s.add_argument("--out", required=True)
+    s.add_argument("--no-images", action="store_true", help="token ids only, no decoding")
     s.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. sample.steps=12")
     s.set_defaults(func=cmd_sample)
 

@@ -86,17 +86,22 @@ def test_readme_states_setup_main_job_and_test_commands():
 
 @pytest.mark.slow
 def test_readme_main_job_runs(tmp_path):
-    """The README's main job (the part after installing), with this environment's binaries and
-    outputs redirected to a temp dir."""
+    """The README's main job (the part after installing) from nothing, with this environment's
+    binaries, in a scratch folder that sees the repository's configs."""
     setup, _ = readme_commands()
     steps = [s.strip() for s in setup.split("&&")]
     steps = [s for s in steps if not s.startswith("python3 -m venv") and "pip install" not in s]
     assert steps, "no main-job step in the README command"
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
     for step in steps:
-        argv = shlex.split(step.replace(".venv/bin/", f"{BIN}/").replace("runs/", f"{tmp_path}/runs/"))
-        res = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        argv = shlex.split(step.replace(".venv/bin/", f"{BIN}/"))
+        res = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=900)
         assert res.returncode == 0, (step, res.stdout[-2000:], res.stderr[-2000:])
+    assert (tmp_path / "runs/demo/tokenizer.pt").is_file()
+    for split in ("train", "val"):
+        assert json.loads((tmp_path / f"runs/demo/shards/{split}/manifest.json").read_text())["num_samples"] > 0
     assert (tmp_path / "runs/demo/samples/tokens.npy").is_file()
+    assert (tmp_path / "runs/demo/samples/samples.png").is_file()
 
 
 @pytest.mark.slow
@@ -111,3 +116,33 @@ def test_sample_benchmark_prints_table_and_json():
     for key in ("flops_ratio_vanilla_over_enat", "wall_ratio_vanilla_over_enat", "wall_ratio_noreuse_over_enat"):
         assert result[key] > 0
     assert result["flops_ratio_vanilla_over_enat"] > 1
+
+
+@pytest.mark.slow
+def test_data_benchmark_prints_table_and_json():
+    res = subprocess.run([sys.executable, "-m", "enat.bench", "data", "--synthetic", "3000", "--shard-size", "1000",
+                          "--seconds", "1", "--workers", "1", "--batch", "64", "--json"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    assert result["samples_per_s"] > 0 and result["seq_len"] == 256 and result["dataset_samples"] == 3000
+
+
+def test_tokenize_cli_parts_and_merge(tmp_path, capsys):
+    """`enat tokenize` over two parts with an explicit merge, on a random-weight tokenizer."""
+    from enat.config import load_config
+    from enat.tokenizer import VQGAN
+    from enat.tokenizer.train import save_tokenizer
+
+    cfg = load_config(ROOT / "configs/experiments/demo.yaml")
+    torch.manual_seed(0)
+    save_tokenizer(tmp_path / "tok.pt", VQGAN(cfg.tokenizer), {})
+    common = ["--config", str(ROOT / "configs/experiments/demo.yaml"), "--split", "val", "--out", str(tmp_path / "val"),
+              f"tokenizer.checkpoint={tmp_path / 'tok.pt'}"]
+    assert main(["tokenize", "--num-parts", "2", "--part", "0", *common]) == 0
+    assert main(["tokenize", "--merge", *common]) == 2
+    assert "parts [1] of 2" in capsys.readouterr().err
+    assert main(["tokenize", "--num-parts", "2", "--part", "1", *common]) == 0
+    assert main(["tokenize", "--merge", *common]) == 0
+    manifest = json.loads((tmp_path / "val/manifest.json").read_text())
+    assert manifest["num_samples"] == 299 and manifest["tokenizer"]["sha256"]

@@ -1,9 +1,9 @@
 import argparse
 import sys
 
-from enat.bench import sample
+from enat.bench import data, sample
 
-BENCHES = {"sample": sample}
+BENCHES = {"sample": sample, "data": data}
 
 
 def main(argv=None) -> int:

@@ -41,8 +41,12 @@ def _sample_latents(z: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor
     return flat[torch.randint(0, flat.shape[0], (n,), generator=g)]
 
 
-def train_tokenizer(cfg: Config, images: torch.Tensor, out: str | Path, log=print) -> dict:
+def train_tokenizer(cfg: Config, images: torch.Tensor, out: str | Path, log=print, progress: bool | None = None) -> dict:
     """Train on `images` (n, 3, R, R) in [0, 1]; write the tokenizer file; return final stats."""
+    import sys
+
+    from tqdm import tqdm
+
     tcfg = cfg.tokenizer
     t = tcfg.train
     if images.shape[-1] != tcfg.resolution:
@@ -59,6 +63,7 @@ def train_tokenizer(cfg: Config, images: torch.Tensor, out: str | Path, log=prin
     usage = torch.zeros(tcfg.codebook_size)
     stats = {}
     t0 = time.time()
+    bar = tqdm(total=t.steps, desc="tokenizer", unit="step", disable=not (sys.stderr.isatty() if progress is None else progress))
     for step in range(t.steps):
         batch = images[torch.randint(0, images.shape[0], (t.batch_size,), generator=g)]
         out_ = model(batch)
@@ -71,6 +76,7 @@ def train_tokenizer(cfg: Config, images: torch.Tensor, out: str | Path, log=prin
         opt.step()
         sched.step()
         usage += torch.bincount(out_["ids"].flatten(), minlength=tcfg.codebook_size)
+        bar.update(1)
         if (step + 1) % t.dead_code_every == 0 and step + 1 < t.steps:
             dead = (usage == 0).nonzero().flatten()
             if len(dead):
@@ -82,6 +88,7 @@ def train_tokenizer(cfg: Config, images: torch.Tensor, out: str | Path, log=prin
                      "commit": commit.item(), "seconds": time.time() - t0}
             log(f"tokenizer step {step + 1}/{t.steps}: loss {loss.item():.4f} recon {rec.item():.4f} "
                 f"codebook {codebook.item():.4f} ({time.time() - t0:.0f}s)")
+    bar.close()
     model.eval()
     with torch.no_grad():
         ids = model.encode(images)
