@@ -7,6 +7,9 @@
     enat tokenizer train --config C               the demo tokenizer, trained on the embedded digits
     enat tokenize --config C [--split val] [--num-parts K --part I | --merge]
     enat data prepare --config C                  build the tokenizer/shards a config needs if missing
+    enat train --config C [key=value ...]         under torchrun/srun/submitit or as one process
+    enat export RUN OUT [--checkpoint STEP]       consolidated fp32 EMA + online weights
+    enat ckpt universal RUN                       for resuming on another world size
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 
 from enat.config import ConfigError, load_config
 from enat.data.shards import ShardError
+from enat.train.checkpoint import CheckpointError
 from enat.models.weights import WeightsError
 
 
@@ -185,6 +189,25 @@ def cmd_data_prepare(args) -> None:
     prepare_data(load_config(args.config, args.overrides))
 
 
+def cmd_train(args) -> None:
+    from enat.train.trainer import train
+
+    train(load_config(args.config, args.overrides), stop_at=args.stop_at)
+
+
+def cmd_export(args) -> None:
+    from enat.train.checkpoint import export_weights
+
+    export_weights(args.run, args.out, which=args.checkpoint)
+
+
+def cmd_ckpt_universal(args) -> None:
+    from enat.train.checkpoint import checkpoint_dir, resolve_tag, to_universal
+
+    ckpt = checkpoint_dir(args.run)
+    print(f"wrote {ckpt / to_universal(ckpt, resolve_tag(ckpt, args.checkpoint))}")
+
+
 def cmd_convert(args) -> None:
     from enat.models.convert import convert_official
 
@@ -247,6 +270,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*")
     t.set_defaults(func=cmd_data_prepare)
 
+    s = sub.add_parser("train", help="train (single process, or under torchrun/srun/submitit)")
+    s.add_argument("--config", required=True)
+    s.add_argument("--stop-at", type=int, help="stop (with a checkpoint) at this step instead of train.steps")
+    s.add_argument("overrides", nargs="*")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("export", help="training checkpoint -> one enat-weights file (EMA + online, fp32)")
+    s.add_argument("run", help="run directory (or its checkpoints/ folder)")
+    s.add_argument("out")
+    s.add_argument("--checkpoint", default="latest", help="latest, a step number or a tag")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("ckpt", help="checkpoint tools")
+    csub = s.add_subparsers(dest="action", required=True)
+    c = csub.add_parser("universal", help="convert to DeepSpeed's universal format (resume on another world size)")
+    c.add_argument("run")
+    c.add_argument("--checkpoint", default="latest")
+    c.set_defaults(func=cmd_ckpt_universal)
+
     s = sub.add_parser("convert", help="import checkpoints from other formats")
     conv = s.add_subparsers(dest="format", required=True)
     c = conv.add_parser("official-enat", help="official ENAT state dict -> enat-weights file")
@@ -264,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, WeightsError, ShardError) as e:
+    except (ConfigError, WeightsError, ShardError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -139,11 +139,59 @@ class DataConfig:
 
 
 @dataclass
+class WandbConfig:
+    mode: Literal["offline", "online", "disabled"] = "offline"  # offline: local files, `wandb sync` later
+    project: str = "enat"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    """The trainer (defaults: the released ENAT-L recipe where one exists)."""
+
+    run_dir: str = "runs/train"
+    steps: int = 500000
+    micro_batch: int = 32  # per rank
+    grad_accum: int = 1
+    lr: float = 4e-4
+    betas: list[float] = field(default_factory=lambda: [0.99, 0.99])
+    weight_decay: float = 0.03
+    no_decay: list[str] = field(default_factory=lambda: ["bias", "norm", "embed", "positions", "table"])
+    warmup_steps: int = 5000
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    clip: float = 0.0  # gradient clipping max norm; 0 = off
+    zero_stage: int = 2
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # fp16 uses dynamic loss scaling
+    activation_checkpointing: bool = False
+    ema_decay: float = 0.9999
+    mask_beta: list[float] = field(default_factory=lambda: [12.0, 3.0])  # mask ratio ~ Beta(a, b) per batch
+    label_smoothing: float = 0.1
+    reuse_prob: float = 0.5  # probability of a reuse-mode step (ENAT only)
+    log_every: int = 50
+    val_every: int = 1000
+    val_samples: int = 512  # held-out sequences for the validation loss
+    val_mask_ratios: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9])
+    sample_every: int = 5000
+    sample_labels: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5, 6, 7])
+    ckpt_every: int = 5000
+    keep_last: int = 3  # checkpoints kept besides every keep_every-th
+    keep_every: int = 0  # 0: none kept permanently
+    max_consecutive_skips: int = 10  # non-finite loss/gradient steps in a row before the run stops
+    peak_tflops: float | None = None  # MFU denominator; default from the GPU name (A100/H100/H200)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    inject_nan_steps: list[int] = field(default_factory=list)  # fault injection for tests: NaN loss at these steps
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 0
 
 
@@ -259,6 +307,14 @@ def resolve(cfg: Config) -> Config:
         raise ConfigError(f"sample.steps must be >= 1, got {cfg.sample.steps}")
     if cfg.sample.batch_size < 1:
         raise ConfigError(f"sample.batch_size must be >= 1, got {cfg.sample.batch_size}")
+    t = cfg.train
+    if t.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}")
+    if t.zero_stage == 0 and t.precision == "bf16":
+        raise ConfigError("DeepSpeed has no bf16 at ZeRO stage 0 (fp32 gradient accumulation is not implemented "
+                          "there): use train.zero_stage>=1 or train.precision=fp32")
+    if len(t.betas) != 2 or len(t.mask_beta) != 2:
+        raise ConfigError("train.betas and train.mask_beta take two numbers each")
     tok, m = cfg.tokenizer, cfg.model
     if tok.resolution % tok.downsample:
         raise ConfigError(f"tokenizer.resolution {tok.resolution} is not divisible by its downsampling "

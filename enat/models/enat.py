@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from enat.config import ModelConfig
 from enat.models.layers import Block, LabelEmbedder, ReuseProjection, TokenEmbedder, TokenHead
@@ -50,12 +51,23 @@ def _row_count(where: torch.Tensor, what: str) -> int:
     return n
 
 
+def run_blocks(blocks: nn.ModuleList, h: torch.Tensor, c: torch.Tensor, ctx: torch.Tensor | None,
+               checkpointing: bool) -> torch.Tensor:
+    for block in blocks:
+        if checkpointing and torch.is_grad_enabled():
+            h = torch.utils.checkpoint.checkpoint(block, h, c, ctx, use_reentrant=False)
+        else:
+            h = block(h, c, ctx)
+    return h
+
+
 class ENAT(nn.Module):
     supports_reuse = True
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        self.activation_checkpointing = False
         D = cfg.width
         self.embed = TokenEmbedder(cfg.codebook_size + 1, cfg.seq_len, D, cfg.dropout)
         self.label_embed = LabelEmbedder(cfg.num_classes, D, cfg.label_drop)
@@ -79,6 +91,11 @@ class ENAT(nn.Module):
 
         if prev is None:
             ctx, h = None, _take(x, ~mask)
+            if self.training:
+                # Zero-weighted use of the reuse projection and the encoder's context K/V in
+                # full-mode training steps: every parameter takes part in every step, so ZeRO
+                # stages 0-3 all see the same (zero) gradients for them and agree exactly.
+                ctx = self.reuse_proj(x[:, :0])
         else:
             if bool((mask & ~prev.mask).any()):
                 raise ValueError("reuse mode: a position masked now was visible in the previous call")
@@ -88,8 +105,7 @@ class ENAT(nn.Module):
             h = _take(x, new)
 
         if h.shape[1] > 0:
-            for block in self.encoder:
-                h = block(h, c, ctx)
+            h = run_blocks(self.encoder, h, c, ctx, self.activation_checkpointing)
 
         if prev is None:
             visible = h
@@ -101,8 +117,7 @@ class ENAT(nn.Module):
 
         m = _take(x, mask)
         if m.shape[1] > 0:
-            for block in self.decoder:
-                m = block(m, c, visible)
+            m = run_blocks(self.decoder, m, c, visible, self.activation_checkpointing)
 
         feat = x.new_empty(x.shape)
         feat[~mask] = visible.reshape(-1, visible.shape[-1])

@@ -89,7 +89,7 @@ class SCAttention(nn.Module):
         H = self.num_heads
         q = self.q(x).view(B, N, H, D // H).transpose(1, 2)
         kv = self.kv(x)
-        if ctx is not None and ctx.shape[1] > 0:
+        if ctx is not None:  # an empty context still runs kv_ctx: a zero-weighted use (see ENAT.forward)
             kv = torch.cat([self.kv_ctx(ctx), kv], dim=1)
         # K/V projections lay out their 2D outputs as (k|v, head, head_dim).
         k, v = kv.view(B, -1, 2, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from enat.config import ModelConfig
-from enat.models.enat import Output, head_logits, init_weights
+from enat.models.enat import Output, head_logits, init_weights, run_blocks
 from enat.models.layers import Block, LabelEmbedder, TokenEmbedder, TokenHead
 
 
@@ -20,6 +20,7 @@ class NAT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        self.activation_checkpointing = False
         D = cfg.width
         self.embed = TokenEmbedder(cfg.codebook_size + 1, cfg.seq_len, D, cfg.dropout)
         self.label_embed = LabelEmbedder(cfg.num_classes, D, cfg.label_drop)
@@ -35,8 +36,7 @@ class NAT(nn.Module):
         mask = ids == self.cfg.mask_id
         x = self.embed(ids)
         c = F.silu(self.label_embed(labels.reshape(-1)))
-        for block in self.blocks:
-            x = block(x, c)
+        x = run_blocks(self.blocks, x, c, None, self.activation_checkpointing)
         masked = x[mask].view(x.shape[0], -1, x.shape[-1]) if logits == "masked" else None
         return Output(logits=head_logits(self.head, self.embed, x, masked, logits, self.cfg.codebook_size),
                       feat=x, mask=mask)

@@ -1,0 +1,92 @@
+"""Metrics: `metrics.jsonl` in the run directory is the source of truth (one JSON object per log
+interval, the scaling scripts read it); wandb mirrors it (offline by default). The wandb run id
+is created once, stored in the run directory and in every checkpoint, so a resumed or requeued
+run continues the same wandb run."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import torch
+
+# Dense bf16 peak TFLOP/s per GPU, for MFU. Override with train.peak_tflops.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "V100": 125.0}
+
+
+def peak_tflops(override: float | None) -> float | None:
+    if override:
+        return override
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, value in PEAK_TFLOPS.items():
+            if key in name:
+                return value
+    return None
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
+
+
+def run_id(run_dir: Path) -> str:
+    """The run's wandb id: read from the run directory, or created there once."""
+    path = run_dir / "wandb_run_id"
+    if path.is_file():
+        return path.read_text().strip()
+    rid = uuid.uuid4().hex[:12]
+    path.write_text(rid)
+    return rid
+
+
+class MetricsWriter:
+    """Rank 0 only; other ranks get a writer that does nothing."""
+
+    def __init__(self, run_dir: Path, enabled: bool, wandb_cfg=None, rid: str | None = None, config: dict | None = None,
+                 name: str = "metrics.jsonl"):
+        self.enabled = enabled
+        self.path = run_dir / name
+        self.wandb = None
+        if enabled and wandb_cfg is not None and wandb_cfg.mode != "disabled":
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, group=wandb_cfg.group,
+                                    tags=wandb_cfg.tags or None, id=rid, resume="allow", dir=str(run_dir),
+                                    mode=wandb_cfg.mode, config=config, name=run_dir.name)
+
+    def truncate_after(self, step: int) -> int:
+        """Drop lines of steps after `step` (written after the checkpoint a run resumes from), so
+        every step appears exactly once. Returns how many were dropped."""
+        if not self.enabled or not self.path.is_file():
+            return 0
+        lines = self.path.read_text().splitlines()
+        keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.path)
+        return len(lines) - len(keep)
+
+    def log(self, record: dict, images: dict | None = None) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            data = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+            if images:
+                import wandb
+
+                data.update({k: wandb.Image(str(v)) for k, v in images.items()})
+            self.wandb.log(data, step=record["step"])
+
+    def finish(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
