@@ -25,6 +25,7 @@ import torch
 from enat.config import ConfigError, load_config
 from enat.data.shards import ShardError
 from enat.train.checkpoint import CheckpointError
+from enat.train.trainer import NonFiniteError
 from enat.models.weights import WeightsError
 
 
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, WeightsError, ShardError, CheckpointError) as e:
+    except (ConfigError, WeightsError, ShardError, CheckpointError, NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

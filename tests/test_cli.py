@@ -100,6 +100,13 @@ def test_readme_main_job_runs(tmp_path):
     assert (tmp_path / "runs/demo/tokenizer.pt").is_file()
     for split in ("train", "val"):
         assert json.loads((tmp_path / f"runs/demo/shards/{split}/manifest.json").read_text())["num_samples"] > 0
+    run = tmp_path / "runs/demo/train"
+    assert (run / "checkpoints/latest").read_text().strip() == "step00001000"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert train[-1]["step"] == 1000 and train[-1]["loss"] < train[0]["loss"]
+    assert list((run / "samples").glob("step*.png")) and list((run / "wandb").glob("offline-run-*"))
+    assert (tmp_path / "runs/demo/enat_tiny.pt").is_file()
     assert (tmp_path / "runs/demo/samples/tokens.npy").is_file()
     assert (tmp_path / "runs/demo/samples/samples.png").is_file()
 

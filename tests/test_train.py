@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT
 from enat.config import load_config
@@ -81,10 +82,20 @@ def test_plans_cover_both_modes():
 def test_zero_stages_agree_zero3_partitions_and_ema(tmp_path, data):
     jobs = [{"name": f"z{s}", "overrides": base(data, tmp_path / f"z{s}", **{"train.zero_stage": s, "train.steps": 6})}
             for s in (0, 1, 2, 3)]
+    jobs += [
+        {"name": "z3_ckpt", "overrides": base(data, tmp_path / "z3_ckpt", **{
+            "train.zero_stage": 3, "train.steps": 6, "train.activation_checkpointing": "true"})},
+        {"name": "nat", "overrides": base(data, tmp_path / "nat", **{
+            "model.arch": "nat", "sample.reuse": "false", "train.steps": 3})},
+        {"name": "bf16", "overrides": base(data, tmp_path / "bf16", **{
+            "train.precision": "bf16", "train.zero_stage": 2, "train.steps": 3})},
+    ]
     r = launch(tmp_path, jobs)
+    for name in ("nat", "bf16"):
+        assert all(v == v and 3 < v < 6 for v in losses(tmp_path / name).values()), name
     ref = losses(tmp_path / "z0")
     assert len(ref) == 6
-    for s in (1, 2, 3):
+    for s in (1, 2, 3, "3_ckpt"):
         got = losses(tmp_path / f"z{s}")
         for step in ref:
             assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-6), (s, step)
@@ -107,8 +118,21 @@ def test_exact_resume_world_size_change_nan_guard_and_run_id(tmp_path, data):
             "train.zero_stage": s, "train.ckpt_every": 4, **kw[s]})})
     first.append({"name": "wandb", "stop_at": 2, "overrides": base(data, tmp_path / "wandb", **{
         "train.wandb.mode": "offline", "train.ckpt_every": 2, "train.steps": 4})})
-    launch(tmp_path, first, name="first")
+    r1 = launch(tmp_path, first, name="first")
     shutil.copytree(tmp_path / "cut2", tmp_path / "cut2_one_rank")
+
+    # Export: consolidated fp32 weights of a sharded (ZeRO-3) run, loadable with weights_only.
+    from enat.cli import main
+    from enat.models.weights import load_weights
+
+    assert main(["export", str(tmp_path / "straight3"), str(tmp_path / "w.pt")]) == 0
+    cfg, ema, meta = load_weights(tmp_path / "w.pt", "ema")
+    assert meta["step"] == 8 and cfg.grid_size == 8
+    for k, v in r1["straight3"]["ema"].items():
+        assert ema[k].double().sum().item() == pytest.approx(v, rel=1e-6, abs=1e-6), k
+    _, online, _ = load_weights(tmp_path / "w.pt", "online")
+    assert set(online) == set(ema) and all(online[k].dtype == ema[k].dtype for k in ema)
+    assert any(not torch.equal(online[k], ema[k]) for k in ema)
 
     # A new launch (new processes) resumes from the `latest` pointers.
     second = [{"name": f"cut{s}", "overrides": base(data, tmp_path / f"cut{s}", **{

@@ -1,9 +1,9 @@
 import argparse
 import sys
 
-from enat.bench import data, sample
+from enat.bench import data, sample, train
 
-BENCHES = {"sample": sample, "data": data}
+BENCHES = {"sample": sample, "data": data, "train": train}
 
 
 def main(argv=None) -> int:

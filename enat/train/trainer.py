@@ -73,8 +73,7 @@ def ds_config(cfg, world: int, load_universal: bool) -> dict:
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": t.micro_batch * t.grad_accum * world,
         "zero_optimization": {"stage": t.zero_stage},
-        # A huge clip when clipping is off: DeepSpeed then still computes the global norm we log.
-        "gradient_clipping": t.clip if t.clip > 0 else 1e12,
+        "gradient_clipping": t.clip,
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 1 << 60,
@@ -131,6 +130,8 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg, self.world, universal))
+        if self.world == 1 and t.zero_stage == 0:
+            self.engine.enable_backward_allreduce = False  # nothing to reduce; saves a flatten+copy per step
         self.checkpointer = Checkpointer(self.run_dir, self.rank, t.keep_last, t.keep_every)
 
         self.step = 0
@@ -164,6 +165,7 @@ class Trainer:
         self.peak = peak_tflops(t.peak_tflops)
         self._val_data = None
         self._tokenizer = None
+        self._grad_norm = float("nan")
 
     # ------------------------------------------------------------------------------------------
 
@@ -215,6 +217,10 @@ class Trainer:
                 continue
             self.engine.backward(loss)
             skipped_before = self.engine.skipped_steps
+            if t.zero_stage == 0 and a == t.grad_accum - 1 and (self.step + 1) % t.log_every == 0:
+                # ZeRO-0 computes no norm unless it clips; take it ourselves on logging steps only.
+                grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+                self._grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
             self.engine.step()
             losses.append(loss.detach().float())
         if not bad and self.engine.skipped_steps > skipped_before:
@@ -337,8 +343,8 @@ class Trainer:
                 if grid is not None:
                     self.metrics.log({"kind": "samples", "step": self.step, "samples": str(grid)},
                                      images={"samples": grid})
-            if t.ckpt_every and (self.step % t.ckpt_every == 0 or self.step == end):
-                self.save()
+            if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == end:
+                self.save()  # on schedule, and always where this run ends (done or --stop-at)
         bar.close()
         return last
 
@@ -350,7 +356,8 @@ class Trainer:
         rec = {"kind": "train", "step": self.step, "samples_seen": self.samples_seen,
                "loss": sum(w["loss"]) / len(w["loss"]) if w["loss"] else float("nan"),
                "lr": self.scheduler.get_last_lr()[0],
-               "grad_norm": float(self.engine.get_global_grad_norm() or float("nan")),
+               "grad_norm": float(self._grad_norm if self.cfg.train.zero_stage == 0
+                                  else (self.engine.get_global_grad_norm() or float("nan"))),
                "skipped_steps": self.skipped, "skipped_in_window": w["skipped"],
                "images_per_s": n / elapsed, "images_per_s_per_rank": n / elapsed / self.world,
                "tokens_per_s": tokens / elapsed, "tokens_per_s_per_rank": tokens / elapsed / self.world,
