@@ -10,6 +10,8 @@
     enat train --config C [key=value ...]         under torchrun/srun/submitit or as one process
     enat export RUN OUT [--checkpoint STEP]       consolidated fp32 EMA + online weights
     enat ckpt universal RUN                       for resuming on another world size
+    enat eval --run RUN --checkpoint latest       FID & co. of a checkpoint (idempotent)
+    enat extractor train --config C               the demo's digit-classifier feature extractor
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from enat.config import ConfigError, load_config
 from enat.data.shards import ShardError
 from enat.train.checkpoint import CheckpointError
+from enat.eval.job import EvalError
 from enat.train.trainer import NonFiniteError
 from enat.models.weights import WeightsError
 
@@ -209,6 +212,25 @@ def cmd_ckpt_universal(args) -> None:
     print(f"wrote {ckpt / to_universal(ckpt, resolve_tag(ckpt, args.checkpoint))}")
 
 
+def cmd_eval(args) -> None:
+    from enat.eval.job import evaluate
+
+    config = args.config or (Path(args.run) / "config.yaml" if args.run else None)
+    if config is None or not Path(config).is_file():
+        raise ConfigError(f"no config: give --config (or --run with a config.yaml inside); looked at {config}")
+    evaluate(load_config(config, args.overrides), args.run, args.checkpoint, args.num_samples, args.weights)
+
+
+def cmd_extractor_train(args) -> None:
+    from enat.eval.fidelity import train_digit_classifier
+
+    cfg = load_config(args.config, args.overrides)
+    out = args.out or cfg.eval.extractor_weights
+    if out is None:
+        raise ConfigError("give --out or set eval.extractor_weights")
+    train_digit_classifier(out, seed=cfg.seed)
+
+
 def cmd_convert(args) -> None:
     from enat.models.convert import convert_official
 
@@ -290,6 +312,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--checkpoint", default="latest")
     c.set_defaults(func=cmd_ckpt_universal)
 
+    s = sub.add_parser("eval", help="FID/IS/KID/precision-recall of a checkpoint (under torchrun: distributed)")
+    s.add_argument("--run", "--run-dir", dest="run",
+                   help="training run directory (results go to RUN/eval/); under torchrun spell it --run-dir")
+    s.add_argument("--config", help="default: RUN/config.yaml")
+    s.add_argument("--checkpoint", default="latest", help="latest, a step, a tag, or an enat-weights file")
+    s.add_argument("--num-samples", type=int, help="default: eval.num_samples")
+    s.add_argument("--weights", choices=["ema", "online"], help="default: eval.weights")
+    s.add_argument("overrides", nargs="*", help="e.g. sample.cfg_scale=3.0 sample.steps=12")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("extractor", help="the demo's FID feature extractor")
+    esub = s.add_subparsers(dest="action", required=True)
+    t = esub.add_parser("train", help="train the digit classifier on the demo training split")
+    t.add_argument("--config", required=True)
+    t.add_argument("--out", help="default: eval.extractor_weights")
+    t.add_argument("overrides", nargs="*")
+    t.set_defaults(func=cmd_extractor_train)
+
     s = sub.add_parser("convert", help="import checkpoints from other formats")
     conv = s.add_subparsers(dest="format", required=True)
     c = conv.add_parser("official-enat", help="official ENAT state dict -> enat-weights file")
@@ -307,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, WeightsError, ShardError, CheckpointError, NonFiniteError) as e:
+    except (ConfigError, WeightsError, ShardError, CheckpointError, NonFiniteError, EvalError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

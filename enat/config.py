@@ -186,12 +186,31 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """FID evaluation jobs (see enat/eval/)."""
+
+    extractor: Literal["inception-v3-compat", "digits-cnn"] = "inception-v3-compat"
+    extractor_weights: str | None = None  # Inception (pt_inception-2015-12-05) or the digit classifier, by path
+    reference_npz: str | None = None  # ADM-style statistics (mu, sigma); else data.val_shards decoded once
+    cache_dir: str = "runs/fid_cache"  # reference statistics, keyed by dataset, resolution and extractor
+    num_samples: int = 50000  # class-balanced: num_samples / num_classes per class
+    batch_size: int = 64
+    seed: int = 0  # sample i's noise derives from (seed, i)
+    weights: Literal["ema", "online"] = "ema"
+    save_png: bool = False
+    save_npz: bool = True  # uint8 samples in the ADM layout (arr_0: N x H x W x 3)
+    kid_subset_size: int = 1000
+    prc: bool = True  # precision/recall (k-NN in the extractor's feature space)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
 
 

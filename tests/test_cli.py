@@ -107,6 +107,9 @@ def test_readme_main_job_runs(tmp_path):
     assert train[-1]["step"] == 1000 and train[-1]["loss"] < train[0]["loss"]
     assert list((run / "samples").glob("step*.png")) and list((run / "wandb").glob("offline-run-*"))
     assert (tmp_path / "runs/demo/enat_tiny.pt").is_file()
+    result = json.loads(next((run / "eval/00001000").glob("*.json")).read_text())
+    assert result["num_samples"] == 300 and 0 < result["metrics"]["fid"] < 1000
+    assert (tmp_path / "runs/demo/digit_classifier.pt").is_file()
     assert (tmp_path / "runs/demo/samples/tokens.npy").is_file()
     assert (tmp_path / "runs/demo/samples/samples.png").is_file()
 
@@ -153,3 +156,22 @@ def test_tokenize_cli_parts_and_merge(tmp_path, capsys):
     assert main(["tokenize", "--merge", *common]) == 0
     manifest = json.loads((tmp_path / "val/manifest.json").read_text())
     assert manifest["num_samples"] == 299 and manifest["tokenizer"]["sha256"]
+
+
+@pytest.mark.slow
+def test_eval_benchmark_prints_table_and_json(tmp_path):
+    from enat.config import load_config
+    from enat.eval.fidelity import train_digit_classifier
+    from enat.tokenizer import VQGAN
+    from enat.tokenizer.train import save_tokenizer
+
+    cfg = load_config(ROOT / "configs/experiments/demo.yaml")
+    torch.manual_seed(0)
+    save_tokenizer(tmp_path / "tok.pt", VQGAN(cfg.tokenizer), {})
+    train_digit_classifier(tmp_path / "fx.pt", steps=20, log=lambda *_: None)
+    res = subprocess.run([sys.executable, "-m", "enat.bench", "eval", "--num-samples", "20", "--json",
+                          f"tokenizer.checkpoint={tmp_path / 'tok.pt'}", f"eval.extractor_weights={tmp_path / 'fx.pt'}",
+                          "eval.batch_size=10"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    assert result["images_per_s"] > 0 and set(result["fractions"]) == {"sampling", "decoding", "features"}

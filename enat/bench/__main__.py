@@ -1,9 +1,9 @@
 import argparse
 import sys
 
-from enat.bench import data, sample, train
+from enat.bench import data, eval, sample, train
 
-BENCHES = {"sample": sample, "data": data, "train": train}
+BENCHES = {"sample": sample, "data": data, "train": train, "eval": eval}
 
 
 def main(argv=None) -> int:

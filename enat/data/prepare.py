@@ -56,6 +56,12 @@ def prepare_data(cfg: Config, progress: bool | None = None, log=print) -> None:
         log(f"no tokenizer at {tok.checkpoint}: training the demo tokenizer ({tok.train.steps} steps)")
         images, _, _ = load_digits("train", tok.resolution)
         train_tokenizer(cfg, images, tok.checkpoint, log=log)
+    ev = cfg.eval
+    if ev.extractor == "digits-cnn" and ev.extractor_weights and not Path(ev.extractor_weights).is_file():
+        from enat.eval.fidelity import train_digit_classifier
+
+        log(f"no FID feature extractor at {ev.extractor_weights}: training the digit classifier")
+        train_digit_classifier(ev.extractor_weights, seed=cfg.seed, log=log)
     for split, out in (("train", cfg.data.shards), ("val", cfg.data.val_shards)):
         if out is None or (Path(out) / MANIFEST).is_file():
             continue

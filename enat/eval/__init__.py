@@ -1,0 +1,1 @@
+"""Checkpoint -> FID: sampling for evaluation, feature extractors, reference statistics, the job."""

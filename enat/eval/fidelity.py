@@ -1,0 +1,236 @@
+"""Features and metrics through torch-fidelity.
+
+torch-fidelity imports torchvision, whose PyPI build is a CUDA build: on a CPU-only torch its
+import fails with `operator torchvision::nms does not exist`. `import_torch_fidelity` defines the
+two missing operator schemas (no kernels; torch-fidelity uses none of torchvision's compiled ops)
+only when that happens, and only here.
+
+Extractors: torch-fidelity's Inception ("inception-v3-compat", the TF-FID network of the standard
+protocol; weights by path for offline nodes) and "digits-cnn", a small classifier the project
+trains on the demo training split (`enat eval train-extractor`), so the embedded default computes a
+real FID offline. FID is computed in float64 from (mu, sigma).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_TF = None
+
+
+class EvalError(ValueError):
+    """An evaluation that cannot run as configured (missing weights, checkpoint, reference)."""
+
+
+def import_torch_fidelity():
+    global _TF
+    if _TF is not None:
+        return _TF
+    try:
+        import torch_fidelity
+    except RuntimeError as e:
+        if "torchvision::nms" not in str(e):
+            raise
+        for name in [m for m in list(__import__("sys").modules) if m.startswith(("torchvision", "torch_fidelity"))]:
+            del __import__("sys").modules[name]
+        lib = torch.library.Library("torchvision", "DEF")  # schemas only, for the import to succeed
+        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
+        import_torch_fidelity._lib = lib
+        import torch_fidelity
+    _TF = torch_fidelity
+    _register(torch_fidelity)
+    return torch_fidelity
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo extractor
+# ---------------------------------------------------------------------------------------------
+
+
+class DigitNet(nn.Module):
+    """A small CNN for 32x32 digits: 128-d penultimate features ("pool") and 10 logits."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.fc = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pool = self.conv(x).flatten(1)
+        return pool, self.fc(pool)
+
+
+def _register(tf) -> None:
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+
+    class DigitsCNN(FeatureExtractorBase):
+        def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+            super().__init__(name, features_list)
+            if feature_extractor_weights_path is None:
+                raise EvalError("digits-cnn needs eval.extractor_weights (train it: `enat extractor train`)")
+            from enat.models.weights import torch_load
+
+            obj = torch_load(feature_extractor_weights_path, "digit classifier")
+            self.net = DigitNet(obj["num_classes"])
+            self.net.load_state_dict(obj["state_dict"])
+            self.net.eval().requires_grad_(False)
+
+        def forward(self, x):  # uint8 (N, 3, H, W), as torch-fidelity hands images over
+            x = x.float() / 255.0
+            if x.shape[-1] != 32:
+                x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
+            pool, logits = self.net(x)
+            feats = {"pool": pool.double(), "logits_unbiased": logits.double()}
+            return tuple(feats[f] for f in self.features_list)
+
+        @staticmethod
+        def get_provided_features_list():
+            return "pool", "logits_unbiased"
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric):
+            return {"isc": "logits_unbiased", "fid": "pool", "kid": "pool", "prc": "pool"}[metric]
+
+        @staticmethod
+        def can_be_compiled():
+            return False
+
+        @staticmethod
+        def get_dummy_input_for_compile():
+            return (torch.rand([1, 3, 32, 32]) * 255).to(torch.uint8)
+
+    tf.register_feature_extractor("digits-cnn", DigitsCNN)
+
+
+def train_digit_classifier(out: str | Path, steps: int = 600, seed: int = 0, log=print) -> float:
+    """Train the demo extractor on the digits training split; returns held-out accuracy."""
+    from enat.data.digits import load_digits
+    from enat.models.weights import save_weights  # noqa: F401  (same atomic-save convention below)
+
+    torch.manual_seed(seed)
+    x, y, _ = load_digits("train")
+    xv, yv, _ = load_digits("val")
+    net = DigitNet()
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        idx = torch.randint(0, len(y), (64,), generator=g)
+        xb = x[idx] + 0.05 * torch.randn(x[idx].shape, generator=g)  # a little noise: robust features
+        loss = F.cross_entropy(net(xb)[1], y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        acc = (net(xv)[1].argmax(1) == yv).float().mean().item()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save({"format": "enat-digit-classifier", "num_classes": 10, "state_dict": net.state_dict(),
+                "val_accuracy": acc}, tmp)
+    tmp.replace(out)
+    log(f"wrote {out}: digit classifier, held-out accuracy {acc:.3f}")
+    return acc
+
+
+# ---------------------------------------------------------------------------------------------
+# Features and metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def build_extractor(name: str, weights: str | None, device: torch.device | str = "cpu"):
+    tf = import_torch_fidelity()
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    if name not in FEATURE_EXTRACTORS_REGISTRY:
+        raise EvalError(f"unknown feature extractor {name!r}")
+    cls = FEATURE_EXTRACTORS_REGISTRY[name]
+    layers = (["pool", "logits_unbiased"] if name == "digits-cnn" else ["2048", "logits_unbiased"])
+    if name.startswith("inception") and weights is None:
+        raise EvalError("eval.extractor_weights is not set: give the Inception weights file "
+                         "(pt_inception-2015-12-05-6726825d.pth) by path; nothing is downloaded")
+    return cls(name, layers, feature_extractor_weights_path=weights).to(device).eval()
+
+
+@torch.no_grad()
+def extract(extractor, images_uint8: torch.Tensor, batch_size: int = 100, progress: bool = False) -> dict:
+    """(N, 3, H, W) uint8 -> {"pool": (N, D) float64, "logits": (N, C) float64}."""
+    from tqdm import tqdm
+
+    device = next(extractor.parameters()).device
+    pools, logits = [], []
+    for s in tqdm(range(0, len(images_uint8), batch_size), desc="features", unit="batch", disable=not progress):
+        p, lg = extractor(images_uint8[s:s + batch_size].to(device))
+        pools.append(p.double().cpu())
+        logits.append(lg.double().cpu())
+    if not pools:
+        raise EvalError("no images to extract features from")
+    return {"pool": torch.cat(pools).numpy(), "logits": torch.cat(logits).numpy()}
+
+
+def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    features = np.asarray(features, dtype=np.float64)
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """FID between two Gaussians, in float64 (as the ADM evaluation suite does)."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
+    diff = mu1 - mu2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # near-singular products (ReLU features): handled below
+        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():  # near-singular product: regularise as the reference code does
+        eps = np.eye(sigma1.shape[0]) * 1e-6
+        covmean = scipy.linalg.sqrtm((sigma1 + eps) @ (sigma2 + eps))
+    covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def metrics(gen: dict, ref: dict, kid_subset_size: int = 1000, prc: bool = True, seed: int = 0) -> dict:
+    """FID (float64 from statistics), IS, and — when reference features exist — KID and
+    precision/recall, through torch-fidelity's metric functions."""
+    tf = import_torch_fidelity()
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    mu, sigma = statistics(gen["pool"])
+    out = {"fid": frechet_distance(mu, sigma, ref["mu"], ref["sigma"])}
+    isc = isc_features_to_metric(torch.from_numpy(gen["logits"]), splits=10, shuffle=True, rng_seed=seed)
+    out["isc_mean"], out["isc_std"] = float(isc[tf.KEY_METRIC_ISC_MEAN]), float(isc[tf.KEY_METRIC_ISC_STD])
+    if "pool" in ref:
+        a, b = torch.from_numpy(gen["pool"]), torch.from_numpy(ref["pool"])
+        subset = min(kid_subset_size, len(a), len(b))
+        kid = kid_features_to_metric(a, b, kid_subsets=100, kid_subset_size=subset, kid_degree=3, kid_gamma=None,
+                                     kid_coef0=1, rng_seed=seed, verbose=False)
+        out["kid_mean"], out["kid_std"] = float(kid[tf.KEY_METRIC_KID_MEAN]), float(kid[tf.KEY_METRIC_KID_STD])
+        if prc:
+            pr = prc_features_to_metric(a, b, prc_neighborhood=3, prc_batch_size=10000, verbose=False)
+            out["precision"], out["recall"] = float(pr[tf.KEY_METRIC_PRECISION]), float(pr[tf.KEY_METRIC_RECALL])
+    return out
+
+
+def class_fid(gen_pool: np.ndarray, gen_labels: np.ndarray, ref_pool: np.ndarray, ref_labels: np.ndarray) -> float:
+    """Mean over classes of the FID between samples and references of that class: a conditional
+    metric (it grows when samples do not match their labels, which plain FID does not see)."""
+    values = []
+    for c in np.unique(ref_labels):
+        g, r = gen_pool[gen_labels == c], ref_pool[ref_labels == c]
+        if len(g) > 1 and len(r) > 1:
+            values.append(frechet_distance(*statistics(g), *statistics(r)))
+    return float(np.mean(values)) if values else math.nan

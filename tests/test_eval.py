@@ -1,0 +1,206 @@
+"""FID evaluation: metric sanity, the float64 path against torch-fidelity, the job's results,
+idempotency, errors, and 1-vs-2-rank identity of the samples."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT
+from enat.config import dump_config, load_config
+from enat.data.digits import load_digits
+from enat.dist import free_port
+from enat.eval.fidelity import (EvalError, build_extractor, class_fid, extract, frechet_distance,
+                                import_torch_fidelity, metrics, statistics, train_digit_classifier)
+from enat.images import to_uint8
+
+CONFIG = ROOT / "configs/experiments/demo.yaml"
+
+
+def u8(x):
+    return torch.from_numpy(to_uint8(x)).permute(0, 3, 1, 2).contiguous()
+
+
+@pytest.fixture(scope="module")
+def extractor_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fx") / "digits.pt"
+    acc = train_digit_classifier(path, steps=300, log=lambda *_: None)
+    assert acc > 0.6
+    return path
+
+
+@pytest.fixture(scope="module")
+def ref(extractor_path):
+    ex = build_extractor("digits-cnn", str(extractor_path))
+    x, y, _ = load_digits("val")
+    feats = extract(ex, u8(x))
+    mu, sigma = statistics(feats["pool"])
+    return ex, x, y, {"mu": mu, "sigma": sigma, "pool": feats["pool"], "labels": y.numpy()}
+
+
+def fid_of(ex, images, ref):
+    g = extract(ex, u8(images))
+    return frechet_distance(*statistics(g["pool"]), ref["mu"], ref["sigma"])
+
+
+def test_torch_fidelity_imports_on_cpu_only_torch():
+    tf = import_torch_fidelity()
+    assert tf.__version__ and "digits-cnn" in __import__("torch_fidelity.registry").registry.FEATURE_EXTRACTORS_REGISTRY
+
+
+def test_identical_sets_give_zero(ref):
+    ex, x, y, r = ref
+    assert abs(fid_of(ex, x, r)) < 1e-6
+
+
+def test_fid_grows_with_noise_and_blur(ref):
+    ex, x, y, r = ref
+    g = torch.Generator().manual_seed(0)
+    noise = [fid_of(ex, (x + s * torch.randn(x.shape, generator=g)).clamp(0, 1), r) for s in (0.05, 0.1, 0.2, 0.4)]
+    assert all(a < b for a, b in zip(noise, noise[1:])), noise
+    blur = [fid_of(ex, F.avg_pool2d(x, k, stride=1, padding=k // 2), r) for k in (1, 3, 5, 7)]
+    assert all(a < b for a, b in zip(blur, blur[1:])), blur
+
+
+def test_class_fid_grows_with_shuffled_labels(ref):
+    ex, x, y, r = ref
+    feats = extract(ex, u8(x))["pool"]
+    rng = np.random.default_rng(0)
+    values = []
+    for frac in (0.0, 0.3, 0.6, 1.0):
+        labels = y.numpy().copy()
+        k = int(frac * len(labels))
+        pick = rng.permutation(len(labels))[:k]
+        labels[pick] = rng.permutation(labels[pick])
+        values.append(class_fid(feats, labels, r["pool"], r["labels"]))
+    assert values[0] < 1e-6 and all(a < b for a, b in zip(values, values[1:])), values
+
+
+def test_float64_npz_path_matches_torch_fidelity(ref, tmp_path):
+    tf = import_torch_fidelity()
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+
+    ex, x, y, r = ref
+    xt, _, _ = load_digits("train")
+    mu, sigma = statistics(extract(ex, u8(xt))["pool"])
+    np.savez(tmp_path / "ref.npz", mu=r["mu"], sigma=r["sigma"])
+    z = np.load(tmp_path / "ref.npz")
+    ours = frechet_distance(mu, sigma, z["mu"], z["sigma"])
+    theirs = fid_statistics_to_metric({"mu": mu, "sigma": sigma}, {"mu": z["mu"], "sigma": z["sigma"]},
+                                      verbose=False)[tf.KEY_METRIC_FID]
+    assert ours == pytest.approx(theirs, rel=1e-6)
+    full = metrics({"pool": extract(ex, u8(xt))["pool"], "logits": extract(ex, u8(xt))["logits"]}, r)
+    assert full["fid"] == pytest.approx(ours, rel=1e-9)
+    assert {"isc_mean", "kid_mean", "precision", "recall"} <= set(full)
+
+
+# --- the job --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, extractor_path):
+    """A demo config with a random tokenizer, the test extractor, and a random-init ENAT weights file."""
+    from enat.models import build_model
+    from enat.models.weights import save_weights
+    from enat.tokenizer import VQGAN
+    from enat.tokenizer.train import save_tokenizer
+
+    d = tmp_path_factory.mktemp("eval")
+    over = [f"tokenizer.checkpoint={d / 'tok.pt'}", f"eval.extractor_weights={extractor_path}",
+            f"eval.cache_dir={d / 'cache'}", "eval.batch_size=8", "sample.steps=4", "train.wandb.mode=offline"]
+    cfg = load_config(CONFIG, over)
+    torch.manual_seed(0)
+    save_tokenizer(d / "tok.pt", VQGAN(cfg.tokenizer), {})
+    model = build_model(cfg.model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_weights(d / "w.pt", cfg.model, {"ema": model.state_dict()}, meta={"step": 7})
+    dump_config(cfg, d / "config.yaml")
+    return d, cfg
+
+
+def test_job_writes_result_is_idempotent_and_logs(setup, tmp_path):
+    from enat.eval.job import evaluate
+
+    d, cfg = setup
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "wandb_run_id").write_text("abc123def456")
+    r1 = evaluate(cfg, run, str(d / "w.pt"), num_samples=20, log=lambda *_: None)
+    assert not r1["cached"] and r1["step"] == 7 and r1["num_samples"] == 20
+    results = list((run / "eval/00000007").glob("*.json"))
+    assert len(results) == 1
+    stored = json.loads(results[0].read_text())
+    assert stored["metrics"]["fid"] == r1["metrics"]["fid"] > 0
+    assert stored["settings"]["sample"]["steps"] == 4 and stored["reference"]["kind"] == "digits-val"
+    assert stored["checkpoint"]["sha256"] and np.load(stored["files"]["npz"])["arr_0"].shape == (20, 32, 32, 3)
+    lines = (run / "eval.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["step"] == 7 and "eval/fid" in json.loads(lines[0])
+    assert list((run / "wandb").glob("offline-run-*abc123def456"))
+
+    mtime = results[0].stat().st_mtime_ns
+    r2 = evaluate(cfg, run, str(d / "w.pt"), num_samples=20, log=lambda *_: None)
+    assert r2["cached"] and r2["metrics"] == r1["metrics"] and results[0].stat().st_mtime_ns == mtime
+    assert len((run / "eval.jsonl").read_text().splitlines()) == 1
+
+    # A half-written result is not taken as done.
+    results[0].rename(results[0].with_suffix(".json.tmp"))
+    r3 = evaluate(cfg, run, str(d / "w.pt"), num_samples=20, log=lambda *_: None)
+    assert not r3["cached"] and r3["metrics"]["fid"] == pytest.approx(r1["metrics"]["fid"], rel=1e-9)
+
+    # Other sampler settings: another result file.
+    from dataclasses import replace
+
+    cfg2 = replace(cfg, sample=replace(cfg.sample, cfg_scale=0.0))
+    evaluate(cfg2, run, str(d / "w.pt"), num_samples=20, log=lambda *_: None)
+    assert len(list((run / "eval/00000007").glob("*.json"))) == 2
+
+
+def test_job_errors_name_both_sides(setup, tmp_path):
+    from dataclasses import replace
+
+    from enat.eval.job import evaluate
+
+    d, cfg = setup
+    with pytest.raises(EvalError, match="not found"):
+        evaluate(cfg, tmp_path, str(tmp_path / "missing.pt"), num_samples=10)
+    other = replace(cfg, model=replace(cfg.model, width=128, num_heads=4))
+    with pytest.raises(EvalError, match=r"width: checkpoint 64 vs config 128"):
+        evaluate(other, tmp_path, str(d / "w.pt"), num_samples=10)
+    np.savez(tmp_path / "ref64.npz", mu=np.zeros(128), sigma=np.eye(128), resolution=64)
+    bad_ref = replace(cfg, eval=replace(cfg.eval, reference_npz=str(tmp_path / "ref64.npz")))
+    with pytest.raises(EvalError, match=r"64 px images but the samples are 32 px"):
+        evaluate(bad_ref, tmp_path, str(d / "w.pt"), num_samples=10)
+    with pytest.raises(EvalError, match="multiple of the 10 classes"):
+        evaluate(cfg, tmp_path, str(d / "w.pt"), num_samples=15)
+
+
+@pytest.mark.slow
+def test_one_and_two_ranks_give_the_same_samples(setup, tmp_path):
+    from enat.eval.job import evaluate
+
+    d, cfg = setup
+    one = evaluate(cfg, tmp_path / "one", str(d / "w.pt"), num_samples=20, log=lambda *_: None)
+    (tmp_path / "two").mkdir()
+    # Two ranks started the way srun starts them: one process each, rank and world in the environment.
+    port = str(free_port())
+    cmd = [sys.executable, "-m", "enat.cli", "eval", "--run", str(tmp_path / "two"), "--config",
+           str(d / "config.yaml"), "--checkpoint", str(d / "w.pt"), "--num-samples", "20"]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(r), "LOCAL_RANK": str(r),
+                                   "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+             for r in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    two = json.loads(next((tmp_path / "two/eval/00000007").glob("*.json")).read_text())
+    assert two["world_size"] == 2
+    a, b = np.load(one["files"]["npz"]), np.load(two["files"]["npz"])
+    assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
+    assert two["metrics"]["fid"] == pytest.approx(one["metrics"]["fid"], rel=1e-9)
