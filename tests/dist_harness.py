@@ -11,8 +11,6 @@ import json
 import sys
 import traceback
 
-import torch
-
 
 def main(jobs_path: str, out_path: str) -> None:
     import torch.distributed as dist

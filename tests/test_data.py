@@ -1,11 +1,9 @@
 """Tokenize pipeline and shard loader: partitions and restarts, unreadable images, the exact
 loader's split/order/resume, corrupt input, manifest checks, resampled mode."""
 
-import io
 import itertools
 import json
 import os
-import tarfile
 
 import numpy as np
 import pytest

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import golden_files
-from enat.config import TokenizerConfig, TokenizerTrainConfig
+from enat.config import TokenizerConfig
 from enat.models.weights import WeightsError
 from enat.tokenizer import VQGAN, load_tokenizer
 

@@ -14,6 +14,7 @@ import torch
 from enat.config import SampleConfig
 from enat.flops import sampling_flops
 from enat.models import build_model, model_config
+from enat.sampling import generate
 
 
 def add_arguments(p) -> None:
@@ -57,7 +58,7 @@ def run(args) -> dict:
         torch.manual_seed(0)
         model = build_model(mcfg).to(device=device, dtype=dtype).eval()
         sc = SampleConfig(steps=args.steps, cfg_scale=args.cfg_scale, reuse=reuse, batch_size=args.batch)
-        seconds = _time(lambda: generate_batch(model, labels, sc), device, args.repeats)
+        seconds = _time(lambda m=model, c=sc: generate(m, labels, c), device, args.repeats)
         flops = sampling_flops(mcfg, args.steps, reuse=reuse, guided=args.cfg_scale != 0).total
         rows[name] = dict(seconds=seconds, images_per_s=args.batch / seconds, tflops_per_image=flops / 1e12,
                           achieved_tflops=flops * args.batch / seconds / 1e12)
@@ -88,8 +89,3 @@ def run(args) -> dict:
         print(json.dumps(result))
     return result
 
-
-def generate_batch(model, labels, sc):
-    from enat.sampling import generate
-
-    return generate(model, labels, sc)

@@ -21,6 +21,7 @@ draw derived from (seed, epoch, sample key), so it is the same whatever rank rea
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -230,7 +231,7 @@ class TokenLoader:
         seq_len = self.data.seq_len
 
         def decode(sample):
-            tokens = np.load(__import__("io").BytesIO(sample["tokens.npy"]))
+            tokens = np.load(io.BytesIO(sample["tokens.npy"]))
             if tokens.shape != (seq_len,):
                 raise ShardError(f"{sample.get('__url__')}: sample {sample['__key__']} has {tokens.size} tokens, "
                                  f"expected {seq_len}")

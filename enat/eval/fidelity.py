@@ -117,7 +117,6 @@ def _register(tf) -> None:
 def train_digit_classifier(out: str | Path, steps: int = 600, seed: int = 0, log=print) -> float:
     """Train the demo extractor on the digits training split; returns held-out accuracy."""
     from enat.data.digits import load_digits
-    from enat.models.weights import save_weights  # noqa: F401  (same atomic-save convention below)
 
     torch.manual_seed(seed)
     x, y, _ = load_digits("train")
@@ -150,7 +149,7 @@ def train_digit_classifier(out: str | Path, steps: int = 600, seed: int = 0, log
 
 
 def build_extractor(name: str, weights: str | None, device: torch.device | str = "cpu"):
-    tf = import_torch_fidelity()
+    import_torch_fidelity()  # registers digits-cnn
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
     if name not in FEATURE_EXTRACTORS_REGISTRY:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from enat.config import Config, ConfigError, ModelConfig, from_dict
+from enat.config import Config, ModelConfig, from_dict
 from enat.dist import setup_env
 from enat.eval.fidelity import EvalError
 from enat.images import to_uint8
@@ -39,7 +39,7 @@ ARCH_FIELDS = ("arch", "width", "num_heads", "enc_depth", "dec_depth", "mlp_rati
                "num_classes")
 
 
-def _sha256(path: Path, limit: int | None = None) -> str:
+def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

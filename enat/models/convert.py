@@ -18,8 +18,6 @@ import math
 import re
 from pathlib import Path
 
-import torch
-
 from enat.config import ConfigError, ModelConfig
 from enat.models.weights import WeightsError, save_weights, torch_load
 from enat.models.zoo import ZOO, resolve_model_config

@@ -9,7 +9,6 @@ one-counter state and the EMA in the checkpoint, a resumed run continues bit for
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import subprocess
 import sys
@@ -308,11 +307,10 @@ class Trainer:
         Returns the last logged record."""
         from tqdm import tqdm
 
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         end = min(t.steps, stop_at) if stop_at is not None else t.steps
         it = iter(self.loader)
-        window = {"loss": [], "flops": 0.0, "data_wait": 0.0, "t0": time.perf_counter(), "skipped": 0,
-                  "buckets": {}, "steps": 0}
+        window = self._new_window()
         last: dict = {}
         bar = tqdm(total=end, initial=self.step, desc="train", unit="step",
                    disable=not (self.rank == 0 and sys.stderr.isatty()))
@@ -330,9 +328,8 @@ class Trainer:
                 b = next(i for i in range(len(RATIO_BUCKETS) - 1) if r < RATIO_BUCKETS[i + 1])
                 window["buckets"].setdefault(b, []).append(stats["loss"])
             if self.step % t.log_every == 0 or self.step == end:
-                last = self._log(window, stats)
-                window = {"loss": [], "flops": 0.0, "data_wait": 0.0, "t0": time.perf_counter(), "skipped": 0,
-                          "buckets": {}, "steps": 0}
+                last = self._log(window)
+                window = self._new_window()
             if t.val_every and (self.step % t.val_every == 0 or self.step == end):
                 val = self.validate()
                 if val:
@@ -348,7 +345,13 @@ class Trainer:
         bar.close()
         return last
 
-    def _log(self, w: dict, stats: dict) -> dict:
+    @staticmethod
+    def _new_window() -> dict:
+        """What the log interval accumulates."""
+        return {"loss": [], "flops": 0.0, "data_wait": 0.0, "t0": time.perf_counter(), "skipped": 0,
+                "buckets": {}, "steps": 0}
+
+    def _log(self, w: dict) -> dict:
         t = self.cfg.train
         elapsed = time.perf_counter() - w["t0"]
         n = w["steps"] * t.micro_batch * t.grad_accum * self.world
