@@ -109,18 +109,15 @@ def cmd_sample(args) -> None:
     import numpy as np
 
     from enat.models.weights import load_weights, load_state
-    from enat.models.zoo import build_model
+    from enat.models.zoo import build_model, model_differences
     from enat.sampling import generate_all
 
     cfg = load_config(args.config, args.overrides)
     if args.checkpoint:
         mcfg, sd, meta = load_weights(args.checkpoint, args.weights)
-        if args.config:
-            diff = {k: (v, getattr(cfg.model, k)) for k, v in dataclasses.asdict(mcfg).items()
-                    if getattr(cfg.model, k) != v and k not in ("size", "dropout", "label_drop")}
-            if diff:
-                raise ConfigError("the checkpoint's model differs from the config's model section "
-                                  + ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items()))
+        diff = model_differences(cfg.model, mcfg) if args.config else []
+        if diff:
+            raise ConfigError("the checkpoint's model differs from the config's model section: " + "; ".join(diff))
         model = build_model(mcfg)
         load_state(model, sd, f"{args.checkpoint} [{args.weights}]")
         cfg.model = mcfg

@@ -30,26 +30,16 @@ import numpy as np
 import torch
 
 from enat.config import Config, ModelConfig, from_dict
+from enat.data.shards import file_sha256
 from enat.dist import setup_env
 from enat.eval.fidelity import EvalError
 from enat.images import to_uint8
 
 
-ARCH_FIELDS = ("arch", "width", "num_heads", "enc_depth", "dec_depth", "mlp_ratio", "grid_size", "codebook_size",
-               "num_classes")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check_model(expected: ModelConfig, found: ModelConfig, source: str) -> None:
-    diff = [f"{k}: checkpoint {getattr(found, k)!r} vs config {getattr(expected, k)!r}"
-            for k in ARCH_FIELDS if getattr(found, k) != getattr(expected, k)]
+    from enat.models.zoo import model_differences
+
+    diff = model_differences(expected, found)
     if diff:
         raise EvalError(f"{source} holds another model than the config describes: " + "; ".join(diff))
 
@@ -64,26 +54,18 @@ def load_checkpoint(cfg: Config, run_dir: Path | None, checkpoint: str, weights:
         if not path.is_file():
             raise EvalError(f"checkpoint file {path} not found")
         mcfg, sd, meta = load_weights(path, weights)
-        step, ident, digest = int(meta.get("step", 0)), str(path), _sha256(path)
+        step, ident, digest = int(meta.get("step", 0)), str(path), file_sha256(path)
     else:
-        from enat.train.checkpoint import CLIENT_KEY, checkpoint_dir, read_client_state, read_meta, resolve_tag
+        from enat.train.checkpoint import checkpoint_dir, checkpoint_weights, resolve_tag
 
         if run_dir is None:
             raise EvalError("give --run RUN_DIR to evaluate a training checkpoint by step")
         ckpt_dir = checkpoint_dir(run_dir)
         tag = resolve_tag(ckpt_dir, checkpoint)
-        state = read_client_state(ckpt_dir, tag)[CLIENT_KEY]
-        mcfg = from_dict(ModelConfig, state["config"]["model"])
-        if weights == "ema":
-            sd = state["ema"]["model"]
-        elif read_meta(ckpt_dir, tag).get("zero_stage", 0) == 0:
-            sd = read_client_state(ckpt_dir, tag)["module"]
-        else:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        state, sds = checkpoint_weights(ckpt_dir, tag, kinds=(weights,))
+        mcfg, sd = from_dict(ModelConfig, state["config"]["model"]), sds[weights]
         states = sorted((ckpt_dir / tag).glob("*model_states.pt"))
-        step, ident, digest = state["step"], str(ckpt_dir / tag), _sha256(states[0])
+        step, ident, digest = state["step"], str(ckpt_dir / tag), file_sha256(states[0])
     check_model(cfg.model, mcfg, ident)
     model = build_model(mcfg)
     load_state(model, {k: v.float() for k, v in sd.items()}, f"{ident} [{weights}]")
@@ -111,7 +93,7 @@ def reference_spec(cfg: Config) -> dict:
         path = Path(cfg.eval.reference_npz)
         if not path.is_file():
             raise EvalError(f"reference statistics {path} not found")
-        return {"kind": "npz", "path": str(path), "id": f"npz:{_sha256(path)[:16]}", "resolution": res}
+        return {"kind": "npz", "path": str(path), "id": f"npz:{file_sha256(path)[:16]}", "resolution": res}
     if cfg.data.dataset == "digits":
         return {"kind": "digits-val", "id": f"digits-val-{res}px-{cfg.eval.extractor}", "resolution": res}
     if cfg.data.val_shards is None:
@@ -120,7 +102,7 @@ def reference_spec(cfg: Config) -> dict:
     if not manifest.is_file():
         raise EvalError(f"no manifest at {manifest}: tokenize the validation split first")
     return {"kind": "shards", "path": str(cfg.data.val_shards), "resolution": res,
-            "id": f"shards-{_sha256(manifest)[:12]}-{res}px-{cfg.eval.extractor}"}
+            "id": f"shards-{file_sha256(manifest)[:12]}-{res}px-{cfg.eval.extractor}"}
 
 
 def reference_stats(cfg: Config, spec: dict, extractor, tokenizer, log=print) -> dict:

@@ -38,6 +38,17 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
     return cfg
 
 
+# The fields that make two configs different networks (dropout and label drop only affect training).
+NETWORK_FIELDS = ("arch", "width", "num_heads", "enc_depth", "dec_depth", "mlp_ratio", "grid_size", "codebook_size",
+                  "num_classes")
+
+
+def model_differences(expected: ModelConfig, found: ModelConfig) -> list[str]:
+    """['field: checkpoint X vs config Y', ...] for a checkpoint's config against the expected one."""
+    return [f"{k}: checkpoint {getattr(found, k)!r} vs config {getattr(expected, k)!r}"
+            for k in NETWORK_FIELDS if getattr(found, k) != getattr(expected, k)]
+
+
 def model_config(size: str, **overrides) -> ModelConfig:
     """The resolved config of a zoo size, e.g. model_config('L', grid_size=32)."""
     return resolve_model_config(ModelConfig(size=size, **overrides))

@@ -148,25 +148,37 @@ def read_client_state(ckpt_dir: Path, tag: str) -> dict:
     return state
 
 
+def checkpoint_weights(ckpt_dir: Path, tag: str, kinds=("ema", "online")) -> tuple[dict, dict]:
+    """-> (the checkpoint's enat state, {kind: fp32 state dict}) for kinds "ema" (kept gathered in
+    the client state) and "online" (the module itself at ZeRO-0, consolidated by zero_to_fp32
+    otherwise). Reads the model-states file once."""
+    state = read_client_state(ckpt_dir, tag)
+    weights = {}
+    for kind in kinds:
+        if kind == "ema":
+            sd = state[CLIENT_KEY]["ema"]["model"]
+        elif kind == "online" and read_meta(ckpt_dir, tag).get("zero_stage", 0) == 0:
+            sd = state["module"]
+        elif kind == "online":
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        else:
+            raise ValueError(f"weights must be 'ema' or 'online', got {kind!r}")
+        weights[kind] = {k: v.float() for k, v in sd.items()}
+    return state[CLIENT_KEY], weights
+
+
 def export_weights(run_or_ckpt: str | Path, out: str | Path, which: str | None = None, log=print) -> Path:
     """Consolidated fp32 EMA and online weights of a checkpoint -> one enat-weights file."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     from enat.config import ModelConfig, from_dict
     from enat.models.weights import save_weights
 
     path = Path(run_or_ckpt)
     ckpt_dir = path if (path / LATEST).is_file() or path.name == "checkpoints" else checkpoint_dir(path)
     tag = resolve_tag(ckpt_dir, which)
-    state = read_client_state(ckpt_dir, tag)
-    enat_state = state[CLIENT_KEY]
-    meta = read_meta(ckpt_dir, tag)
-    if meta.get("zero_stage", 0) == 0:
-        online = {k: v.float() for k, v in state["module"].items()}
-    else:
-        online = {k: v.float() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag).items()}
+    enat_state, weights = checkpoint_weights(ckpt_dir, tag)
     model_cfg = from_dict(ModelConfig, enat_state["config"]["model"])
-    weights = {"ema": enat_state["ema"]["model"], "online": online}
     save_weights(out, model_cfg, weights, meta={"step": enat_state["step"], "tag": tag, "run_dir": str(ckpt_dir.parent),
                                                 "git_commit": enat_state.get("git_commit"),
                                                 "samples_seen": enat_state["samples_seen"]})
