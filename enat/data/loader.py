@@ -79,6 +79,14 @@ class ShardSet:
     def __len__(self) -> int:
         return len(self.label)
 
+    def tokens(self, rows: np.ndarray, reader: "_Reader | None" = None) -> np.ndarray:
+        """(len(rows), N) int64 token ids of the given rows, read in file order."""
+        reader = reader or _Reader(self.paths)
+        order = np.lexsort((self.offset[rows], self.shard[rows]))
+        out = np.empty((len(rows), self.seq_len), dtype=np.int64)
+        out[order] = reader.read(self.shard[rows][order], self.offset[rows][order], 2 * self.seq_len)
+        return out
+
 
 class _Reader:
     """pread-based sample reads with a small cache of open files (one per process)."""
@@ -194,9 +202,7 @@ class TokenLoader:
 
     def micro_batch(self, j: int, reader: _Reader) -> dict:
         epoch, rows = self.sample_ids(j)
-        order = np.lexsort((self.data.offset[rows], self.data.shard[rows]))  # read in file order
-        tokens = np.empty((len(rows), self.data.seq_len), dtype=np.int64)
-        tokens[order] = reader.read(self.data.shard[rows][order], self.data.offset[rows][order], 2 * self.data.seq_len)
+        tokens = self.data.tokens(rows, reader)
         labels = self.data.label[rows].copy()
         uid = self.data.uid[rows]
         if self.cfg_drop > 0:

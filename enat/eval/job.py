@@ -131,12 +131,10 @@ def reference_stats(cfg: Config, spec: dict, extractor, tokenizer, log=print) ->
         images, labels, _ = load_digits("val", cfg.tokenizer.resolution)
         u8 = torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2).contiguous()
     else:
-        from enat.data.loader import ShardSet, _Reader
+        from enat.data.loader import ShardSet
 
         data = ShardSet(spec["path"], log=log)
-        rows = np.arange(len(data))
-        tokens = torch.from_numpy(_Reader(data.paths).read(data.shard[rows], data.offset[rows], 2 * data.seq_len)
-                                  .astype(np.int64))
+        tokens = torch.from_numpy(data.tokens(np.arange(len(data))))
         g = cfg.model.grid_size
         u8 = torch.cat([torch.from_numpy(to_uint8(tokenizer.decode(tokens[s:s + 64].view(-1, g, g).to(
             next(tokenizer.parameters()).device)))).permute(0, 3, 1, 2) for s in range(0, len(tokens), 64)])

@@ -254,13 +254,13 @@ class Trainer:
         if cfg.data.val_shards is None:
             return {}
         if self._val_data is None:
-            from enat.data.loader import ShardSet, _Reader
+            from enat.data.loader import ShardSet
 
             data = ShardSet(cfg.data.val_shards, log=self.log)
             # The same number of rows on every rank: under ZeRO-3 each forward is a collective.
             n = min(t.val_samples, len(data)) // self.world * self.world
             rows = torch.arange(n)[self.rank::self.world].numpy()
-            tokens = _Reader(data.paths).read(data.shard[rows], data.offset[rows], 2 * data.seq_len).astype("int64")
+            tokens = data.tokens(rows)
             self._val_data = (torch.from_numpy(tokens), torch.from_numpy(data.label[rows]),
                               torch.from_numpy(data.uid[rows]))
         tokens, labels, uid = (x.to(self.device) for x in self._val_data)
