@@ -144,7 +144,7 @@ def cmd_sample(args) -> None:
         from enat.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.tokenizer)
-        images = torch.cat([tokenizer.decode(ids[i:i + 64].view(-1, g, g)) for i in range(0, len(ids), 64)])
+        images = tokenizer.decode(ids, batch_size=64)
         record["tokenizer"] = str(tok_path)
         print(f"wrote {save_grid(images, out / 'samples.png', nrow=args.per_label if args.per_label > 1 else None)}")
     elif not args.no_images:

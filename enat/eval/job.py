@@ -135,9 +135,9 @@ def reference_stats(cfg: Config, spec: dict, extractor, tokenizer, log=print) ->
 
         data = ShardSet(spec["path"], log=log)
         tokens = torch.from_numpy(data.tokens(np.arange(len(data))))
-        g = cfg.model.grid_size
-        u8 = torch.cat([torch.from_numpy(to_uint8(tokenizer.decode(tokens[s:s + 64].view(-1, g, g).to(
-            next(tokenizer.parameters()).device)))).permute(0, 3, 1, 2) for s in range(0, len(tokens), 64)])
+        # uint8 chunk by chunk: a float copy of a large reference set would not fit in memory
+        u8 = torch.cat([torch.from_numpy(to_uint8(tokenizer.decode(chunk))).permute(0, 3, 1, 2)
+                        for chunk in tokens.split(64)])
         labels = torch.from_numpy(data.label)
     feats = extract(extractor, u8, progress=sys.stderr.isatty())
     mu, sigma = statistics(feats["pool"])
@@ -163,7 +163,7 @@ def generate_images(model, tokenizer, cfg: Config, indices: np.ndarray, progress
     from enat.sampling import generate
 
     sc = dataclasses.replace(cfg.sample, seed=cfg.eval.seed)
-    C, g = cfg.model.num_classes, cfg.model.grid_size
+    C = cfg.model.num_classes
     labels = indices % C
     out = []
     timings = timings if timings is not None else {}
@@ -172,7 +172,7 @@ def generate_images(model, tokenizer, cfg: Config, indices: np.ndarray, progress
         t0 = time.perf_counter()
         ids = generate(model, torch.from_numpy(labels[s:s + cfg.eval.batch_size]), sc, indices=idx)
         t1 = time.perf_counter()
-        images = tokenizer.decode(ids.view(-1, g, g))
+        images = tokenizer.decode(ids)
         out.append(to_uint8(images))
         timings["sampling"] = timings.get("sampling", 0.0) + t1 - t0
         timings["decoding"] = timings.get("decoding", 0.0) + time.perf_counter() - t1

@@ -92,7 +92,7 @@ def train_tokenizer(cfg: Config, images: torch.Tensor, out: str | Path, log=prin
     model.eval()
     with torch.no_grad():
         ids = model.encode(images)
-        recon = torch.cat([model.decode(ids[i:i + 256]) for i in range(0, len(ids), 256)])
+        recon = model.decode(ids, batch_size=256)
         stats["recon_mse"] = F.mse_loss(recon.clamp(0, 1), images).item()
         stats["codes_used"] = int(ids.unique().numel())
     save_tokenizer(out, model, {"stats": stats, "seed": cfg.seed, "num_images": int(images.shape[0])})

@@ -157,12 +157,15 @@ class VQGAN(nn.Module):
         return self.quantize.nearest(self.encoder(images))
 
     @torch.no_grad()
-    def decode(self, ids: torch.Tensor) -> torch.Tensor:
-        """(B, h, w) or (B, h*w) ids -> (B, 3, H, W) images, raw (clamp to [0, 1] for display)."""
+    def decode(self, ids: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """(B, h, w) or (B, h*w) ids -> (B, 3, H, W) images, raw (clamp to [0, 1] for display),
+        on the tokenizer's device; batch_size bounds the decoder's activation memory."""
         if ids.dim() == 2:
             g = int(round(ids.shape[1] ** 0.5))
             ids = ids.view(ids.shape[0], g, g)
-        return self.decoder(self.quantize.lookup(ids))
+        ids = ids.to(self.quantize.embedding.weight.device)
+        chunks = ids.split(batch_size) if batch_size else [ids]
+        return torch.cat([self.decoder(self.quantize.lookup(c)) for c in chunks])
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Training forward: straight-through quantisation. Returns the reconstruction, the

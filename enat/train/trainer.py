@@ -297,7 +297,7 @@ class Trainer:
         labels = torch.tensor([c % cfg.model.num_classes for c in cfg.train.sample_labels])
         sc = dataclasses.replace(cfg.sample, seed=cfg.seed)
         ids = generate(self.ema.model, labels, sc)
-        images = self._tokenizer.decode(ids.view(-1, cfg.model.grid_size, cfg.model.grid_size))
+        images = self._tokenizer.decode(ids)
         return save_grid(images, self.run_dir / "samples" / f"step{self.step:08d}.png")
 
     # ------------------------------------------------------------------------------------------
