@@ -169,16 +169,11 @@ def cmd_tokenizer_train(args) -> None:
 
 
 def cmd_tokenize(args) -> None:
-    from enat.data.prepare import tokenize_split
-    from enat.data.tokenize import merge_parts
+    from enat.data.prepare import merge_split, tokenize_split
 
     cfg = load_config(args.config, args.overrides)
     if args.merge:
-        out = args.out or (cfg.data.shards if args.split == "train" else cfg.data.val_shards)
-        m = merge_parts(out, cfg.tokenizer.checkpoint,
-                        extra={"resolution": cfg.tokenizer.resolution, "flip": cfg.data.flip, "split": args.split})
-        print(f"wrote {Path(out) / 'manifest.json'}: {m.num_samples} samples in {len(m.shards)} shards, "
-              f"{len(m.failed)} unreadable images")
+        merge_split(cfg, args.split, args.out)
         return
     tokenize_split(cfg, args.split, input_=args.input, out=args.out, part=args.part, num_parts=args.num_parts,
                    device=args.device)

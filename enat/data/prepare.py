@@ -10,12 +10,32 @@ from enat.config import Config
 from enat.data.shards import MANIFEST, ShardError
 
 
+def split_dir(cfg: Config, split: str) -> str:
+    """The shard folder of a split: data.shards (train) or data.val_shards (val)."""
+    out = cfg.data.shards if split == "train" else cfg.data.val_shards
+    if out is None:
+        raise ShardError(f"no output folder for the {split} split: set data.val_shards")
+    return out
+
+
+def merge_split(cfg: Config, split: str, out: str | None = None, log=print):
+    """Check every part of a split finished and write its manifest."""
+    from enat.data.tokenize import merge_parts
+
+    out = out or split_dir(cfg, split)
+    manifest = merge_parts(out, cfg.tokenizer.checkpoint,
+                           extra={"resolution": cfg.tokenizer.resolution, "flip": cfg.data.flip, "split": split})
+    log(f"wrote {Path(out) / MANIFEST}: {manifest.num_samples} samples in {len(manifest.shards)} shards, "
+        f"{len(manifest.failed)} unreadable images")
+    return manifest
+
+
 def tokenize_split(cfg: Config, split: str, input_: str | None = None, out: str | None = None,
                    part: int = 0, num_parts: int = 1, merge: bool | None = None, device: str = "cpu",
                    progress: bool | None = None, log=print):
     """Tokenize one split (train/val) of the configured data; merge when all parts are done
     (by default when there is a single part)."""
-    from enat.data.tokenize import make_source, merge_parts, tokenize_part
+    from enat.data.tokenize import make_source, tokenize_part
     from enat.tokenizer import load_tokenizer
 
     d = cfg.data
@@ -23,9 +43,7 @@ def tokenize_split(cfg: Config, split: str, input_: str | None = None, out: str 
         input_ = "digits" if d.dataset == "digits" else (d.image_dir if split == "train" else d.val_image_dir)
         if input_ is None:
             raise ShardError(f"no input for the {split} split: set data.{'image_dir' if split == 'train' else 'val_image_dir'}")
-    out = out or (d.shards if split == "train" else d.val_shards)
-    if out is None:
-        raise ShardError(f"no output folder for the {split} split: set data.val_shards")
+    out = out or split_dir(cfg, split)
     progress = sys.stderr.isatty() if progress is None else progress
     tokenizer = load_tokenizer(cfg.tokenizer)
     source = make_source(input_, cfg.tokenizer.resolution, split)
@@ -33,11 +51,7 @@ def tokenize_split(cfg: Config, split: str, input_: str | None = None, out: str 
                   batch_size=d.tokenize_batch_size, num_workers=d.num_workers, device=device, progress=progress,
                   log=log)
     if merge if merge is not None else num_parts == 1:
-        manifest = merge_parts(out, cfg.tokenizer.checkpoint,
-                               extra={"resolution": cfg.tokenizer.resolution, "flip": d.flip, "split": split})
-        log(f"wrote {Path(out) / MANIFEST}: {manifest.num_samples} samples in {len(manifest.shards)} shards, "
-            f"{len(manifest.failed)} unreadable images")
-        return manifest
+        return merge_split(cfg, split, out, log=log)
     return None
 
 
