@@ -132,12 +132,10 @@ def train_digit_classifier(out: str | Path, steps: int = 600, seed: int = 0, log
         opt.step()
     with torch.no_grad():
         acc = (net(xv)[1].argmax(1) == yv).float().mean().item()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save({"format": "enat-digit-classifier", "num_classes": 10, "state_dict": net.state_dict(),
-                "val_accuracy": acc}, tmp)
-    tmp.replace(out)
+    from enat.models.weights import torch_save_atomic
+
+    torch_save_atomic({"format": "enat-digit-classifier", "num_classes": 10, "state_dict": net.state_dict(),
+                       "val_accuracy": acc}, out)
     log(f"wrote {out}: digit classifier, held-out accuracy {acc:.3f}")
     return acc
 

@@ -40,17 +40,23 @@ def torch_load(path: str | Path, what: str) -> object:
                            f"truncated (re-copy it) or not a PyTorch state file.") from None
 
 
+def torch_save_atomic(obj, path: str | Path) -> Path:
+    """torch.save to a temp file, then rename: never a half-written file under the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+    return path
+
+
 def save_weights(path: str | Path, cfg: ModelConfig, weights: dict[str, dict], meta: dict | None = None) -> None:
     if not weights or not set(weights) <= {"ema", "online"}:
         raise ValueError(f"weights must map 'ema' and/or 'online' to state dicts, got {list(weights)}")
     obj = {"format": FORMAT, "version": VERSION, "model_config": dataclasses.asdict(cfg),
            "weights": {k: {n: t.detach().cpu().contiguous() for n, t in sd.items()} for k, sd in weights.items()},
            "meta": meta or {}}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)  # never leave a half-written file under the final name
+    torch_save_atomic(obj, path)
 
 
 def load_weights(path: str | Path, which: str = "ema") -> tuple[ModelConfig, dict, dict]:

@@ -25,15 +25,13 @@ FORMAT = "enat-tokenizer"
 def save_tokenizer(path: str | Path, model: VQGAN, meta: dict) -> None:
     """Official key layout inside {'state_dict': ...}, so load_tokenizer (and the official
     loader) read it; the config and provenance ride along."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from enat.models.weights import torch_save_atomic
+
     cfg = dataclasses.asdict(model.cfg)
     cfg.pop("train")
     obj = {"format": FORMAT, "tokenizer_config": cfg, "meta": meta,
            "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    torch_save_atomic(obj, path)
 
 
 def _sample_latents(z: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
