@@ -232,6 +232,11 @@ def cmd_convert(args) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _config_args(p, required: bool = True, help: str = "YAML config") -> None:
+    p.add_argument("--config", required=required, help=help)
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. sample.steps=12 train.lr=1e-4")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="enat", description="ENAT: train, sample, evaluate, scale.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -248,26 +253,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_flops)
 
     s = sub.add_parser("sample", help="sample token ids for given labels")
-    s.add_argument("--config", help="YAML config (sample section; model section without --checkpoint)")
+    _config_args(s, False, "YAML config (sample section; model section without --checkpoint)")
     s.add_argument("--checkpoint", help="enat-weights file; without it, a random-init model")
     s.add_argument("--weights", default="ema", choices=["ema", "online"])
     s.add_argument("--labels", required=True, help="comma-separated class ids, e.g. 1,2,3")
     s.add_argument("--per-label", type=int, default=1, help="samples per label")
     s.add_argument("--out", required=True)
     s.add_argument("--no-images", action="store_true", help="token ids only, no decoding")
-    s.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. sample.steps=12")
     s.set_defaults(func=cmd_sample)
 
     s = sub.add_parser("tokenizer", help="the VQ tokenizer")
     tsub = s.add_subparsers(dest="action", required=True)
     t = tsub.add_parser("train", help="train the demo tokenizer on the embedded digits")
-    t.add_argument("--config", required=True)
+    _config_args(t)
     t.add_argument("--out", help="output file (default: tokenizer.checkpoint)")
-    t.add_argument("overrides", nargs="*")
     t.set_defaults(func=cmd_tokenizer_train)
 
     s = sub.add_parser("tokenize", help="images -> webdataset token shards (one part of K, or the merge)")
-    s.add_argument("--config", required=True)
+    _config_args(s)
     s.add_argument("--input", help="'digits' or an ImageFolder root (default: from data.*)")
     s.add_argument("--split", default="train", choices=["train", "val"])
     s.add_argument("--out", help="shard folder (default: data.shards / data.val_shards)")
@@ -275,20 +278,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--part", type=int, default=0)
     s.add_argument("--merge", action="store_true", help="check all parts finished and write manifest.json")
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    s.add_argument("overrides", nargs="*")
     s.set_defaults(func=cmd_tokenize)
 
     s = sub.add_parser("data", help="data preparation")
     dsub = s.add_subparsers(dest="action", required=True)
     t = dsub.add_parser("prepare", help="build the tokenizer (demo) and shards that are missing")
-    t.add_argument("--config", required=True)
-    t.add_argument("overrides", nargs="*")
+    _config_args(t)
     t.set_defaults(func=cmd_data_prepare)
 
     s = sub.add_parser("train", help="train (single process, or under torchrun/srun/submitit)")
-    s.add_argument("--config", required=True)
+    _config_args(s)
     s.add_argument("--stop-at", type=int, help="stop (with a checkpoint) at this step instead of train.steps")
-    s.add_argument("overrides", nargs="*")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("export", help="training checkpoint -> one enat-weights file (EMA + online, fp32)")
@@ -307,19 +307,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("eval", help="FID/IS/KID/precision-recall of a checkpoint (under torchrun: distributed)")
     s.add_argument("--run", "--run-dir", dest="run",
                    help="training run directory (results go to RUN/eval/); under torchrun spell it --run-dir")
-    s.add_argument("--config", help="default: RUN/config.yaml")
+    _config_args(s, False, "default: RUN/config.yaml")
     s.add_argument("--checkpoint", default="latest", help="latest, a step, a tag, or an enat-weights file")
     s.add_argument("--num-samples", type=int, help="default: eval.num_samples")
     s.add_argument("--weights", choices=["ema", "online"], help="default: eval.weights")
-    s.add_argument("overrides", nargs="*", help="e.g. sample.cfg_scale=3.0 sample.steps=12")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("extractor", help="the demo's FID feature extractor")
     esub = s.add_subparsers(dest="action", required=True)
     t = esub.add_parser("train", help="train the digit classifier on the demo training split")
-    t.add_argument("--config", required=True)
+    _config_args(t)
     t.add_argument("--out", help="default: eval.extractor_weights")
-    t.add_argument("overrides", nargs="*")
     t.set_defaults(func=cmd_extractor_train)
 
     s = sub.add_parser("convert", help="import checkpoints from other formats")
