@@ -204,6 +204,29 @@ class EvalConfig:
 
 
 @dataclass
+class LaunchConfig:
+    """How launch/*.py runs a job: on SLURM through submitit, or as local processes."""
+
+    cluster: Literal["auto", "slurm", "local", "debug"] = "auto"  # auto: slurm when sinfo answers, else local
+    nodes: int = 1
+    gpus_per_node: int = 8  # one task (process) per GPU
+    cpu: bool = False  # CPU cluster: gpus_per_node processes per node and no GPU request
+    partition: str | None = None
+    time_min: int = 24 * 60  # per job; a timeout checkpoints and requeues
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    mem_gb: int | None = None  # per node
+    cpus_per_task: int | None = None
+    exclude: str | None = None  # nodes to avoid
+    additional: dict[str, str] = field(default_factory=dict)  # any other sbatch option
+    signal_delay_s: int = 120  # SLURM signals this long before the time limit (checkpoint + requeue)
+    max_requeues: int = 20  # preemptions and timeouts after which the job gives up (it stays resumable)
+    array_parallelism: int = 16  # tasks of a job array (sweeps, eval) running at once
+    log_dir: str | None = None  # submitit logs; default RUN/slurm (next to the run)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -211,6 +234,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
     seed: int = 0
 
 
@@ -334,6 +358,10 @@ def resolve(cfg: Config) -> Config:
                           "there): use train.zero_stage>=1 or train.precision=fp32")
     if len(t.betas) != 2 or len(t.mask_beta) != 2:
         raise ConfigError("train.betas and train.mask_beta take two numbers each")
+    ln = cfg.launch
+    if min(ln.nodes, ln.gpus_per_node, ln.time_min) < 1 or ln.max_requeues < 0:
+        raise ConfigError("launch.nodes, launch.gpus_per_node and launch.time_min must be >= 1 and "
+                          "launch.max_requeues >= 0")
     tok, m = cfg.tokenizer, cfg.model
     if tok.resolution % tok.downsample:
         raise ConfigError(f"tokenizer.resolution {tok.resolution} is not divisible by its downsampling "

@@ -55,8 +55,9 @@ def tokenize_split(cfg: Config, split: str, input_: str | None = None, out: str 
     return None
 
 
-def prepare_data(cfg: Config, progress: bool | None = None, log=print) -> None:
-    """Make sure the tokenizer and the shards of both splits exist, building what is missing."""
+def prepare_models(cfg: Config, log=print) -> None:
+    """The models the data and eval need that this project trains itself (the demo's tokenizer
+    and FID digit classifier) when they are missing; anything else must be given by path."""
     from enat.data.digits import load_digits
     from enat.tokenizer.train import train_tokenizer
 
@@ -76,6 +77,11 @@ def prepare_data(cfg: Config, progress: bool | None = None, log=print) -> None:
 
         log(f"no FID feature extractor at {ev.extractor_weights}: training the digit classifier")
         train_digit_classifier(ev.extractor_weights, seed=cfg.seed, log=log)
+
+
+def prepare_data(cfg: Config, progress: bool | None = None, log=print) -> None:
+    """Make sure the tokenizer and the shards of both splits exist, building what is missing."""
+    prepare_models(cfg, log=log)
     for split, out in (("train", cfg.data.shards), ("val", cfg.data.val_shards)):
         if out is None or (Path(out) / MANIFEST).is_file():
             continue

@@ -81,6 +81,15 @@ def settings_hash(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def result_path(cfg: Config, base: str | Path, step: int, weights: str | None = None,
+                num_samples: int | None = None) -> Path:
+    """Where the result of evaluating step `step` with these settings goes (it exists once done),
+    known without loading anything: the eval launcher skips checkpoints that have one."""
+    settings = eval_settings(cfg, weights or cfg.eval.weights, num_samples or cfg.eval.num_samples,
+                             reference_spec(cfg))
+    return Path(base) / "eval" / f"{step:08d}" / f"{settings_hash(settings)}.json"
+
+
 # ---------------------------------------------------------------------------------------------
 # Reference statistics
 # ---------------------------------------------------------------------------------------------
@@ -220,11 +229,11 @@ def evaluate(cfg: Config, run_dir: str | Path | None, checkpoint: str = "latest"
     spec = reference_spec(cfg)
     settings = eval_settings(cfg, weights, num_samples, spec)
     base = Path(out_dir) if out_dir is not None else (run_dir if run_dir is not None else Path(ck["id"]).parent)
-    result_path = base / "eval" / f"{ck['step']:08d}" / f"{settings_hash(settings)}.json"
-    if result_path.is_file():
-        record = json.loads(result_path.read_text())
-        log(f"already evaluated: {result_path}\n" + json.dumps(record["metrics"], indent=1))
-        return {**record, "cached": True}
+    out = result_path(cfg, base, ck["step"], weights, num_samples)
+    if out.is_file():
+        record = json.loads(out.read_text())
+        log(f"already evaluated: {out}\n" + json.dumps(record["metrics"], indent=1))
+        return {**record, "cached": True, "path": str(out)}
 
     tokenizer = load_tokenizer(cfg.tokenizer).to(device)
     model = ck["model"].to(device)
@@ -249,23 +258,23 @@ def evaluate(cfg: Config, run_dir: str | Path | None, checkpoint: str = "latest"
             values = metrics(gen, ref, cfg.eval.kid_subset_size, cfg.eval.prc, cfg.eval.seed)
             if "labels" in ref:
                 values["class_fid"] = class_fid(gen["pool"], gen["labels"], ref["pool"], ref["labels"])
-        result_path.parent.mkdir(parents=True, exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
         files = {}
         if cfg.eval.save_npz or cfg.eval.save_png:
             arr = np.concatenate([p["images"] for p in parts])[order]
             if cfg.eval.save_npz:
-                files["npz"] = str(result_path.with_suffix(".npz"))
-                tmp = result_path.with_suffix(".tmp.npz")
+                files["npz"] = str(out.with_suffix(".npz"))
+                tmp = out.with_suffix(".tmp.npz")
                 np.savez(tmp, arr_0=arr, labels=gen["labels"])
                 os.replace(tmp, files["npz"])
             from enat.images import save_grid
 
             grid = torch.from_numpy(arr[: min(len(arr), 10 * C)]).permute(0, 3, 1, 2).float() / 255
-            files["grid"] = str(save_grid(grid, result_path.with_suffix(".png"), nrow=C))
+            files["grid"] = str(save_grid(grid, out.with_suffix(".png"), nrow=C))
             if cfg.eval.save_png:
                 from PIL import Image
 
-                png_dir = result_path.with_suffix("")
+                png_dir = out.with_suffix("")
                 png_dir.mkdir(exist_ok=True)
                 for i, im in enumerate(arr):
                     Image.fromarray(im).save(png_dir / f"{i:06d}.png")
@@ -275,17 +284,17 @@ def evaluate(cfg: Config, run_dir: str | Path | None, checkpoint: str = "latest"
                                                                         "weights": cfg.eval.extractor_weights},
                   "num_samples": num_samples, "world_size": world, "wall_time_s": time.perf_counter() - t_start,
                   "timings_s_rank0": timings, "files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        tmp = result_path.with_suffix(".json.tmp")
+        tmp = out.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, result_path)  # a half-written result never looks done
+        os.replace(tmp, out)  # a half-written result never looks done
         if run_dir is not None:
             with open(run_dir / "eval.jsonl", "a") as f:
                 f.write(json.dumps({"step": ck["step"], **{f"eval/{k}": v for k, v in values.items()},
-                                    "settings_hash": result_path.stem, "num_samples": num_samples}) + "\n")
+                                    "settings_hash": out.stem, "num_samples": num_samples}) + "\n")
             _log_wandb(cfg, run_dir, ck["step"], values)
-        log(f"wrote {result_path}\n" + json.dumps(values, indent=1))
+        log(f"wrote {out}\n" + json.dumps(values, indent=1))
     record = _gather(record, world)[0]
-    return {**record, "cached": False}
+    return {**record, "cached": False, "path": str(out)}
 
 
 def _log_wandb(cfg: Config, run_dir: Path, step: int, values: dict) -> None:

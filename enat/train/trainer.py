@@ -302,9 +302,13 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
 
-    def fit(self, stop_at: int | None = None) -> dict:
+    def fit(self, stop_at: int | None = None, should_stop=None) -> dict:
         """Train until train.steps (or stop_at); checkpoint, log, validate and sample on schedule.
-        Returns the last logged record."""
+        Returns the last logged record, with "interrupted": True when `should_stop` ended it.
+
+        `should_stop()` (a preemption or time-limit signal seen by this process) is polled after
+        every step and OR-ed over ranks, so all ranks stop after the same step and checkpoint it
+        together, whichever rank saw the signal."""
         from tqdm import tqdm
 
         t = self.cfg.train
@@ -312,6 +316,7 @@ class Trainer:
         it = iter(self.loader)
         window = self._new_window()
         last: dict = {}
+        self.interrupted = False
         bar = tqdm(total=end, initial=self.step, desc="train", unit="step",
                    disable=not (self.rank == 0 and sys.stderr.isatty()))
         while self.step < end:
@@ -340,10 +345,21 @@ class Trainer:
                 if grid is not None:
                     self.metrics.log({"kind": "samples", "step": self.step, "samples": str(grid)},
                                      images={"samples": grid})
-            if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == end:
+            saved = (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == end
+            if saved:
                 self.save()  # on schedule, and always where this run ends (done or --stop-at)
+            if should_stop is not None and self.step < end and self._stop_requested(should_stop):
+                if not saved:
+                    self.save()
+                self.log(f"stop requested: checkpointed step {self.step} of {end}")
+                self.interrupted = True
+                break
         bar.close()
-        return last
+        return {**last, "step": self.step, "interrupted": self.interrupted}
+
+    def _stop_requested(self, should_stop) -> bool:
+        flag = torch.tensor([float(bool(should_stop()))], device=self.device)
+        return all_reduce(flag, dist.ReduceOp.MAX).item() > 0
 
     @staticmethod
     def _new_window() -> dict:
@@ -382,9 +398,9 @@ class Trainer:
         self.metrics.finish()
 
 
-def train(cfg: Config, stop_at: int | None = None, log=print) -> dict:
+def train(cfg: Config, stop_at: int | None = None, log=print, should_stop=None) -> dict:
     trainer = Trainer(cfg, log=log)
     try:
-        return trainer.fit(stop_at)
+        return trainer.fit(stop_at, should_stop)
     finally:
         trainer.close()

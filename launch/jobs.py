@@ -1,0 +1,102 @@
+"""What runs on the compute nodes: small callables that submitit pickles, each calling one of
+enat's public functions. They take the resolved config as a plain dict (so a job never reads a
+YAML file that may have changed since submission).
+
+TrainJob is a submitit Checkpointable. On SIGUSR2 (`scancel --signal=USR2`, or SLURM's warning
+before the time limit) every rank only sets a flag; the trainer ORs the flag over ranks after each
+step, so all ranks finish the same step and write that checkpoint together. Then rank 0 hands over
+to submitit's own handler, which requeues the job; the requeued job resumes from the run's
+`latest` pointer and appends to the same metrics.jsonl and wandb run.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import threading
+import time
+
+import submitit
+
+log = functools.partial(print, flush=True)
+
+
+def _config(config: dict):
+    from enat.config import Config, from_dict, resolve
+
+    return resolve(from_dict(Config, config))
+
+
+def _distributed_env() -> submitit.JobEnvironment:
+    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from the job (SLURM or local tasks), and CPU defaults."""
+    import torch
+
+    env = submitit.JobEnvironment()
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # One thread per CPU the task was given: oversubscribed gloo ranks run several times slower.
+        torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", 1)))
+    return env
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    def __call__(self, config: dict, stop_at: int | None = None) -> dict:
+        from enat.train.trainer import train
+
+        cfg = _config(config)
+        env = _distributed_env()
+        stop = threading.Event()
+        requeue = signal.getsignal(signal.SIGUSR2)  # submitit's: checkpoint() + scontrol requeue + exit
+        signal.signal(signal.SIGUSR2, lambda *_: stop.set())
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+        log(f"rank {env.global_rank}/{env.num_tasks} of job {env.job_id} (restart {restarts}): "
+            f"run {cfg.train.run_dir}")
+        result = train(cfg, stop_at=stop_at, should_stop=stop.is_set, log=log)
+        if not result.get("interrupted"):
+            return result
+        if env.global_rank != 0:
+            time.sleep(300)  # rank 0 requeues the job, which ends this task
+            raise RuntimeError("rank 0 did not requeue the job within 300 s of the checkpoint")
+        if restarts >= cfg.launch.max_requeues:
+            raise RuntimeError(f"preempted or timed out {restarts + 1} times (launch.max_requeues="
+                               f"{cfg.launch.max_requeues}): not requeuing. The run is checkpointed at step "
+                               f"{result['step']}; submit launch/train.py again to continue it.")
+        log(f"checkpointed step {result['step']}: requeuing job {env.job_id}")
+        if callable(requeue):
+            requeue(signal.SIGUSR2, None)  # exits this process
+        return result  # no submitit handler (a plain call): the run stays resumable
+
+
+class EvalJob:
+    """FID evaluation of one checkpoint of a run (a step, a tag or "latest")."""
+
+    def __call__(self, config: dict, run_dir: str, checkpoint: str, num_samples: int | None = None) -> dict:
+        from enat.eval.job import evaluate
+
+        env = submitit.JobEnvironment()
+        if env.num_tasks > 1:
+            _distributed_env()
+        record = evaluate(_config(config), run_dir, checkpoint, num_samples=num_samples, log=log)
+        return {"step": record["step"], "metrics": record["metrics"], "result": record.get("path")}
+
+
+def prepare_job(config: dict) -> None:
+    """The demo's own models (tokenizer, FID digit classifier) before the data is tokenized."""
+    from enat.data.prepare import prepare_models
+
+    prepare_models(_config(config), log=log)
+
+
+def tokenize_job(config: dict, split: str, part: int, num_parts: int) -> None:
+    from enat.data.prepare import tokenize_split
+
+    tokenize_split(_config(config), split, part=part, num_parts=num_parts, merge=False, progress=False, log=log)
+
+
+def merge_job(config: dict, split: str) -> str:
+    from enat.data.prepare import merge_split
+
+    manifest = merge_split(_config(config), split, log=log)
+    return f"{manifest.num_samples} samples in {len(manifest.shards)} shards"

@@ -1,0 +1,191 @@
+"""Submitting with submitit: which cluster, executors built from the config's `launch` section,
+dependencies, waiting, and the submission record each launcher writes next to its run.
+
+The launcher flags (--nodes, --gpus-per-node, --partition, --time, ...) are shorthands for
+`launch.*` config keys, so a launch is described by one config tree like everything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import submitit
+
+from enat.config import Config, load_config, to_dict
+
+# flag -> config key (value type from the config's validation)
+FLAGS = {"cluster": "launch.cluster", "nodes": "launch.nodes", "gpus_per_node": "launch.gpus_per_node",
+         "partition": "launch.partition", "time": "launch.time_min", "account": "launch.account",
+         "qos": "launch.qos", "constraint": "launch.constraint", "mem": "launch.mem_gb",
+         "cpus_per_task": "launch.cpus_per_task", "exclude": "launch.exclude",
+         "max_requeues": "launch.max_requeues"}
+SRUN_ARGS = ["--kill-on-bad-exit=1"]  # a dead rank ends the job instead of leaving the others in a collective
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+def add_launch_args(p: argparse.ArgumentParser, config: bool = True) -> None:
+    if config:
+        p.add_argument("--config", required=True, help="experiment YAML")
+        p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.steps=100")
+    g = p.add_argument_group("where and how to run (shorthands for launch.* config keys)")
+    g.add_argument("--cluster", choices=["auto", "slurm", "local", "debug"],
+                   help="auto (default): SLURM when sinfo answers, else local processes")
+    g.add_argument("--nodes", type=int)
+    g.add_argument("--gpus-per-node", type=int, help="tasks per node (processes per node on a CPU cluster)")
+    g.add_argument("--partition")
+    g.add_argument("--time", type=int, metavar="MIN", help="time limit per job in minutes")
+    g.add_argument("--account")
+    g.add_argument("--qos")
+    g.add_argument("--constraint")
+    g.add_argument("--mem", type=int, metavar="GB", help="memory per node")
+    g.add_argument("--cpus-per-task", type=int)
+    g.add_argument("--exclude", help="nodes to avoid")
+    g.add_argument("--max-requeues", type=int)
+    g.add_argument("--additional", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other sbatch option, e.g. --additional mail-type=END (repeatable)")
+    g.add_argument("--wait", action="store_true", help="wait for the jobs and report how they ended")
+
+
+def launch_overrides(args: argparse.Namespace) -> list[str]:
+    out = []
+    for flag, key in FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            out.append(f"{key}={value}")
+    for item in getattr(args, "additional", []):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise LaunchError(f"--additional {item!r}: expected KEY=VALUE (an sbatch option without the dashes)")
+        out.append(f"launch.additional.{key}={json.dumps(value)}")  # always a string
+    return out
+
+
+def load(args: argparse.Namespace) -> Config:
+    return load_config(args.config, list(args.overrides) + launch_overrides(args))
+
+
+def slurm_available() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=15).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def cluster_kind(requested: str) -> str:
+    if requested == "auto":
+        return "slurm" if slurm_available() else "local"
+    if requested == "slurm" and not slurm_available():
+        raise LaunchError("--cluster slurm, but `sinfo` does not answer: is SLURM_CONF set and slurmctld up? "
+                          "(launch/local_slurm.sh start; eval \"$(launch/local_slurm.sh env)\")")
+    return requested
+
+
+def executor(cfg: Config, folder: str | Path, name: str, tasks_per_node: int = 1, nodes: int = 1,
+             gpus: bool = True, timeout_min: int | None = None) -> submitit.AutoExecutor:
+    """An executor for `cfg.launch`; logs go to `folder`/<job id>."""
+    ln = cfg.launch
+    kind = cluster_kind(ln.cluster)
+    ex = submitit.AutoExecutor(folder=str(Path(folder) / "%j"), cluster=kind,
+                               slurm_max_num_timeout=ln.max_requeues)
+    ex.update_parameters(name=name, nodes=nodes, tasks_per_node=tasks_per_node,
+                         timeout_min=timeout_min or ln.time_min,
+                         gpus_per_node=None if ln.cpu or not gpus else ln.gpus_per_node,
+                         cpus_per_task=ln.cpus_per_task, mem_gb=ln.mem_gb)
+    if kind == "slurm":
+        ex.update_parameters(slurm_partition=ln.partition, slurm_account=ln.account, slurm_qos=ln.qos,
+                             slurm_constraint=ln.constraint, slurm_exclude=ln.exclude,
+                             slurm_additional_parameters=dict(ln.additional),
+                             slurm_signal_delay_s=ln.signal_delay_s, slurm_srun_args=SRUN_ARGS,
+                             slurm_array_parallelism=ln.array_parallelism)
+    ex.enat_cluster = kind  # what was chosen, for the record
+    ex.enat_additional = dict(ln.additional)
+    return ex
+
+
+def _dependency(ex, after) -> None:
+    """afterok on SLURM; elsewhere (local processes) wait for the jobs, failing if one failed."""
+    ids = [a if isinstance(a, str) else a.job_id for a in after or []]
+    if ex.enat_cluster == "slurm":
+        extra = dict(ex.enat_additional)
+        if ids:
+            extra["dependency"] = "afterok:" + ":".join(ids)
+        ex.update_parameters(slurm_additional_parameters=extra)
+        return
+    for a in after or []:
+        if isinstance(a, str):
+            raise LaunchError(f"a dependency on job id {a} needs SLURM; this launch runs on '{ex.enat_cluster}'")
+        wait([a])
+
+
+def submit(ex, fn, *args, after=None) -> submitit.Job:
+    _dependency(ex, after)
+    return ex.submit(fn, *args)
+
+
+def submit_array(ex, fn, *arg_lists, after=None) -> list[submitit.Job]:
+    _dependency(ex, after)
+    return ex.map_array(fn, *arg_lists)
+
+
+def wait(jobs) -> list:
+    """Results of the jobs; a failed job raises with its log's tail and where the logs are."""
+    out = []
+    for job in jobs:
+        try:
+            out.append(job.results()[0])  # rank 0's result for multi-task jobs
+        except Exception as e:  # submitit raises FailedJobState / UncompletedJobError with the remote error
+            tail = ""
+            try:
+                tail = "\n".join((job.stderr() or "").splitlines()[-25:])
+            except Exception:
+                pass
+            raise LaunchError(f"job {job.job_id} failed: {e}\n--- last lines of {job.paths.stderr} ---\n{tail}") from e
+    return out
+
+
+def describe(jobs, what: str) -> str:
+    lines = []
+    for job in jobs:
+        lines.append(f"{what}: job {job.job_id}  log {job.paths.stdout}")
+    return "\n".join(lines)
+
+
+def record(run_dir: str | Path, kind: str, cfg: Config, jobs, extra: dict | None = None) -> Path:
+    """RUN/submissions/<time>-<kind>.json: the command, the resolved config, the job ids and logs."""
+    d = Path(run_dir) / "submissions"
+    d.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = d / f"{stamp}-{kind}.json"
+    n = 1
+    while path.exists():
+        path, n = d / f"{stamp}-{kind}-{n}.json", n + 1
+    body = {"kind": kind, "command": shlex.join([sys.executable] + sys.argv), "cwd": str(Path.cwd()),
+            "cluster": cluster_kind(cfg.launch.cluster), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "jobs": [{"job_id": j.job_id, "stdout": str(j.paths.stdout), "stderr": str(j.paths.stderr)} for j in jobs],
+            **(extra or {}), "config": to_dict(cfg)}
+    path.write_text(json.dumps(body, indent=1))
+    return path
+
+
+def main_guard(fn, argv=None) -> int:
+    """Run a launcher's main; errors print one line (no traceback) and exit 2."""
+    from enat.config import ConfigError
+
+    try:
+        fn(argv)
+    except (LaunchError, ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

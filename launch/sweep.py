@@ -1,0 +1,80 @@
+"""Submit a sweep (see enat/sweeps.py for the YAML) as one job array of training runs.
+
+    python launch/sweep.py --sweep configs/sweeps/mini.yaml [--cluster ...] [--wait]
+
+Each run gets its own directory OUT_DIR/<name>, the wandb group = the sweep name and tags with
+its grid values; OUT_DIR/sweep.json (the manifest `scaling/` reads) lists every run with its
+parameters, size, FLOPs per sample and compute budget, and the job ids. Resubmitting continues
+the runs from their checkpoints and skips finished ones. launch.array_parallelism caps how many
+run at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `launch` importable from the checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from enat.config import to_dict
+from enat.sweeps import MANIFEST, load_sweep, run_configs, run_entry
+from enat.train.checkpoint import checkpoint_dir, latest_tag, step_of
+from launch.jobs import TrainJob
+from launch.submit import add_launch_args, describe, executor, launch_overrides, record, submit_array, wait
+
+
+def finished(run_dir: str, steps: int) -> bool:
+    tag = latest_tag(checkpoint_dir(run_dir)) if checkpoint_dir(run_dir).is_dir() else None
+    return tag is not None and step_of(tag) >= steps
+
+
+def submit_sweep(sweep_path: str | Path, extra_overrides: list[str]) -> tuple[Path, list]:
+    sweep = load_sweep(sweep_path)
+    sweep.out_dir.mkdir(parents=True, exist_ok=True)
+    runs = run_configs(sweep, extra_overrides)  # launcher flags and overrides apply to every run
+    entries = [run_entry(run, cfg) for run, cfg in runs]
+    todo = [i for i, (run, cfg) in enumerate(runs) if not finished(run.run_dir, cfg.train.steps)]
+    for i, (run, _) in enumerate(runs):
+        if i not in todo:
+            print(f"{run.name}: finished, not resubmitted")
+    jobs = []
+    if todo:
+        cfg0 = runs[todo[0]][1]
+        ln = cfg0.launch
+        ex = executor(cfg0, Path(ln.log_dir or sweep.out_dir / "slurm"), f"sweep-{sweep.name}",
+                      tasks_per_node=ln.gpus_per_node, nodes=ln.nodes)
+        jobs = submit_array(ex, TrainJob(), [to_dict(runs[i][1]) for i in todo], [None] * len(todo))
+        for i, job in zip(todo, jobs):
+            entries[i]["job_id"] = job.job_id
+            print(f"{runs[i][0].name}: job {job.job_id}  log {job.paths.stdout}  run {runs[i][0].run_dir}")
+        record(sweep.out_dir, "sweep", cfg0, jobs, {"sweep": str(sweep_path), "runs": [runs[i][0].name for i in todo]})
+    manifest = {"name": sweep.name, "sweep": str(sweep_path), "config": str(sweep.config), "grid": sweep.grid,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "runs": entries}
+    path = sweep.out_dir / MANIFEST
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(path)
+    print(f"sweep {sweep.name}: {len(entries)} runs, {len(jobs)} submitted; manifest {path}", flush=True)
+    return path, jobs
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sweep", required=True, help="sweep YAML (configs/sweeps/...)")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides for every run")
+    add_launch_args(p, config=False)
+    args = p.parse_args(argv)
+    _, jobs = submit_sweep(args.sweep, list(args.overrides) + launch_overrides(args))
+    if args.wait:
+        wait(jobs)
+        print(describe(jobs, "done"))
+
+
+if __name__ == "__main__":
+    from launch.submit import main_guard
+
+    sys.exit(main_guard(main))

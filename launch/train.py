@@ -1,0 +1,50 @@
+"""Submit a training run: one task per GPU (or per CPU process), DeepSpeed over submitit's
+torch.distributed environment; preemption and timeouts checkpoint and requeue.
+
+    python launch/train.py --config configs/experiments/imagenet256_L.yaml \
+        --nodes 4 --gpus-per-node 8 --partition gpu --time 1440 [train.lr=3e-4 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `launch` importable from the checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from enat.config import Config, to_dict
+from launch.jobs import TrainJob
+from launch.submit import add_launch_args, describe, executor, load, record, submit, wait
+
+
+def submit_train(cfg: Config, stop_at: int | None = None, after=None):
+    run_dir = Path(cfg.train.run_dir)
+    ln = cfg.launch
+    ex = executor(cfg, Path(ln.log_dir or run_dir / "slurm"), f"train-{run_dir.name}",
+                  tasks_per_node=ln.gpus_per_node, nodes=ln.nodes)
+    job = submit(ex, TrainJob(), to_dict(cfg), stop_at, after=after)
+    rec = record(run_dir, "train", cfg, [job], {"stop_at": stop_at})
+    print(describe([job], "train"))
+    print(f"run directory: {run_dir}  (submission: {rec})", flush=True)
+    return job
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_launch_args(p)
+    p.add_argument("--stop-at", type=int, help="end (with a checkpoint) at this step instead of train.steps")
+    p.add_argument("--after", help="start after this job id succeeded (SLURM)")
+    args = p.parse_args(argv)
+    cfg = load(args)
+    job = submit_train(cfg, args.stop_at, after=[args.after] if args.after else None)
+    if args.wait:
+        result = wait([job])[0]
+        print(f"train job {job.job_id} done: step {result.get('step')}, loss {result.get('loss')}")
+
+
+if __name__ == "__main__":
+    from launch.submit import main_guard
+
+    sys.exit(main_guard(main))
