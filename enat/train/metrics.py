@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -77,7 +78,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
         if self.wandb is not None:
             data = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
             if images:

@@ -383,7 +383,7 @@ class Trainer:
                "tflops_per_s": w["flops"] / elapsed / 1e12,
                "tflops_per_s_per_rank": w["flops"] / elapsed / 1e12 / self.world,
                "data_wait_fraction": w["data_wait"] / elapsed, "peak_memory_gb": peak_memory_gb(),
-               "flops_seen": self.samples_seen * self.flops_per_sample}
+               "flops_seen": self.samples_seen * self.flops_per_sample, "window_s": elapsed}
         if self.peak:
             rec["mfu"] = rec["tflops_per_s_per_rank"] / self.peak
         for b, values in sorted(w["buckets"].items()):
