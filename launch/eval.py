@@ -14,12 +14,15 @@ its final checkpoint (or the --after job has ended) and every checkpoint has a j
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `launch` importable from the checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # a script: import `launch` from the checkout, not launch/tokenize.py as stdlib tokenize
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import yaml
 
 from enat.config import Config, load_config, to_dict
 from enat.eval.job import result_path
@@ -30,10 +33,16 @@ from launch.submit import (LaunchError, add_launch_args, describe, executor, lau
 
 
 def run_config(run_dir: Path, overrides: list[str]) -> Config:
+    """The run's config: RUN/config.yaml (written when training starts), else the config of its
+    newest train submission (a run still waiting in the queue)."""
     path = run_dir / "config.yaml"
     if not path.is_file():
-        raise LaunchError(f"{path} not found: --run must be a training run directory (its config.yaml is "
-                          f"written when training starts)")
+        subs = sorted((run_dir / "submissions").glob("*-train*.json"))
+        if not subs:
+            raise LaunchError(f"{path} not found and no train submission in {run_dir / 'submissions'}: --run must "
+                              f"be a training run directory")
+        path = run_dir / "submissions" / "submitted_config.yaml"
+        path.write_text(yaml.safe_dump(json.loads(subs[-1].read_text())["config"], sort_keys=False))
     return load_config(path, overrides)
 
 

@@ -126,6 +126,7 @@ def _dependency(ex, after) -> None:
     for a in after or []:
         if isinstance(a, str):
             raise LaunchError(f"a dependency on job id {a} needs SLURM; this launch runs on '{ex.enat_cluster}'")
+        print(f"waiting for job {a.job_id} to finish (log {a.paths.stdout})", flush=True)
         wait([a])
 
 

@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `launch` importable from the checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # a script: import `launch` from the checkout, not launch/tokenize.py as stdlib tokenize
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from enat.config import to_dict
 from enat.sweeps import MANIFEST, load_sweep, run_configs, run_entry

@@ -11,8 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `launch` importable from the checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # a script: import `launch` from the checkout, not launch/tokenize.py as stdlib tokenize
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from enat.config import Config, to_dict
 from launch.jobs import TrainJob
