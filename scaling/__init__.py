@@ -1,5 +1,8 @@
-"""Scaling-law analysis over finished runs: collect, fit, report, plan.
+"""Scaling analysis over the files runs leave behind (never the trainer):
 
-Reads run directories (resolved config, metrics.jsonl, eval.jsonl) and sweep manifests; never
-imports the trainer. The analytic FLOPs it needs come from `enat.flops`.
+    collect.py   runs / a sweep manifest -> one table (CSV + JSON), failed runs listed with reasons
+    fit.py       L(N, D) = E + A/N^alpha + B/D^beta (Huber on log-loss, L-BFGS, bootstrap CIs),
+                 compute-optimal N*(C), D*(C), FID vs compute, hold-out prediction
+    report.py    plots + a Markdown report: python -m scaling.report --sweep DIR --out DIR
+    plan.py      the next isoFLOP sweep as a YAML for launch/sweep.py
 """

@@ -1,0 +1,261 @@
+"""Sweep -> fitted laws, plots and a Markdown report.
+
+    python -m scaling.report --sweep runs/sweeps/mini --out runs/sweeps/mini/report [--loss val/loss_r0.7]
+
+Writes OUT/report.md (parameters with 95 % bootstrap intervals, the compute-optimal exponents,
+the hold-out check, excluded runs, the plots), OUT/fit.json, OUT/points.csv and the PNGs:
+loss_vs_compute.png (per size, with the fitted curves and frontier), isoflop.png, optimal_n.png,
+fid_vs_compute.png, loss_by_mask_ratio.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from scaling.collect import ScalingError, collect, write
+from scaling.fit import compute_optimal, fit_fid, fit_law, flops_per_param, holdout
+
+
+def _key(loss: str) -> str:
+    return loss.replace("/", "_")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _by_size(points: list[dict]) -> dict:
+    sizes: dict = {}
+    for p in points:
+        sizes.setdefault(p["n_params_nonembed"], []).append(p)
+    return dict(sorted(sizes.items()))
+
+
+def plot_loss_vs_compute(points, fit, k, key, out: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    cmap = plt.get_cmap("viridis")
+    sizes = _by_size(points)
+    cs = np.array([p["compute"] for p in points])
+    grid = np.geomspace(cs.min() / 2, cs.max() * 4, 200)
+    for i, (n, pts) in enumerate(sizes.items()):
+        color = cmap(i / max(1, len(sizes) - 1))
+        ax.scatter([p["compute"] for p in pts], [p[key] for p in pts], s=10, color=color, label=f"N={n / 1e3:.0f}k")
+        ax.plot(grid, fit.predict(n, grid / (k * n)), color=color, lw=1, alpha=0.7)
+    opt = compute_optimal(fit, k, grid)
+    ax.plot(grid, opt["L"], "k--", lw=1.5, label="compute-optimal frontier")
+    ax.set(xscale="log", yscale="log", xlabel="training compute C (FLOPs)", ylabel=key.replace("_", "/", 1),
+           title="validation loss vs compute")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "loss_vs_compute.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_isoflop(points, fit, k, out: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    ns = np.array(sorted({p["n_params_nonembed"] for p in points}), float)
+    cs = np.array([p["compute"] for p in points])
+    n_grid = np.geomspace(ns.min() / 4, ns.max() * 4, 200)
+    for c in np.geomspace(np.percentile(cs, 25), cs.max(), 4):
+        line, = ax.plot(n_grid, fit.predict(n_grid, c / (k * n_grid)), lw=1, label=f"C={c:.2g}")
+        opt = compute_optimal(fit, k, c)
+        ax.plot(opt["N"], opt["L"], "o", color=line.get_color())
+    ax.set(xscale="log", xlabel="non-embedding parameters N", ylabel="predicted validation loss",
+           title="isoFLOP slices of the fitted law (dots: N*)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "isoflop.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_optimal_n(points, fit, k, out: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    cs = np.array([p["compute"] for p in points])
+    grid = np.geomspace(cs.min(), cs.max() * 100, 100)
+    opt = compute_optimal(fit, k, grid)
+    ax.plot(grid, opt["N"], "k-", label=f"N*(C) ~ C^{opt['a']:.2f}")
+    if "N_lo" in opt:
+        ax.fill_between(grid, opt["N_lo"], opt["N_hi"], color="k", alpha=0.15, label="95% bootstrap")
+    ns = sorted({p["n_params_nonembed"] for p in points})
+    ax.scatter([cs.max()] * len(ns), ns, marker="_", s=200, color="C1", label="sizes in the sweep")
+    ax.set(xscale="log", yscale="log", xlabel="training compute C (FLOPs)", ylabel="N*", title="compute-optimal size")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "optimal_n.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_fid(runs, out: Path) -> tuple[Path | None, list[dict]]:
+    """FID vs compute per size; a saturating law per size where it is justified."""
+    per_size: dict = {}
+    for r in runs:
+        for e in r.get("evals", []):
+            if "eval/fid" in e:
+                per_size.setdefault(r["n_params_nonembed"], []).append((e["compute"], e["eval/fid"]))
+    if not per_size:
+        return None, []
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fits = []
+    for i, (n, pts) in enumerate(sorted(per_size.items())):
+        pts.sort()
+        c, f = np.array(pts).T
+        ax.scatter(c, f, s=12, color=f"C{i}", label=f"N={n / 1e3:.0f}k")
+        res = fit_fid(c, f)
+        fits.append({"N": n, "points": len(c), **{k: v for k, v in res.items()}})
+        if res["fitted"]:
+            g = np.geomspace(c.min(), c.max() * 2, 100)
+            ax.plot(g, res["F_inf"] + res["K"] * (g / res["C0"]) ** -res["gamma"], color=f"C{i}", lw=1)
+    ax.set(xscale="log", yscale="log", xlabel="training compute C (FLOPs)", ylabel="FID", title="FID vs compute")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "fid_vs_compute.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path, fits
+
+
+def plot_mask_ratios(points, out: Path) -> Path | None:
+    keys = sorted(k for k in points[0] if k.startswith("val_loss_r"))
+    if not keys:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    final = {}
+    for p in points:
+        if p["run"] not in final or p["samples"] > final[p["run"]]["samples"]:
+            final[p["run"]] = p
+    for i, key in enumerate(keys):
+        pts = sorted(final.values(), key=lambda p: p["compute"])
+        ax.scatter([p["compute"] for p in pts], [p[key] for p in pts], s=12, color=f"C{i}",
+                   label=f"mask ratio {key.removeprefix('val_loss_r')}")
+    ax.set(xscale="log", yscale="log", xlabel="training compute C (FLOPs)", ylabel="validation loss (final, per run)",
+           title="validation loss by mask ratio")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "loss_by_mask_ratio.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _ci(fit, name, fmt="{:.3g}") -> str:
+    v = getattr(fit, name)
+    if name in fit.ci:
+        lo, hi = fit.ci[name]
+        return f"{fmt.format(v)} [{fmt.format(lo)}, {fmt.format(hi)}]"
+    return fmt.format(v)
+
+
+def report(sweep: str | Path, out: str | Path, loss: str = "val/loss_r0.7", bootstrap: int = 200,
+           hold: str | None = None) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    col = collect(sweep)
+    write(col, out)
+    key = _key(loss)
+    points = [p for p in col.rows if key in p and np.isfinite(p[key])]
+    if not points:
+        have = sorted({k for p in col.rows for k in p if k.startswith("val")})
+        raise ScalingError(f"no {loss} in the runs' validation records; have {have or 'none'} "
+                           f"(choose one with --loss, or set train.val_mask_ratios)")
+    fit = fit_law([p["n_params_nonembed"] for p in points], [p["samples"] for p in points],
+                  [p[key] for p in points], [p["run"] for p in points], bootstrap=bootstrap)
+    k = flops_per_param(col.runs)
+    cs = np.array([p["compute"] for p in points])
+    opt = compute_optimal(fit, k, [cs.max(), cs.max() * 10, cs.max() * 100])
+    try:
+        ho = holdout(points, key, hold)
+    except ScalingError as e:
+        ho = {"error": str(e)}
+    plots = [plot_loss_vs_compute(points, fit, k, key, out), plot_isoflop(points, fit, k, out),
+             plot_optimal_n(points, fit, k, out)]
+    fid_plot, fid_fits = plot_fid(col.runs, out)
+    ratio_plot = plot_mask_ratios(points, out)
+    plots += [p for p in (fid_plot, ratio_plot) if p is not None]
+
+    result = {"sweep": str(sweep), "loss": loss, "law": fit.as_dict(), "k_flops_per_param_sample": k,
+              "optimal": {"a": opt["a"], "b": opt["b"], "a_ci": opt.get("a_ci"), "b_ci": opt.get("b_ci"),
+                          "at": [{"C": float(c), "N": float(n), "D": float(d), "L": float(lv)}
+                                 for c, n, d, lv in zip(opt["C"], opt["N"], opt["D"], opt["L"])]},
+              "holdout": ho, "fid": fid_fits, "excluded": col.excluded, "runs": len(col.runs), "points": len(points)}
+    (out / "fit.json").write_text(json.dumps(result, indent=1, default=float))
+
+    lines = [f"# Scaling report: {col.name or sweep}", "",
+             f"{len(col.runs)} runs, {len(points)} points (validation loss `{loss}` at each logged step), "
+             f"{fit.n_sizes} model sizes. Fit: L(N, D) = E + A/N^alpha + B/D^beta, N = non-embedding "
+             f"parameters, D = training samples; Huber (delta 1e-3) on log-loss, L-BFGS from a grid of starts; "
+             f"95 % intervals from {fit.bootstrap} bootstrap resamples of runs.", "",
+             "| parameter | value [95 % CI] |", "|---|---|"]
+    for name in ("E", "A", "B", "alpha", "beta"):
+        lines.append(f"| {name} | {_ci(fit, name)} |")
+    a_ci = f" [{opt['a_ci'][0]:.3f}, {opt['a_ci'][1]:.3f}]" if opt.get("a_ci") else ""
+    b_ci = f" [{opt['b_ci'][0]:.3f}, {opt['b_ci'][1]:.3f}]" if opt.get("b_ci") else ""
+    lines += ["", "## Compute-optimal allocation", "",
+              f"C = k N D with k = {k:.3g} FLOPs per non-embedding parameter and sample (median over runs, from "
+              f"the exact per-sample FLOPs). N*(C) ~ C^a with a = {opt['a']:.3f}{a_ci}; D*(C) ~ C^b with "
+              f"b = {opt['b']:.3f}{b_ci}.", "", "| C (FLOPs) | N* | D* (samples) | L* |", "|---|---|---|---|"]
+    for c, n, d, lv in zip(opt["C"], opt["N"], opt["D"], opt["L"]):
+        lines.append(f"| {c:.3g} | {n:.3g} | {d:.3g} | {lv:.4f} |")
+    lines += ["", "## Hold-out check", ""]
+    if "error" in ho:
+        lines.append(f"Not possible: {ho['error']}")
+    else:
+        lines.append(f"Fitted without run `{ho['run']}` (N={ho['N']:.3g}, D={ho['D']:.3g}): predicted "
+                     f"{ho['predicted']:.4f}, observed {ho['observed']:.4f}, relative error {ho['rel_error']:+.2%}.")
+    lines += ["", "## FID", ""]
+    if not fid_fits:
+        lines.append("No evaluations in these runs (launch/eval.py writes them to each run's eval.jsonl).")
+    for f in fid_fits:
+        if f["fitted"]:
+            lines.append(f"- N={f['N']:.3g}: FID = {f['F_inf']:.3g} + {f['K']:.3g} (C/{f['C0']:.3g})^-{f['gamma']:.3g} "
+                         f"(gamma 95 % CI [{f['ci']['gamma'][0]:.3g}, {f['ci']['gamma'][1]:.3g}])")
+        else:
+            lines.append(f"- N={f['N']:.3g}: reported as points only: {f['reason']}")
+    if col.excluded:
+        lines += ["", "## Excluded runs", ""] + [f"- `{e['run']}`: {e['reason']}" for e in col.excluded]
+    lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sweep", required=True, help="sweep folder (with sweep.json) or the manifest")
+    p.add_argument("--out", required=True)
+    p.add_argument("--loss", default="val/loss_r0.7", help="which validation loss to fit (val/ or val_ema/)")
+    p.add_argument("--bootstrap", type=int, default=200)
+    p.add_argument("--hold", help="the run to hold out (default: the largest)")
+    args = p.parse_args(argv)
+    try:
+        path = report(args.sweep, args.out, args.loss, args.bootstrap, args.hold)
+    except ScalingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    print(json.dumps(json.loads((Path(args.out) / "fit.json").read_text())["law"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

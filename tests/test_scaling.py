@@ -1,0 +1,171 @@
+"""scaling/: the law fit recovers known exponents, the hold-out check, clear errors for degenerate
+sweeps, collect's table and exclusions, the report, the FID law, and the isoFLOP planner."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from enat.config import dump_config, load_config
+from scaling.collect import ScalingError, collect, model_sizes
+from scaling.fit import compute_optimal, fit_fid, fit_law, holdout
+
+CONFIG = ROOT / "configs/experiments/demo.yaml"
+TRUE = dict(E=1.7, A=400.0, B=1200.0, alpha=0.34, beta=0.28)
+
+
+def law(N, D):
+    return TRUE["E"] + TRUE["A"] / np.asarray(N, float) ** TRUE["alpha"] + TRUE["B"] / np.asarray(D, float) ** TRUE["beta"]
+
+
+def synthetic(noise=0.005, sizes=(1e5, 3e5, 1e6, 3e6, 1e7), seed=0):
+    rng = np.random.default_rng(seed)
+    pts = []
+    for i, n in enumerate(sizes):
+        for d in np.geomspace(1e5, 1e8, 12):
+            pts.append({"run": f"r{i}", "n_params_nonembed": n, "samples": d,
+                        "val_loss_r0.7": float(law(n, d) * np.exp(rng.normal(0, noise)))})
+    return pts
+
+
+def test_fit_recovers_known_exponents_within_5_percent():
+    pts = synthetic()
+    fit = fit_law([p["n_params_nonembed"] for p in pts], [p["samples"] for p in pts],
+                  [p["val_loss_r0.7"] for p in pts], [p["run"] for p in pts], bootstrap=60)
+    assert fit.alpha == pytest.approx(TRUE["alpha"], rel=0.05)
+    assert fit.beta == pytest.approx(TRUE["beta"], rel=0.05)
+    for name in ("alpha", "beta"):
+        lo, hi = fit.ci[name]
+        assert lo <= TRUE[name] <= hi, (name, fit.ci[name])
+    opt = compute_optimal(fit, 100.0, [1e15, 1e16])
+    true_a = TRUE["beta"] / (TRUE["alpha"] + TRUE["beta"])
+    assert opt["a"] == pytest.approx(true_a, rel=0.05) and opt["a_ci"][0] <= true_a <= opt["a_ci"][1]
+    assert opt["N"][1] / opt["N"][0] == pytest.approx(10 ** opt["a"], rel=1e-6)
+
+
+def test_holdout_predicts_the_largest_run():
+    ho = holdout(synthetic(), "val_loss_r0.7")
+    assert ho["run"] == "r4" and ho["N"] == 1e7
+    assert abs(ho["rel_error"]) < 0.02
+    assert ho["observed"] == pytest.approx(law(1e7, 1e8), rel=0.02)
+
+
+def test_degenerate_sweeps_give_clear_errors():
+    pts = [p for p in synthetic() if p["run"] == "r2"]
+    with pytest.raises(ScalingError, match="only one model size"):
+        fit_law([p["n_params_nonembed"] for p in pts], [p["samples"] for p in pts], [p["val_loss_r0.7"] for p in pts])
+    pts = [p for p in synthetic() if p["samples"] == 1e5]
+    with pytest.raises(ScalingError, match="same number of samples"):
+        fit_law([p["n_params_nonembed"] for p in pts], [p["samples"] for p in pts], [p["val_loss_r0.7"] for p in pts])
+
+
+def test_fid_law_fitted_only_when_justified():
+    C = np.geomspace(1e12, 1e15, 6)
+    fid = 3.0 + 40.0 * (C / 1e12) ** -0.5
+    res = fit_fid(C, fid)
+    assert res["fitted"] and res["gamma"] == pytest.approx(0.5, rel=0.02) and res["F_inf"] == pytest.approx(3.0, rel=0.05)
+    res = fit_fid(C[:3], fid[:3])
+    assert not res["fitted"] and "needs >= 4" in res["reason"]
+
+
+# --- collect and report on run directories ----------------------------------------------------
+
+
+def fake_run(root, name, width, steps, val_every=20, batch=64, done=True, metrics=True):
+    """A run directory as the trainer leaves it, with losses from the known law."""
+    run = root / name
+    run.mkdir(parents=True)
+    cfg = load_config(CONFIG, [f"model.width={width}", f"train.steps={steps}", f"train.run_dir={run}"])
+    dump_config(cfg, run / "config.yaml")
+    if not metrics:
+        return run, cfg
+    _, n = model_sizes(cfg.model)
+    last = steps if done else steps // 2
+    lines = []
+    for s in range(val_every, last + 1, val_every):
+        lines.append({"kind": "train", "step": s, "samples_seen": s * batch, "loss": 5.0, "window_s": 1.5})
+        lines.append({"kind": "val", "step": s, "samples_seen": s * batch, "val/loss_r0.7": float(law(n, s * batch)),
+                      "val/loss_r0.5": float(law(n, s * batch)) * 0.9})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (run / "eval.jsonl").write_text(json.dumps({"step": last, "eval/fid": 10.0 + 1000 / width}) + "\n")
+    return run, cfg
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    runs = []
+    for w in (32, 48, 64, 96):
+        for steps in (200, 400):
+            name = f"width{w}-steps{steps}"
+            fake_run(root, name, w, steps)
+            runs.append({"name": name, "run_dir": str(root / name)})
+    fake_run(root, "broken", 64, 400, done=False)
+    fake_run(root, "never", 64, 400, metrics=False)
+    runs += [{"name": "broken", "run_dir": str(root / "broken")}, {"name": "never", "run_dir": str(root / "never")}]
+    (root / "sweep.json").write_text(json.dumps({"name": "fake", "runs": runs}))
+    return root
+
+
+def test_collect_builds_the_table_and_lists_excluded_runs(sweep_dir):
+    col = collect(sweep_dir)
+    assert len(col.runs) == 8 and len(col.rows) == 4 * (10 + 20)
+    reasons = {e["run"]: e["reason"] for e in col.excluded}
+    assert "incomplete: logged up to step 200 of 400" in reasons["broken"]
+    assert "metrics.jsonl" in reasons["never"]
+    row = next(r for r in col.rows if r["run"] == "width32-steps200" and r["step"] == 200)
+    assert row["samples"] == 200 * 64 and row["compute"] == pytest.approx(row["flops_per_sample"] * 200 * 64)
+    assert row["n_params_nonembed"] < row["n_params"] and row["wall_s"] == pytest.approx(1.5 * 10)
+    assert row["eval_fid"] == pytest.approx(10 + 1000 / 32)
+
+
+def test_report_writes_fit_plots_and_markdown(sweep_dir, tmp_path):
+    from scaling.report import report
+
+    path = report(sweep_dir, tmp_path / "out", bootstrap=30)
+    text = path.read_text()
+    result = json.loads((tmp_path / "out/fit.json").read_text())
+    # The losses follow the law exactly (N = non-embedding parameters of each width).
+    assert result["law"]["alpha"] == pytest.approx(TRUE["alpha"], rel=0.05)
+    assert result["law"]["beta"] == pytest.approx(TRUE["beta"], rel=0.05)
+    assert abs(result["holdout"]["rel_error"]) < 0.01 and result["holdout"]["run"] == "width96-steps400"
+    for png in ("loss_vs_compute", "isoflop", "optimal_n", "fid_vs_compute", "loss_by_mask_ratio"):
+        assert (tmp_path / "out" / f"{png}.png").stat().st_size > 1000
+        assert f"({png}.png)" in text
+    assert "broken" in text and "incomplete" in text and "reported as points only" in text
+    assert (tmp_path / "out/points.csv").read_text().count("\n") == 1 + 120
+
+
+def test_report_command_errors_cleanly_on_a_missing_sweep(tmp_path):
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "scaling.report", "--sweep", str(tmp_path), "--out", str(tmp_path / "o")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 2 and "no sweep manifest" in res.stderr
+
+
+# --- plan --------------------------------------------------------------------------------------
+
+
+def test_plan_writes_an_isoflop_sweep_the_launcher_accepts(tmp_path):
+    from enat.sweeps import load_sweep, run_configs, run_entry
+    from scaling.plan import plan, write_sweep
+
+    runs, info = plan(CONFIG, 2e14, 12, "model.width", [32, 48, 64, 96, 128])
+    assert len(runs) == 12 and len(info["levels"]) == 3
+    assert sum(r["_compute"] for r in runs) == pytest.approx(2e14, rel=0.01)
+    for level in info["levels"]:
+        at = [r for r in runs if r["_level"] == level]
+        assert len(at) == 4 and all(r["_compute"] == pytest.approx(level, rel=0.01) for r in at)
+    path = write_sweep(tmp_path / "sweeps/iso.yaml", "iso", CONFIG, "runs/sweeps/iso", runs, info=info)
+    configs = run_configs(load_sweep(path))
+    assert len(configs) == 12
+    entry = run_entry(*configs[0])
+    assert entry["compute_budget"] == pytest.approx(info["levels"][0], rel=0.01)
+    # From a fit: the sizes follow its optimum.
+    fit = tmp_path / "fit.json"
+    fit.write_text(json.dumps({"law": TRUE, "k_flops_per_param_sample": 100.0}))
+    runs2, info2 = plan(CONFIG, 2e14, 6, "model.width", [32, 48, 64, 96, 128], fit_path=fit, per_level=2)
+    assert "fit" in info2["source"] and len(runs2) == 6
