@@ -93,10 +93,16 @@ def test_readme_main_job_runs(tmp_path):
     steps = [s for s in steps if not s.startswith("python3 -m venv") and "pip install" not in s]
     assert steps, "no main-job step in the README command"
     (tmp_path / "configs").symlink_to(ROOT / "configs")
+    (tmp_path / "launch").symlink_to(ROOT / "launch")
+    outputs = []
     for step in steps:
         argv = shlex.split(step.replace(".venv/bin/", f"{BIN}/"))
         res = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=900)
         assert res.returncode == 0, (step, res.stdout[-2000:], res.stderr[-2000:])
+        outputs.append(res.stdout)
+    pipeline = next(o for o, s in zip(outputs, steps) if "launch/pipeline.py" in s)
+    for what in ("train: job", "eval: job", "samples grid:", "FID result:", "runs/demo/train/eval/00001000/"):
+        assert what in pipeline, (what, pipeline[-2000:])
     assert (tmp_path / "runs/demo/tokenizer.pt").is_file()
     for split in ("train", "val"):
         assert json.loads((tmp_path / f"runs/demo/shards/{split}/manifest.json").read_text())["num_samples"] > 0
