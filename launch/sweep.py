@@ -6,7 +6,7 @@ Each run gets its own directory OUT_DIR/<name>, the wandb group = the sweep name
 its grid values; OUT_DIR/sweep.json (the manifest `scaling/` reads) lists every run with its
 parameters, size, FLOPs per sample and compute budget, and the job ids. Resubmitting continues
 the runs from their checkpoints and skips finished ones. launch.array_parallelism caps how many
-run at once.
+run at once. --eval adds an FID job per run for its final checkpoint.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def finished(run_dir: str, steps: int) -> bool:
     return tag is not None and step_of(tag) >= steps
 
 
-def submit_sweep(sweep_path: str | Path, extra_overrides: list[str]) -> tuple[Path, list]:
+def submit_sweep(sweep_path: str | Path, extra_overrides: list[str], evaluate: bool = False) -> tuple[Path, list]:
     sweep = load_sweep(sweep_path)
     sweep.out_dir.mkdir(parents=True, exist_ok=True)
     runs = run_configs(sweep, extra_overrides)  # launcher flags and overrides apply to every run
@@ -52,23 +52,31 @@ def submit_sweep(sweep_path: str | Path, extra_overrides: list[str]) -> tuple[Pa
             entries[i]["job_id"] = job.job_id
             print(f"{runs[i][0].name}: job {job.job_id}  log {job.paths.stdout}  run {runs[i][0].run_dir}")
         record(sweep.out_dir, "sweep", cfg0, jobs, {"sweep": str(sweep_path), "runs": [runs[i][0].name for i in todo]})
+        if evaluate:  # FID of each run's final checkpoint, each after its own training task
+            from launch.eval import submit_eval
+
+            evals = [e for i, job in zip(todo, jobs)
+                     for e in submit_eval(runs[i][1], Path(runs[i][0].run_dir), ["latest"], after=[job])]
+            jobs = jobs + evals
     manifest = {"name": sweep.name, "sweep": str(sweep_path), "config": str(sweep.config), "grid": sweep.grid,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "runs": entries}
     path = sweep.out_dir / MANIFEST
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     tmp.replace(path)
-    print(f"sweep {sweep.name}: {len(entries)} runs, {len(jobs)} submitted; manifest {path}", flush=True)
+    print(f"sweep {sweep.name}: {len(entries)} runs, {len(todo)} submitted"
+          + (f" with {len(jobs) - len(todo)} FID jobs" if evaluate else "") + f"; manifest {path}", flush=True)
     return path, jobs
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", required=True, help="sweep YAML (configs/sweeps/...)")
+    p.add_argument("--eval", action="store_true", help="also an FID job per run, after its training (afterok)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides for every run")
     add_launch_args(p, config=False)
     args = p.parse_args(argv)
-    _, jobs = submit_sweep(args.sweep, list(args.overrides) + launch_overrides(args))
+    _, jobs = submit_sweep(args.sweep, list(args.overrides) + launch_overrides(args), args.eval)
     if args.wait:
         wait(jobs)
         print(describe(jobs, "done"))

@@ -98,13 +98,13 @@ def read_run(run_dir: Path, name: str | None = None) -> tuple[dict | None, list[
                "depth": cfg.model.enc_depth + cfg.model.dec_depth, "n_params": n_total,
                "n_params_nonembed": n_nonembed, "flops_per_sample": per_sample, "steps": cfg.train.steps,
                "samples": val[-1]["samples_seen"], "compute": per_sample * val[-1]["samples_seen"],
-               "wall_s": wall, "seed": cfg.seed}
+               "wall_s": wall, "seed": cfg.seed, "schedule": cfg.train.schedule}
     rows = []
     for r in val:
         row = {k: summary[k] for k in ("run", "size", "width", "n_params", "n_params_nonembed", "flops_per_sample",
                                        "seed")}
         row.update(step=r["step"], samples=r["samples_seen"], compute=per_sample * r["samples_seen"],
-                   wall_s=wall_at.get(r["step"], float("nan")))
+                   wall_s=wall_at.get(r["step"], float("nan")), final=r is val[-1], schedule=cfg.train.schedule)
         row.update({k.replace("/", "_"): v for k, v in r.items() if k.startswith(("val/", "val_ema/"))})
         ev = evals.get(r["step"], {})
         row.update({k.replace("/", "_"): v for k, v in ev.items() if k.startswith("eval/")})

@@ -69,9 +69,12 @@ def _objective(theta, logN, logD, logL, delta):
 
 def _minimise(logN, logD, logL, inits, delta):
     from scipy.optimize import minimize
+    from threadpoolctl import threadpool_limits
 
     best = None
-    with warnings.catch_warnings():
+    # One BLAS thread: these are 5-parameter problems, and threads spinning for them made the fit
+    # 5x slower on a busy 2-core machine.
+    with warnings.catch_warnings(), threadpool_limits(1):
         warnings.simplefilter("ignore")
         for x0 in inits:
             res = minimize(_objective, np.asarray(x0, float), args=(logN, logD, logL, delta), method="L-BFGS-B", jac=True,

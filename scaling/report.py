@@ -166,14 +166,26 @@ def _ci(fit, name, fmt="{:.3g}") -> str:
     return fmt.format(v)
 
 
+def choose_points(rows: list[dict], which: str) -> tuple[list[dict], str]:
+    """Which validation points are measurements of L(N, D). Along a constant-LR run every point is
+    (the loss after D samples does not depend on the planned length); under a decaying schedule
+    only a run's final point is what its budget reaches, the earlier ones are biased high."""
+    if which == "auto":
+        which = "final" if any(r["schedule"] != "constant" for r in rows) else "all"
+    if which == "final":
+        return [r for r in rows if r["final"]], "each run's final validation loss (decaying LR schedules)"
+    return rows, "validation loss at every logged step (constant LR after warm-up)"
+
+
 def report(sweep: str | Path, out: str | Path, loss: str = "val/loss_r0.7", bootstrap: int = 200,
-           hold: str | None = None) -> Path:
+           hold: str | None = None, points: str = "auto") -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     col = collect(sweep)
     write(col, out)
     key = _key(loss)
-    points = [p for p in col.rows if key in p and np.isfinite(p[key])]
+    rows, which = choose_points(col.rows, points)
+    points = [p for p in rows if key in p and np.isfinite(p[key])]
     if not points:
         have = sorted({k for p in col.rows for k in p if k.startswith("val")})
         raise ScalingError(f"no {loss} in the runs' validation records; have {have or 'none'} "
@@ -190,10 +202,10 @@ def report(sweep: str | Path, out: str | Path, loss: str = "val/loss_r0.7", boot
     plots = [plot_loss_vs_compute(points, fit, k, key, out), plot_isoflop(points, fit, k, out),
              plot_optimal_n(points, fit, k, out)]
     fid_plot, fid_fits = plot_fid(col.runs, out)
-    ratio_plot = plot_mask_ratios(points, out)
+    ratio_plot = plot_mask_ratios([p for p in col.rows if key in p], out)
     plots += [p for p in (fid_plot, ratio_plot) if p is not None]
 
-    result = {"sweep": str(sweep), "loss": loss, "law": fit.as_dict(), "k_flops_per_param_sample": k,
+    result = {"sweep": str(sweep), "loss": loss, "points_used": which, "law": fit.as_dict(), "k_flops_per_param_sample": k,
               "optimal": {"a": opt["a"], "b": opt["b"], "a_ci": opt.get("a_ci"), "b_ci": opt.get("b_ci"),
                           "at": [{"C": float(c), "N": float(n), "D": float(d), "L": float(lv)}
                                  for c, n, d, lv in zip(opt["C"], opt["N"], opt["D"], opt["L"])]},
@@ -201,7 +213,7 @@ def report(sweep: str | Path, out: str | Path, loss: str = "val/loss_r0.7", boot
     (out / "fit.json").write_text(json.dumps(result, indent=1, default=float))
 
     lines = [f"# Scaling report: {col.name or sweep}", "",
-             f"{len(col.runs)} runs, {len(points)} points (validation loss `{loss}` at each logged step), "
+             f"{len(col.runs)} runs, {len(points)} points: `{loss}`, {which}; "
              f"{fit.n_sizes} model sizes. Fit: L(N, D) = E + A/N^alpha + B/D^beta, N = non-embedding "
              f"parameters, D = training samples; Huber (delta 1e-3) on log-loss, L-BFGS from a grid of starts; "
              f"95 % intervals from {fit.bootstrap} bootstrap resamples of runs.", "",
@@ -246,9 +258,11 @@ def main(argv=None) -> int:
     p.add_argument("--loss", default="val/loss_r0.7", help="which validation loss to fit (val/ or val_ema/)")
     p.add_argument("--bootstrap", type=int, default=200)
     p.add_argument("--hold", help="the run to hold out (default: the largest)")
+    p.add_argument("--points", choices=["auto", "all", "final"], default="auto",
+                   help="fit every logged validation point or each run's last (auto: last under a decaying LR)")
     args = p.parse_args(argv)
     try:
-        path = report(args.sweep, args.out, args.loss, args.bootstrap, args.hold)
+        path = report(args.sweep, args.out, args.loss, args.bootstrap, args.hold, args.points)
     except ScalingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

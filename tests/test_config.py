@@ -65,11 +65,15 @@ def test_dump_and_reload_gives_equal_object(tmp_path):
 
 def test_every_shipped_config_loads():
     """Experiments and model sizes are complete configs; tokenizer/data files are fragments that
-    experiments combine, checked against the schema alone."""
+    experiments combine, checked against the schema alone; sweeps expand into loadable runs."""
     from enat.config import _load_tree, from_dict
 
+    from enat.sweeps import load_sweep, run_configs
+
     for path in sorted((ROOT / "configs").rglob("*.yaml")):
-        if path.parent.name in ("experiments", "model"):
+        if path.parent.name == "sweeps":  # sweep specs: every run's config must load
+            assert run_configs(load_sweep(path)), path
+        elif path.parent.name in ("experiments", "model"):
             assert isinstance(load_config(path), Config), path
         else:
             assert isinstance(from_dict(Config, _load_tree(path, {})), Config), path

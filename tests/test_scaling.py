@@ -169,3 +169,14 @@ def test_plan_writes_an_isoflop_sweep_the_launcher_accepts(tmp_path):
     fit.write_text(json.dumps({"law": TRUE, "k_flops_per_param_sample": 100.0}))
     runs2, info2 = plan(CONFIG, 2e14, 6, "model.width", [32, 48, 64, 96, 128], fit_path=fit, per_level=2)
     assert "fit" in info2["source"] and len(runs2) == 6
+
+
+def test_decaying_schedules_fit_final_points_only(sweep_dir):
+    from scaling.report import choose_points
+
+    rows = collect(sweep_dir).rows
+    assert choose_points(rows, "auto")[0] == rows  # constant LR: every logged point
+    cosine = [{**r, "schedule": "cosine"} for r in rows]
+    final, why = choose_points(cosine, "auto")
+    assert len(final) == 8 and all(r["final"] for r in final) and "final" in why
+    assert {r["step"] for r in final} == {200, 400}

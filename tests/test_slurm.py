@@ -186,6 +186,12 @@ def test_killed_rank_fails_the_job_fast_and_resubmission_resumes(work):
     job2.results()
     assert f"resumed from runs/killed/checkpoints/{latest} at step {step}" in Path(job2.paths.stdout).read_text()
     assert [r["step"] for r in metrics(run)] == list(range(1, 401))
+    # --watch on the finished run: one array over the kept checkpoints, then it returns.
+    out = launcher(work, "eval.py", "--run", "runs/killed", "--watch", "--poll", "1", "--cluster", "slurm", "--wait",
+                   "eval.num_samples=20")
+    assert "new checkpoints: [380, 400]" in out and "run over" in out, out
+    for s in (380, 400):
+        assert list((run / f"eval/{s:08d}").glob("*.json"))
 
 
 def test_eval_job_after_train_job_writes_fid(work):

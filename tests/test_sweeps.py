@@ -1,0 +1,41 @@
+"""Sweep specs: grid expansion, run names and overrides, and clear errors."""
+
+import pytest
+
+from conftest import ROOT
+from enat.config import ConfigError
+from enat.sweeps import expand, load_sweep, run_configs, run_entry
+
+
+def write(tmp_path, text):
+    path = tmp_path / "s.yaml"
+    path.write_text(f"config: {ROOT}/configs/experiments/demo.yaml\n" + text)
+    return path
+
+
+def test_grid_expands_to_named_runs_with_tags(tmp_path):
+    sweep = load_sweep(write(tmp_path, "name: g\nout_dir: out\noverrides: {train.log_every: 7}\n"
+                                       "grid: {model.width: [32, 64], train.steps: [10, 20], seed: [3]}\n"
+                                       "runs: [{model.width: 48, train.steps: 15, seed: 3}]\n"))
+    runs = expand(sweep)
+    assert [r.name for r in runs] == ["width32-steps10", "width32-steps20", "width64-steps10", "width64-steps20",
+                                      "width48-steps15"]
+    configs = run_configs(sweep, ["launch.nodes=2"])
+    run, cfg = configs[2]
+    assert (cfg.model.width, cfg.train.steps, cfg.seed, cfg.train.log_every) == (64, 10, 3, 7)
+    assert cfg.train.run_dir == "out/width64-steps10" and cfg.train.wandb.group == "g"
+    assert "sweep:g" in cfg.train.wandb.tags and "model.width=64" in cfg.train.wandb.tags
+    entry = run_entry(run, cfg)
+    assert entry["global_batch"] == 32 * 2 * 2 and entry["compute_budget"] == pytest.approx(
+        entry["train_flops_per_sample"] * 128 * 10)
+
+
+def test_bad_specs_fail_before_submitting(tmp_path):
+    with pytest.raises(ConfigError, match="unknown sweep keys"):
+        load_sweep(write(tmp_path, "name: g\nout_dir: o\ngrid: {seed: [1]}\nmax_jobs: 3\n"))
+    with pytest.raises(ConfigError, match="non-empty list"):
+        load_sweep(write(tmp_path, "name: g\nout_dir: o\ngrid: {seed: 1}\n"))
+    with pytest.raises(ConfigError, match="run width33.*model.width 33 is not divisible"):
+        run_configs(load_sweep(write(tmp_path, "name: g\nout_dir: o\ngrid: {model.width: [32, 33]}\n")))
+    with pytest.raises(ConfigError, match="two runs would be named"):
+        expand(load_sweep(write(tmp_path, "name: g\nout_dir: o\nruns: [{seed: 1}, {seed: 1}]\n")))
