@@ -25,13 +25,23 @@ def _key(loss: str) -> str:
     return loss.replace("/", "_")
 
 
-def _plt():
+def _figure():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    return plt
+    return plt.subplots(figsize=(6.4, 4.4))
+
+
+def _save(fig, ax, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _by_size(points: list[dict]) -> dict:
@@ -42,9 +52,10 @@ def _by_size(points: list[dict]) -> dict:
 
 
 def plot_loss_vs_compute(points, fit, k, key, out: Path) -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    cmap = plt.get_cmap("viridis")
+    fig, ax = _figure()
+    import matplotlib
+
+    cmap = matplotlib.colormaps["viridis"]
     sizes = _by_size(points)
     cs = np.array([p["compute"] for p in points])
     grid = np.geomspace(cs.min() / 2, cs.max() * 4, 200)
@@ -56,17 +67,11 @@ def plot_loss_vs_compute(points, fit, k, key, out: Path) -> Path:
     ax.plot(grid, opt["L"], "k--", lw=1.5, label="compute-optimal frontier")
     ax.set(xscale="log", yscale="log", xlabel="training compute C (FLOPs)", ylabel=key.replace("_", "/", 1),
            title="validation loss vs compute")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "loss_vs_compute.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, out / "loss_vs_compute.png")
 
 
 def plot_isoflop(points, fit, k, out: Path) -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = _figure()
     ns = np.array(sorted({p["n_params_nonembed"] for p in points}), float)
     cs = np.array([p["compute"] for p in points])
     n_grid = np.geomspace(ns.min() / 4, ns.max() * 4, 200)
@@ -76,17 +81,11 @@ def plot_isoflop(points, fit, k, out: Path) -> Path:
         ax.plot(opt["N"], opt["L"], "o", color=line.get_color())
     ax.set(xscale="log", xlabel="non-embedding parameters N", ylabel="predicted validation loss",
            title="isoFLOP slices of the fitted law (dots: N*)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "isoflop.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, out / "isoflop.png")
 
 
 def plot_optimal_n(points, fit, k, out: Path) -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = _figure()
     cs = np.array([p["compute"] for p in points])
     grid = np.geomspace(cs.min(), cs.max() * 100, 100)
     opt = compute_optimal(fit, k, grid)
@@ -96,12 +95,7 @@ def plot_optimal_n(points, fit, k, out: Path) -> Path:
     ns = sorted({p["n_params_nonembed"] for p in points})
     ax.scatter([cs.max()] * len(ns), ns, marker="_", s=200, color="C1", label="sizes in the sweep")
     ax.set(xscale="log", yscale="log", xlabel="training compute C (FLOPs)", ylabel="N*", title="compute-optimal size")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "optimal_n.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, out / "optimal_n.png")
 
 
 def plot_fid(runs, out: Path) -> tuple[Path | None, list[dict]]:
@@ -113,8 +107,7 @@ def plot_fid(runs, out: Path) -> tuple[Path | None, list[dict]]:
                 per_size.setdefault(r["n_params_nonembed"], []).append((e["compute"], e["eval/fid"]))
     if not per_size:
         return None, []
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = _figure()
     fits = []
     for i, (n, pts) in enumerate(sorted(per_size.items())):
         pts.sort()
@@ -126,20 +119,14 @@ def plot_fid(runs, out: Path) -> tuple[Path | None, list[dict]]:
             g = np.geomspace(c.min(), c.max() * 2, 100)
             ax.plot(g, res["F_inf"] + res["K"] * (g / res["C0"]) ** -res["gamma"], color=f"C{i}", lw=1)
     ax.set(xscale="log", yscale="log", xlabel="training compute C (FLOPs)", ylabel="FID", title="FID vs compute")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "fid_vs_compute.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path, fits
+    return _save(fig, ax, out / "fid_vs_compute.png"), fits
 
 
 def plot_mask_ratios(points, out: Path) -> Path | None:
     keys = sorted(k for k in points[0] if k.startswith("val_loss_r"))
     if not keys:
         return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = _figure()
     final = {}
     for p in points:
         if p["run"] not in final or p["samples"] > final[p["run"]]["samples"]:
@@ -150,12 +137,7 @@ def plot_mask_ratios(points, out: Path) -> Path | None:
                    label=f"mask ratio {key.removeprefix('val_loss_r')}")
     ax.set(xscale="log", yscale="log", xlabel="training compute C (FLOPs)", ylabel="validation loss (final, per run)",
            title="validation loss by mask ratio")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "loss_by_mask_ratio.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, out / "loss_by_mask_ratio.png")
 
 
 def _ci(fit, name, fmt="{:.3g}") -> str:
