@@ -4,7 +4,8 @@ and the resubmission resuming, an eval job chained with afterok, and a 2x2 sweep
 whose manifest feeds scaling.report.
 
 Without a reachable cluster these tests skip with the reason, except where ENAT_REQUIRE_SLURM=1
-(.ci/run sets it): there they fail."""
+(.ci/run sets it): there they fail. The same train job also runs as local processes (--cluster
+local), which needs no cluster."""
 
 import json
 import os
@@ -35,7 +36,7 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def work(cluster, tmp_path_factory):
+def work(tmp_path_factory):
     """A scratch folder that sees the configs, with demo shards from a random tokenizer and a
     quickly trained FID classifier (what they mean does not matter to these tests)."""
     import torch
@@ -113,13 +114,26 @@ def wait_for(predicate, timeout, what):
 
 
 @pytest.fixture(scope="module")
-def reference(work):
+def reference(cluster, work):
     """An uninterrupted 2-task run through the train launcher's command line."""
     d, _ = work
     out = launcher(work, "train.py", "--config", CONFIG, "--cluster", "slurm", "--wait",
                    *run_overrides(work, "ref", **{"train.steps": 120}))
     assert "train: job" in out and "run directory: runs/ref" in out and "done: step 120" in out
     return d / "runs/ref"
+
+
+def test_local_processes_run_the_same_train_job(work):
+    """--cluster local (no SLURM): the same job as 2 local processes, then resumed to a later step."""
+    d, _ = work
+    over = run_overrides(work, "local", **{"train.steps": 12})
+    out = launcher(work, "train.py", "--config", CONFIG, "--cluster", "local", "--wait", "--stop-at", "6", *over)
+    assert "done: step 6" in out
+    out = launcher(work, "train.py", "--config", CONFIG, "--cluster", "local", "--wait", *over)
+    assert "done: step 12" in out
+    assert [r["step"] for r in metrics(d / "runs/local")] == list(range(1, 13))
+    sub = sorted((d / "runs/local/submissions").glob("*-train*.json"))
+    assert len(sub) == 2 and json.loads(sub[0].read_text())["cluster"] == "local"
 
 
 def test_train_job_two_tasks_runs_checkpoints_and_completes(reference):
@@ -132,7 +146,7 @@ def test_train_job_two_tasks_runs_checkpoints_and_completes(reference):
     assert Path(sub["jobs"][0]["stdout"]).is_file()
 
 
-def test_preemption_checkpoints_requeues_and_continues_exactly(work, reference):
+def test_preemption_checkpoints_requeues_and_continues_exactly(cluster, work, reference):
     d, _ = work
     run = d / "runs/preempt"
     job = submit(work, "preempt", **{"train.steps": 120})
@@ -168,7 +182,7 @@ def _task_pid(job_id, procid):
     return None
 
 
-def test_killed_rank_fails_the_job_fast_and_resubmission_resumes(work):
+def test_killed_rank_fails_the_job_fast_and_resubmission_resumes(cluster, work):
     d, _ = work
     run = d / "runs/killed"
     job = submit(work, "killed", **{"train.steps": 400, "train.ckpt_every": 20})
@@ -194,7 +208,7 @@ def test_killed_rank_fails_the_job_fast_and_resubmission_resumes(work):
         assert list((run / f"eval/{s:08d}").glob("*.json"))
 
 
-def test_eval_job_after_train_job_writes_fid(work):
+def test_eval_job_after_train_job_writes_fid(cluster, work):
     d, _ = work
     job = submit(work, "chained", **{"train.steps": 30})
     out = launcher(work, "eval.py", "--run", "runs/chained", "--after", job.job_id, "--cluster", "slurm", "--wait",
@@ -209,7 +223,7 @@ def test_eval_job_after_train_job_writes_fid(work):
     assert "already evaluated" in again and "eval: job" not in again
 
 
-def test_sweep_array_manifest_and_scaling_report(work):
+def test_sweep_array_manifest_and_scaling_report(cluster, work):
     d, data = work
     out = launcher(work, "sweep.py", "--sweep", "configs/sweeps/smoke.yaml", "--cluster", "slurm", "--wait",
                    "train.wandb.mode=disabled", *data)
