@@ -93,14 +93,14 @@ def cluster_kind(requested: str) -> str:
 
 
 def executor(cfg: Config, folder: str | Path, name: str, tasks_per_node: int = 1, nodes: int = 1,
-             gpus: bool = True, timeout_min: int | None = None) -> submitit.AutoExecutor:
+             gpus: bool = True) -> submitit.AutoExecutor:
     """An executor for `cfg.launch`; logs go to `folder`/<job id>."""
     ln = cfg.launch
     kind = cluster_kind(ln.cluster)
     ex = submitit.AutoExecutor(folder=str(Path(folder) / "%j"), cluster=kind,
                                slurm_max_num_timeout=ln.max_requeues)
     ex.update_parameters(name=name, nodes=nodes, tasks_per_node=tasks_per_node,
-                         timeout_min=timeout_min or ln.time_min,
+                         timeout_min=ln.time_min,
                          gpus_per_node=None if ln.cpu or not gpus else ln.gpus_per_node,
                          cpus_per_task=ln.cpus_per_task, mem_gb=ln.mem_gb)
     if kind == "slurm":
