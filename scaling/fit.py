@@ -23,6 +23,8 @@ import numpy as np
 from scaling.collect import ScalingError
 
 PARAMS = ("E", "A", "B", "alpha", "beta")
+# In the optimiser's coordinates (log A, log B, log E, alpha, beta).
+BOUNDS = [(-10.0, 60.0), (-10.0, 60.0), (-10.0, 10.0), (0.0, 3.0), (0.0, 3.0)]
 
 
 @dataclass
@@ -38,6 +40,7 @@ class LawFit:
     n_sizes: int = 0
     ci: dict = field(default_factory=dict)  # name -> (lo, hi), 95 % bootstrap
     bootstrap: int = 0
+    at_bounds: list = field(default_factory=list)  # parameters pinned to a bound (E: or negligible)
 
     def predict(self, N, D):
         N, D = np.asarray(N, float), np.asarray(D, float)
@@ -78,7 +81,7 @@ def _minimise(logN, logD, logL, inits, delta):
         warnings.simplefilter("ignore")
         for x0 in inits:
             res = minimize(_objective, np.asarray(x0, float), args=(logN, logD, logL, delta), method="L-BFGS-B", jac=True,
-                           bounds=[(-10, 60), (-10, 60), (-10, 10), (0.0, 3.0), (0.0, 3.0)])
+                           bounds=BOUNDS)
             if best is None or res.fun < best.fun:
                 best = res
     return best
@@ -114,7 +117,11 @@ def fit_law(N, D, L, runs=None, delta: float = 1e-3, bootstrap: int = 200, seed:
     best = _minimise(logN, logD, logL, init_grid(logL), delta)
     a, b, e, alpha, beta = best.x
     fit = LawFit(E=float(np.exp(e)), A=float(np.exp(a)), B=float(np.exp(b)), alpha=float(alpha), beta=float(beta),
-                 loss=float(best.fun), n_points=len(N), n_runs=len(np.unique(runs)), n_sizes=len(np.unique(N)))
+                 loss=float(best.fun), n_points=len(N), n_runs=len(np.unique(runs)), n_sizes=len(np.unique(N)),
+                 at_bounds=[name for name, x, (lo, hi) in zip(("A", "B", "E", "alpha", "beta"), best.x, BOUNDS)
+                            if min(x - lo, hi - x) < 1e-6])
+    if "E" not in fit.at_bounds and fit.E < 0.01 * L.min():
+        fit.at_bounds.append("E")  # its gradient vanishes as E -> 0, so L-BFGS stops short of the bound
     if bootstrap:
         rng = np.random.default_rng(seed)
         ids = np.unique(runs)

@@ -36,7 +36,10 @@ def _figure():
 
 def _save(fig, ax, path: Path) -> Path:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_minor_formatter(NullFormatter())  # log axes: decade labels only, no overlapping minor ones
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -202,6 +205,12 @@ def report(sweep: str | Path, out: str | Path, loss: str = "val/loss_r0.7", boot
              "| parameter | value [95 % CI] |", "|---|---|"]
     for name in ("E", "A", "B", "alpha", "beta"):
         lines.append(f"| {name} | {_ci(fit, name)} |")
+    if fit.at_bounds:
+        lines += ["", f"Not identified (at the optimiser's bounds, or E < 1 % of the lowest loss): "
+                  f"{', '.join(fit.at_bounds)}. "
+                  + ("E ~ 0 means these runs are far from the irreducible loss, so E is not identified and the "
+                     "power-law terms absorb it; extrapolations far beyond the sweep overstate the gains."
+                     if "E" in fit.at_bounds else "Those parameters are not identified by this sweep.")]
     a_ci = f" [{opt['a_ci'][0]:.3f}, {opt['a_ci'][1]:.3f}]" if opt.get("a_ci") else ""
     b_ci = f" [{opt['b_ci'][0]:.3f}, {opt['b_ci'][1]:.3f}]" if opt.get("b_ci") else ""
     lines += ["", "## Compute-optimal allocation", "",

@@ -35,6 +35,7 @@ def test_fit_recovers_known_exponents_within_5_percent():
                   [p["val_loss_r0.7"] for p in pts], [p["run"] for p in pts], bootstrap=60)
     assert fit.alpha == pytest.approx(TRUE["alpha"], rel=0.05)
     assert fit.beta == pytest.approx(TRUE["beta"], rel=0.05)
+    assert fit.at_bounds == []
     for name in ("alpha", "beta"):
         lo, hi = fit.ci[name]
         assert lo <= TRUE[name] <= hi, (name, fit.ci[name])
@@ -49,6 +50,13 @@ def test_holdout_predicts_the_largest_run():
     assert ho["run"] == "r4" and ho["N"] == 1e7
     assert abs(ho["rel_error"]) < 0.02
     assert ho["observed"] == pytest.approx(law(1e7, 1e8), rel=0.02)
+
+
+def test_unidentified_irreducible_loss_is_flagged():
+    pts = synthetic()
+    L = [p["val_loss_r0.7"] - TRUE["E"] for p in pts]  # a pure power law: E = 0
+    fit = fit_law([p["n_params_nonembed"] for p in pts], [p["samples"] for p in pts], L, bootstrap=0)
+    assert "E" in fit.at_bounds
 
 
 def test_degenerate_sweeps_give_clear_errors():
