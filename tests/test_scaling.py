@@ -53,7 +53,7 @@ def test_holdout_predicts_the_largest_run():
 
 
 def test_unidentified_irreducible_loss_is_flagged():
-    pts = synthetic()
+    pts = synthetic(noise=0.0)
     L = [p["val_loss_r0.7"] - TRUE["E"] for p in pts]  # a pure power law: E = 0
     fit = fit_law([p["n_params_nonembed"] for p in pts], [p["samples"] for p in pts], L, bootstrap=0)
     assert "E" in fit.at_bounds
