@@ -26,7 +26,7 @@ log() { echo "[local_slurm] $*" >&2; }
 die() { echo "[local_slurm] error: $*" >&2; exit 1; }
 
 alive() {  # alive PIDFILE -> 0 when the pid file names a running process
-    [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null
+    [[ -s $1 ]] && kill -0 "$(cat "$1" 2>/dev/null)" 2>/dev/null
 }
 
 wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
@@ -180,7 +180,7 @@ cmd_stop() {
         if alive "$f"; then
             kill "$(cat "$f")"
             for ((i = 0; i < 80; i++)); do alive "$f" || break; sleep 0.25; done
-            alive "$f" && kill -9 "$(cat "$f")"
+            alive "$f" && kill -9 "$(cat "$f" 2>/dev/null)" 2>/dev/null
             log "stopped $d"
         fi
     done
