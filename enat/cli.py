@@ -40,27 +40,19 @@ def _table(rows: list[list], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _meta_model(cfg):
-    """Build on the meta device: parameter counts of XL without allocating 4 GB."""
-    from enat.models.zoo import build_model
-
-    with torch.device("meta"):
-        return build_model(cfg)
-
-
 # ---------------------------------------------------------------------------------------------
 
 
 def cmd_models(args) -> None:
     from enat.flops import sampling_flops
-    from enat.models.zoo import ZOO, count_parameters, model_config
+    from enat.models.zoo import ZOO, model_config, parameter_counts
 
     rows = []
     for size in ZOO:
         cfg = model_config(size, grid_size=args.grid_size)
         nat = dataclasses.replace(cfg, arch="nat")
-        n_enat = count_parameters(_meta_model(cfg))
-        n_nat = count_parameters(_meta_model(nat))
+        n_enat = parameter_counts(cfg)[0]
+        n_nat = parameter_counts(nat)[0]
         f_enat = sampling_flops(cfg, args.steps).total / 1e12
         f_nat = sampling_flops(nat, args.steps, reuse=False).total / 1e12
         rows.append([size, cfg.width, cfg.num_heads, f"{cfg.enc_depth}+{cfg.dec_depth}", f"{n_enat:,}",

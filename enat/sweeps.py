@@ -121,15 +121,13 @@ def global_batch(cfg: Config) -> int:
 def run_entry(run: SweepRun, cfg: Config) -> dict:
     """What the manifest says of a run: its grid values and its size and compute budget."""
     from enat.flops import expected_train_flops
-    from enat.models import build_model, count_parameters
+    from enat.models.zoo import parameter_counts
 
-    import torch
-
-    with torch.device("meta"):
-        n_params = count_parameters(build_model(cfg.model))
+    n_params, n_nonembed = parameter_counts(cfg.model)
     per_sample = expected_train_flops(cfg.model, tuple(cfg.train.mask_beta), cfg.train.reuse_prob)
     batch = global_batch(cfg)
     return {"name": run.name, "run_dir": run.run_dir, "params": run.params, "overrides": run.overrides,
             "model_size": cfg.model.size, "width": cfg.model.width, "n_params": n_params,
+            "n_params_nonembed": n_nonembed,
             "train_flops_per_sample": per_sample, "global_batch": batch, "steps": cfg.train.steps,
             "compute_budget": per_sample * batch * cfg.train.steps}

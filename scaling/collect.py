@@ -19,11 +19,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Non-embedding parameters leave out the token/position/label tables and the vocabulary bias of
-# the tied head: they grow with the codebook and the grid, not with the network.
-EMBEDDING_PREFIXES = ("embed.", "label_embed.", "head.bias")
-
-
 class ScalingError(ValueError):
     pass
 
@@ -47,23 +42,11 @@ def _jsonl(path: Path) -> list[dict]:
     return out
 
 
-def model_sizes(model_cfg) -> tuple[int, int]:
-    """(total, non-embedding) parameter counts, built on the meta device (no memory)."""
-    import torch
-
-    from enat.models import build_model
-
-    with torch.device("meta"):
-        model = build_model(model_cfg)
-    total = sum(p.numel() for p in model.parameters())
-    embed = sum(p.numel() for n, p in model.named_parameters() if n.startswith(EMBEDDING_PREFIXES))
-    return total, total - embed
-
-
 def read_run(run_dir: Path, name: str | None = None) -> tuple[dict | None, list[dict], str | None]:
     """(run summary, rows, None) or (None, [], reason to exclude it)."""
     from enat.config import ConfigError, load_config
     from enat.flops import expected_train_flops
+    from enat.models.zoo import parameter_counts
 
     name = name or run_dir.name
     if not (run_dir / "config.yaml").is_file():
@@ -84,7 +67,7 @@ def read_run(run_dir: Path, name: str | None = None) -> tuple[dict | None, list[
         return None, [], "diverged: NaN training loss at the end"
     if not val:
         return None, [], "no validation records (train.val_every=0): nothing to fit"
-    n_total, n_nonembed = model_sizes(cfg.model)
+    n_total, n_nonembed = parameter_counts(cfg.model)
     per_sample = expected_train_flops(cfg.model, tuple(cfg.train.mask_beta), cfg.train.reuse_prob)
     evals = {}
     if (run_dir / "eval.jsonl").is_file():

@@ -23,19 +23,20 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from scaling.collect import ScalingError, model_sizes
+from scaling.collect import ScalingError
 from scaling.fit import compute_optimal, LawFit
 
 
 def size_table(config: str | Path, key: str, sizes: list) -> list[dict]:
     from enat.config import load_config
     from enat.flops import expected_train_flops
+    from enat.models.zoo import parameter_counts
     from enat.sweeps import global_batch
 
     out = []
     for v in sizes:
         cfg = load_config(config, [f"{key}={json.dumps(v)}"])
-        _, n = model_sizes(cfg.model)
+        _, n = parameter_counts(cfg.model)
         out.append({"value": v, "N": n, "flops_per_sample": expected_train_flops(cfg.model, tuple(cfg.train.mask_beta),
                                                                                  cfg.train.reuse_prob),
                     "batch": global_batch(cfg)})

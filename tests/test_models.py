@@ -34,6 +34,11 @@ def test_L_parameter_count_is_the_official_count_without_unused_mlp():
     with torch.device("meta"):
         model = build_model(model_config("L"))
     assert count_parameters(model) == 565_904_385
+    # Non-embedding N for scaling fits: without the token (1025), position (256), label (1001)
+    # tables, the embedding norm and the head's vocabulary bias.
+    from enat.models.zoo import parameter_counts
+
+    assert parameter_counts(model_config("L")) == (565_904_385, 565_904_385 - (1025 + 256 + 2 + 1001) * 1024 - 1025)
 
 
 def test_build_model_picks_architecture():

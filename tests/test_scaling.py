@@ -8,7 +8,8 @@ import pytest
 
 from conftest import ROOT
 from enat.config import dump_config, load_config
-from scaling.collect import ScalingError, collect, model_sizes
+from enat.models.zoo import parameter_counts
+from scaling.collect import ScalingError, collect
 from scaling.fit import compute_optimal, fit_fid, fit_law, holdout
 
 CONFIG = ROOT / "configs/experiments/demo.yaml"
@@ -88,7 +89,7 @@ def fake_run(root, name, width, steps, val_every=20, batch=64, done=True, metric
     dump_config(cfg, run / "config.yaml")
     if not metrics:
         return run, cfg
-    _, n = model_sizes(cfg.model)
+    _, n = parameter_counts(cfg.model)
     last = steps if done else steps // 2
     lines = []
     for s in range(val_every, last + 1, val_every):

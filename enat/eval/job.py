@@ -87,6 +87,10 @@ def result_path(cfg: Config, base: str | Path, step: int, weights: str | None = 
     known without loading anything: the eval launcher skips checkpoints that have one."""
     settings = eval_settings(cfg, weights or cfg.eval.weights, num_samples or cfg.eval.num_samples,
                              reference_spec(cfg))
+    return _result_file(base, step, settings)
+
+
+def _result_file(base: str | Path, step: int, settings: dict) -> Path:
     return Path(base) / "eval" / f"{step:08d}" / f"{settings_hash(settings)}.json"
 
 
@@ -229,7 +233,7 @@ def evaluate(cfg: Config, run_dir: str | Path | None, checkpoint: str = "latest"
     spec = reference_spec(cfg)
     settings = eval_settings(cfg, weights, num_samples, spec)
     base = Path(out_dir) if out_dir is not None else (run_dir if run_dir is not None else Path(ck["id"]).parent)
-    out = result_path(cfg, base, ck["step"], weights, num_samples)
+    out = _result_file(base, ck["step"], settings)
     if out.is_file():
         record = json.loads(out.read_text())
         log(f"already evaluated: {out}\n" + json.dumps(record["metrics"], indent=1))

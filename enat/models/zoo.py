@@ -66,6 +66,22 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+# Non-embedding parameters (the N of scaling fits) leave out the token/position/label tables and
+# the vocabulary bias of the tied head: they grow with the codebook and the grid, not the network.
+EMBEDDING_PREFIXES = ("embed.", "label_embed.", "head.bias")
+
+
+def parameter_counts(cfg: ModelConfig) -> tuple[int, int]:
+    """(total, non-embedding) parameters, counted on the meta device (XL without allocating 4 GB)."""
+    import torch
+
+    with torch.device("meta"):
+        model = build_model(cfg)
+    embed = sum(p.numel() for n, p in model.named_parameters() if n.startswith(EMBEDDING_PREFIXES))
+    total = count_parameters(model)
+    return total, total - embed
+
+
 ZOO: dict[str, dict] = {
     "tiny": dict(width=64, num_heads=4, enc_depth=3, dec_depth=1),
     "S": dict(width=384, num_heads=6, enc_depth=10, dec_depth=2),  # not published (DiT-S width)
