@@ -29,15 +29,18 @@ def _config(config: dict):
 
 
 def _distributed_env() -> submitit.JobEnvironment:
-    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from the job (SLURM or local tasks), and CPU defaults."""
+    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from the job (SLURM or local tasks), and CPU defaults.
+    The job's values win over any inherited from the submitting shell (sbatch exports its
+    environment, which may hold another process group's MASTER_ADDR or RANK)."""
     import torch
 
     env = submitit.JobEnvironment()
-    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        # One thread per CPU the task was given: oversubscribed gloo ranks run several times slower.
-        torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", 1)))
+        # The CPUs the task was given: oversubscribed gloo ranks run several times slower.
+        per_node = max(1, env.num_tasks // max(1, env.num_nodes))
+        torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK") or max(1, (os.cpu_count() or 1) // per_node)))
     return env
 
 
@@ -75,9 +78,7 @@ class EvalJob:
     def __call__(self, config: dict, run_dir: str, checkpoint: str, num_samples: int | None = None) -> dict:
         from enat.eval.job import evaluate
 
-        env = submitit.JobEnvironment()
-        if env.num_tasks > 1:
-            _distributed_env()
+        _distributed_env()
         record = evaluate(_config(config), run_dir, checkpoint, num_samples=num_samples, log=log)
         return {"step": record["step"], "metrics": record["metrics"], "result": record.get("path")}
 
