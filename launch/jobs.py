@@ -23,8 +23,13 @@ log = functools.partial(print, flush=True)
 
 
 def _config(config: dict):
+    """Every job starts here: the config, and an environment of its own."""
     from enat.config import Config, from_dict, resolve
 
+    # sbatch exports the submitting process's environment; a WANDB_SERVICE there (any process that
+    # used wandb) would make concurrent jobs share that process's wandb service and collide on a
+    # run id. Each job starts its own.
+    os.environ.pop("WANDB_SERVICE", None)
     return resolve(from_dict(Config, config))
 
 

@@ -57,6 +57,11 @@ def work(tmp_path_factory):
     for split in ("train", "val"):
         tokenize_split(cfg, split, progress=False, log=lambda *_: None)
     train_digit_classifier(d / "data/digits.pt", steps=100, log=lambda *_: None)
+    # As in the full suite (and in a notebook that used wandb): this process runs a wandb service
+    # and its WANDB_SERVICE reaches the jobs through sbatch's environment export.
+    import wandb
+
+    wandb.init(mode="offline", dir=str(d), project="parent").finish()
     return d, data
 
 
@@ -199,12 +204,15 @@ def test_killed_rank_fails_the_job_fast_and_resubmission_resumes(cluster, work):
     job2.results()
     assert f"resumed from runs/killed/checkpoints/{latest} at step {step}" in Path(job2.paths.stdout).read_text()
     assert [r["step"] for r in metrics(run)] == list(range(1, 401))
-    # --watch on the finished run: one array over the kept checkpoints, then it returns.
-    out = launcher(work, "eval.py", "--run", "runs/killed", "--watch", "--poll", "1", "--cluster", "slurm", "--wait",
-                   "eval.num_samples=20")
+    # --watch following the (finished) job: one array over the kept checkpoints, then it returns.
+    out = launcher(work, "eval.py", "--run", "runs/killed", "--watch", "--after", job2.job_id, "--poll", "1",
+                   "--cluster", "slurm", "--wait", "eval.num_samples=20")
     assert "new checkpoints: [380, 400]" in out and "run over" in out, out
     for s in (380, 400):
         assert list((run / f"eval/{s:08d}").glob("*.json"))
+    out = launcher(work, "eval.py", "--run", "runs/killed", "--checkpoint", "all", "--cluster", "slurm",
+                   "eval.num_samples=20")
+    assert out.count("already evaluated") == 2 and "eval: job" not in out
 
 
 def test_eval_job_after_train_job_writes_fid(cluster, work):
@@ -239,6 +247,33 @@ def test_sweep_array_manifest_and_scaling_report(cluster, work):
     assert res.returncode == 0, res.stderr[-3000:]
     text = (d / "report/report.md").read_text()
     assert "alpha" in text and "beta" in text and list((d / "report").glob("*.png"))
+
+
+def test_tokenize_array_and_merge_match_one_part(cluster, work):
+    d, data = work
+    out = launcher(work, "tokenize.py", "--config", CONFIG, "--parts", "2", "--split", "train", "--cluster", "slurm",
+                   "--wait", *data, f"data.shards={d}/tok2")
+    assert "tokenize train: job" in out and "merge train: job" in out
+    two = json.loads((d / "tok2/manifest.json").read_text())
+    one = json.loads((d / "data/train/manifest.json").read_text())
+    assert two["num_samples"] == one["num_samples"]
+    import numpy as np
+
+    from enat.data.loader import ShardSet
+
+    a, b = ShardSet(str(d / "data/train")), ShardSet(str(d / "tok2"))
+    oa, ob = np.argsort(a.uid), np.argsort(b.uid)
+    assert (a.uid[oa] == b.uid[ob]).all() and (a.tokens(oa) == b.tokens(ob)).all()
+    assert sorted(p.name for p in (d / "tok2").glob("part-*.json")) == ["part-0000-of-0002.json",
+                                                                       "part-0001-of-0002.json"]
+
+
+def test_local_slurm_script_reports_its_daemons(cluster):
+    state = Path(os.environ.get("ENAT_SLURM_DIR", "/tmp/enat-slurm"))
+    if not (state / "run/slurmctld.pid").is_file():
+        pytest.skip("the cluster was not started by launch/local_slurm.sh")
+    res = subprocess.run(["bash", str(ROOT / "launch/local_slurm.sh"), "status"], capture_output=True, text=True)
+    assert res.returncode == 0 and "slurmctld: running" in res.stdout and "idle" in res.stdout, res.stdout
 
 
 def test_cluster_flags_reach_sbatch(cluster, tmp_path):

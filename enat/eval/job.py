@@ -18,6 +18,7 @@ the training run's wandb run under eval/ against the checkpoint's step.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -310,9 +311,13 @@ def _log_wandb(cfg: Config, run_dir: Path, step: int, values: dict) -> None:
 
     os.environ.setdefault("WANDB_SILENT", "true")
     w = cfg.train.wandb
-    run = wandb.init(project=w.project, entity=w.entity, id=rid_file.read_text().strip(), resume="allow",
-                     dir=str(run_dir), mode=w.mode)
-    run.define_metric("eval/step")
-    run.define_metric("eval/*", step_metric="eval/step")
-    run.log({"eval/step": step, **{f"eval/{k}": v for k, v in values.items()}})
-    run.finish()
+    lock = run_dir / "wandb" / ".eval.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # the eval jobs of one run (an array) resume its wandb run in turn
+        run = wandb.init(project=w.project, entity=w.entity, id=rid_file.read_text().strip(), resume="allow",
+                         dir=str(run_dir), mode=w.mode)
+        run.define_metric("eval/step")
+        run.define_metric("eval/*", step_metric="eval/step")
+        run.log({"eval/step": step, **{f"eval/{k}": v for k, v in values.items()}})
+        run.finish()
