@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -332,6 +333,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, WeightsError, ShardError, CheckpointError, NonFiniteError, EvalError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from enat.dist import close, is_initialized
+
+    if is_initialized():  # a rank of a multi-process run: leave without interpreter teardown
+        close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

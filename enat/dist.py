@@ -54,3 +54,11 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def close() -> None:
+    """Leave the process group once every rank is done (gloo threads still alive at interpreter
+    exit can abort it: 'terminate called without an active exception')."""
+    if is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -19,6 +19,8 @@ import time
 
 import submitit
 
+from enat.dist import close
+
 log = functools.partial(print, flush=True)
 
 
@@ -63,6 +65,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             f"run {cfg.train.run_dir}")
         result = train(cfg, stop_at=stop_at, should_stop=stop.is_set, log=log)
         if not result.get("interrupted"):
+            close()
             return result
         if env.global_rank != 0:
             time.sleep(300)  # rank 0 requeues the job, which ends this task
@@ -85,6 +88,7 @@ class EvalJob:
 
         _distributed_env()
         record = evaluate(_config(config), run_dir, checkpoint, num_samples=num_samples, log=log)
+        close()
         return {"step": record["step"], "metrics": record["metrics"], "result": record.get("path")}
 
 
