@@ -26,7 +26,7 @@ import yaml
 
 from enat.config import Config, load_config, to_dict
 from enat.eval.job import result_path
-from enat.train.checkpoint import LATEST, META, checkpoint_dir, latest_tag, step_of
+from enat.train.checkpoint import LATEST, META, checkpoint_dir, latest_step, step_of
 from launch.jobs import EvalJob
 from launch.submit import (LaunchError, add_launch_args, describe, executor, launch_overrides, record, submit,
                            submit_array, wait)
@@ -59,8 +59,8 @@ def pending(cfg: Config, run_dir: Path, which: str, num_samples: int | None) -> 
     if which == "all":
         steps = complete_steps(run_dir)
     elif which == LATEST:
-        tag = latest_tag(checkpoint_dir(run_dir))
-        steps = [step_of(tag)] if tag else []
+        latest = latest_step(run_dir)
+        steps = [] if latest is None else [latest]
     else:
         if not which.isdigit():
             raise LaunchError(f"--checkpoint {which!r}: expected a step number, 'latest' or 'all'")
@@ -100,7 +100,8 @@ def watch(cfg: Config, run_dir: Path, num_samples: int | None, after: str | None
     jobs = []
     deadline = time.time() + max_hours * 3600
     while True:
-        train_over = (latest := latest_tag(checkpoint_dir(run_dir))) is not None and step_of(latest) >= cfg.train.steps
+        latest = latest_step(run_dir)
+        train_over = latest is not None and latest >= cfg.train.steps
         if after is not None and job_finished(after):
             train_over = True
         todo, done = pending(cfg, run_dir, "all", num_samples)
@@ -110,7 +111,7 @@ def watch(cfg: Config, run_dir: Path, num_samples: int | None, after: str | None
             jobs += submit_eval(cfg, run_dir, [str(s) for s in new], num_samples)
             submitted.update(new)
         if train_over:
-            print(f"run over (latest: {latest}); {len(submitted)} evaluation jobs submitted", flush=True)
+            print(f"run over (latest: step {latest}); {len(submitted)} evaluation jobs submitted", flush=True)
             return jobs
         if time.time() > deadline:
             raise LaunchError(f"--watch gave up after {max_hours} h without the run ending")

@@ -22,14 +22,9 @@ if __package__ in (None, ""):  # a script: import `launch` from the checkout, no
 
 from enat.config import to_dict
 from enat.sweeps import MANIFEST, load_sweep, run_configs, run_entry
-from enat.train.checkpoint import checkpoint_dir, latest_tag, step_of
+from enat.train.checkpoint import latest_step
 from launch.jobs import TrainJob
 from launch.submit import add_launch_args, describe, executor, launch_overrides, record, submit_array, wait
-
-
-def finished(run_dir: str, steps: int) -> bool:
-    tag = latest_tag(checkpoint_dir(run_dir)) if checkpoint_dir(run_dir).is_dir() else None
-    return tag is not None and step_of(tag) >= steps
 
 
 def submit_sweep(sweep_path: str | Path, extra_overrides: list[str], evaluate: bool = False) -> tuple[Path, list]:
@@ -37,7 +32,7 @@ def submit_sweep(sweep_path: str | Path, extra_overrides: list[str], evaluate: b
     sweep.out_dir.mkdir(parents=True, exist_ok=True)
     runs = run_configs(sweep, extra_overrides)  # launcher flags and overrides apply to every run
     entries = [run_entry(run, cfg) for run, cfg in runs]
-    todo = [i for i, (run, cfg) in enumerate(runs) if not finished(run.run_dir, cfg.train.steps)]
+    todo = [i for i, (run, cfg) in enumerate(runs) if (latest_step(run.run_dir) or 0) < cfg.train.steps]
     for i, (run, _) in enumerate(runs):
         if i not in todo:
             print(f"{run.name}: finished, not resubmitted")

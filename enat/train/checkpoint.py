@@ -54,6 +54,12 @@ def latest_tag(ckpt_dir: str | Path) -> str | None:
     return tag
 
 
+def latest_step(run_dir: str | Path) -> int | None:
+    """The step of a run's newest complete checkpoint (None before the first)."""
+    tag = latest_tag(checkpoint_dir(run_dir))
+    return None if tag is None else step_of(tag)
+
+
 def resolve_tag(ckpt_dir: Path, which: str | None) -> str:
     """'latest'/None, a step number or a tag -> an existing tag."""
     if which in (None, "latest"):
