@@ -12,7 +12,9 @@ decoder sees the merged visible set. The returned features hold f(z_prev) at the
 so f compounds over steps, as in the released code.
 
 All rows of a batch must have the same number of [MASK] tokens (and, in reuse mode, of newly
-revealed tokens): sequences are split by reshaping.
+revealed tokens). Tokens move between the encoder, the decoder and position order by gather and
+scatter on sorted positions, never by boolean masks: with the counts given (`num_masked`), a
+forward is free of host syncs and compiles to one graph.
 """
 
 from __future__ import annotations
@@ -36,14 +38,36 @@ class Output:
     logits: torch.Tensor | None  # (B, N, V) for logits="all", (B, M, V) at [MASK] positions for "masked"
     feat: torch.Tensor  # (B, N, D) features per position, before the head's LayerNorm
     mask: torch.Tensor  # (B, N) bool, True at [MASK] inputs
+    num_masked: int  # M, the [MASK] count of every row
+    order: torch.Tensor  # (B, N) positions: the N - M visible ones ascending, then the M masked ones ascending
+
+    @property
+    def masked_positions(self) -> torch.Tensor:
+        """(B, M) positions of the [MASK] inputs, ascending: the rows of logits="masked"."""
+        return self.order[:, self.order.shape[1] - self.num_masked:]
 
 
-def _take(x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-    """Rows of x (B, N, D) at the True positions of where (B, N), same count per row."""
-    return x[where].view(x.shape[0], -1, x.shape[-1])
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, N, D) at positions index (B, K) -> (B, K, D). A gather: no host sync, unlike
+    boolean-mask indexing, whose output shape depends on the mask's values."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def _row_count(where: torch.Tensor, what: str) -> int:
+def put_rows(x: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x (B, N, D) with rows (B, K, D) written at positions index (B, K) (out of place)."""
+    return x.scatter(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]), rows)
+
+
+def sort_positions(key: torch.Tensor) -> torch.Tensor:
+    """(B, N) positions ordered by an integer key per position, ascending positions within equal
+    keys: with key = mask it lists visible then masked positions, each in position order, the
+    same rows in the same order as boolean-mask indexing."""
+    return torch.sort(key.to(torch.int32), dim=1, stable=True).indices
+
+
+def row_count(where: torch.Tensor, what: str) -> int:
+    """The per-row count of True in where, checked equal across rows (reads the device: the
+    convenience path for callers that do not pass counts)."""
     counts = where.sum(dim=1)
     n = int(counts[0])
     if not bool((counts == n).all()):
@@ -78,31 +102,43 @@ class ENAT(nn.Module):
         init_weights(self)
 
     def forward(self, ids: torch.Tensor, labels: torch.Tensor, prev: Output | None = None,
-                logits: str = "all") -> Output:
+                logits: str = "all", num_masked: int | None = None) -> Output:
         """ids: (B, N) token ids with [MASK] = codebook_size; labels: (B,) classes (null class for
         the unconditional pass); prev: this branch's previous Output for reuse mode;
         logits: "all" positions (as released), "masked" positions only (all the sampler and the
-        loss need), or "none" (features only)."""
+        loss need), or "none" (features only);
+        num_masked: the [MASK] count of every row, when the caller knows it (the trainer's step
+        plan, the sampler's schedule). Given, the forward never reads the device (no host sync)
+        and trusts the ids to match it; omitted, it is counted and the batch checked."""
         cfg = self.cfg
+        N = ids.shape[1]
         mask = ids == cfg.mask_id
-        _row_count(mask, "[MASK] tokens")
+        if num_masked is None:
+            num_masked = row_count(mask, "[MASK] tokens")
+            if prev is not None:
+                if bool((mask & ~prev.mask).any()):
+                    raise ValueError("reuse mode: a position masked now was visible in the previous call")
+                row_count(prev.mask & ~mask, "newly revealed tokens")
+        M = num_masked
+        order = sort_positions(mask)
+        visible_pos, masked_pos = order[:, :N - M], order[:, N - M:]
         x = self.embed(ids)
         c = F.silu(self.label_embed(labels.reshape(-1)))  # every block's adaLN starts with SiLU
 
         if prev is None:
-            ctx, h = None, _take(x, ~mask)
+            ctx, h = None, take_rows(x, visible_pos)
             if self.training:
                 # Zero-weighted use of the reuse projection and the encoder's context K/V in
                 # full-mode training steps: every parameter takes part in every step, so ZeRO
                 # stages 0-3 all see the same (zero) gradients for them and agree exactly.
                 ctx = self.reuse_proj(x[:, :0])
         else:
-            if bool((mask & ~prev.mask).any()):
-                raise ValueError("reuse mode: a position masked now was visible in the previous call")
-            old, new = ~prev.mask, ~mask & prev.mask
-            _row_count(new, "newly revealed tokens")
-            ctx = self.reuse_proj(_take(prev.feat.detach(), old).to(x.dtype))
-            h = _take(x, new)
+            # Positions by kind: visible before (0), newly revealed (1), still masked (2).
+            kinds = sort_positions(prev.mask.to(torch.int32) + mask.to(torch.int32))
+            n_old = N - prev.num_masked
+            old_pos, new_pos = kinds[:, :n_old], kinds[:, n_old:N - M]
+            ctx = self.reuse_proj(take_rows(prev.feat.detach(), old_pos).to(x.dtype))
+            h = take_rows(x, new_pos)
 
         if h.shape[1] > 0:
             h = run_blocks(self.encoder, h, c, ctx, self.activation_checkpointing)
@@ -110,20 +146,16 @@ class ENAT(nn.Module):
         if prev is None:
             visible = h
         else:  # merge encoded new tokens and projected old ones back into position order
-            merged = x.new_empty(x.shape)
-            merged[new] = h.reshape(-1, h.shape[-1])
-            merged[old] = ctx.reshape(-1, ctx.shape[-1])
-            visible = _take(merged, ~mask)
+            merged = put_rows(put_rows(torch.empty_like(x), new_pos, h), old_pos, ctx)
+            visible = take_rows(merged, visible_pos)
 
-        m = _take(x, mask)
+        m = take_rows(x, masked_pos)
         if m.shape[1] > 0:
             m = run_blocks(self.decoder, m, c, visible, self.activation_checkpointing)
 
-        feat = x.new_empty(x.shape)
-        feat[~mask] = visible.reshape(-1, visible.shape[-1])
-        feat[mask] = m.reshape(-1, m.shape[-1])
+        feat = put_rows(put_rows(torch.empty_like(x), visible_pos, visible), masked_pos, m)
         return Output(logits=head_logits(self.head, self.embed, feat, m, logits, cfg.codebook_size),
-                      feat=feat, mask=mask)
+                      feat=feat, mask=mask, num_masked=M, order=order)
 
 
 def head_logits(head: TokenHead, embed: TokenEmbedder, feat: torch.Tensor, masked: torch.Tensor,

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from enat.config import ModelConfig
-from enat.models.enat import Output, head_logits, init_weights, run_blocks
+from enat.models.enat import Output, row_count, head_logits, init_weights, run_blocks, sort_positions, take_rows
 from enat.models.layers import Block, LabelEmbedder, TokenEmbedder, TokenHead
 
 
@@ -30,13 +30,16 @@ class NAT(nn.Module):
         init_weights(self)
 
     def forward(self, ids: torch.Tensor, labels: torch.Tensor, prev: Output | None = None,
-                logits: str = "all") -> Output:
+                logits: str = "all", num_masked: int | None = None) -> Output:
+        """As ENAT.forward (num_masked: the per-row [MASK] count, given = no host sync)."""
         if prev is not None:
             raise ValueError("the NAT baseline has no reuse mode; call it without prev")
         mask = ids == self.cfg.mask_id
+        M = row_count(mask, "[MASK] tokens") if num_masked is None else num_masked
+        order = sort_positions(mask)
         x = self.embed(ids)
         c = F.silu(self.label_embed(labels.reshape(-1)))
         x = run_blocks(self.blocks, x, c, None, self.activation_checkpointing)
-        masked = x[mask].view(x.shape[0], -1, x.shape[-1]) if logits == "masked" else None
+        masked = take_rows(x, order[:, x.shape[1] - M:]) if logits == "masked" else None
         return Output(logits=head_logits(self.head, self.embed, x, masked, logits, self.cfg.codebook_size),
-                      feat=x, mask=mask)
+                      feat=x, mask=mask, num_masked=M, order=order)

@@ -1,0 +1,181 @@
+"""What the CPU can count of GPU behaviour: host syncs, collectives and compiled graphs.
+
+A GPU runs ahead of Python only while nothing asks it for a value. `SyncCounter` records the aten
+ops that make the host wait for the device (a scalar read, a data-dependent output shape) and
+every explicit device synchronize; `CollectiveCounter` records each collective (c10d op) with
+its bytes. Both work the same on CPU, so tests and `enat.bench train` prove the training step's
+shape without a GPU. `count_graphs` asks dynamo how many graphs (and breaks) a function compiles to.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+aten = torch.ops.aten
+
+# Ops whose result the host must wait for: a scalar copied out, or an output whose shape depends
+# on the values (the allocation needs them first).
+SYNC_OPS = {
+    aten._local_scalar_dense.default,  # .item(), float(t), bool(t), .tolist()
+    aten.is_nonzero.default,
+    aten.equal.default,
+    aten.nonzero.default,
+    aten.masked_select.default,
+    aten.unique_consecutive.default,
+    aten._unique2.default,
+    aten.unique_dim.default,
+    aten.repeat_interleave.Tensor,
+    aten.allclose.default,
+}
+BOOL_INDEX_OPS = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
+
+
+def _has_bool_index(args) -> bool:
+    indices = args[1] if len(args) > 1 else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in (indices or ()) if i is not None)
+
+
+COPY_OPS = {aten._to_copy.default, aten.copy_.default}
+
+
+def _device_to_host(func, args, kwargs) -> bool:
+    """A copy from an accelerator to the host (invisible on a CPU-only machine, where `tolist`
+    is counted instead)."""
+    if func is aten.copy_.default:
+        dst, src = args[0], args[1]
+        return dst.device.type == "cpu" and src.device.type != "cpu"
+    device = kwargs.get("device")
+    return device is not None and torch.device(device).type == "cpu" and args[0].device.type != "cpu"
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts host-sync-forcing ops (and device synchronize calls) while active.
+
+        with SyncCounter() as syncs:
+            step()
+        syncs.total, syncs.by_op, syncs.where[:3]
+
+    `where` keeps a short stack of the first calls, to find the culprit."""
+
+    def __init__(self, keep_stacks: int = 20):
+        super().__init__()
+        self.by_op: Counter[str] = Counter()
+        self.where: list[str] = []
+        self.keep_stacks = keep_stacks
+        self._patched: list = []
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_op.values())
+
+    def _record(self, name: str) -> None:
+        self.by_op[name] += 1
+        if len(self.where) < self.keep_stacks:
+            frames = [f for f in traceback.extract_stack() if "torch/" not in f.filename
+                      and "profiling.py" not in f.filename][-4:]
+            self.where.append(f"{name} at " + " <- ".join(f"{f.filename.split('/')[-1]}:{f.lineno}"
+                                                         for f in reversed(frames)))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in SYNC_OPS:
+            self._record(func.name())
+        elif func in BOOL_INDEX_OPS and _has_bool_index(args):
+            self._record(func.name() + "[bool]")
+        elif func in COPY_OPS and _device_to_host(func, args, kwargs):
+            self._record(func.name() + "[to host]")
+        return func(*args, **kwargs)
+
+    def __enter__(self):
+        # Tensor.tolist reads the data without an aten op: count it at the Python level.
+        original_tolist = torch.Tensor.tolist
+
+        def tolist(t, *a, _original=original_tolist, **k):
+            self._record("tolist()")
+            return _original(t, *a, **k)
+
+        torch.Tensor.tolist = tolist
+        self._patched.append((torch.Tensor, "tolist", original_tolist))
+        for owner, name in _synchronize_functions():
+            original = getattr(owner, name)
+
+            def counted(*a, _original=original, _name=name, **k):
+                self._record(f"{_name}()")
+                return _original(*a, **k)
+
+            setattr(owner, name, counted)
+            self._patched.append((owner, name, original))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for owner, name, original in reversed(self._patched):
+            setattr(owner, name, original)
+        self._patched.clear()
+        return super().__exit__(*exc)
+
+
+def _synchronize_functions():
+    """Explicit device synchronizes: torch.cuda's, and DeepSpeed's accelerator (its timers)."""
+    out = [(torch.cuda, "synchronize")]
+    try:
+        from deepspeed.accelerator import get_accelerator
+
+        out.append((get_accelerator(), "synchronize"))
+    except ImportError:
+        pass
+    return out
+
+
+class CollectiveCounter(TorchDispatchMode):
+    """Counts collectives and the bytes they deliver, at the dispatcher (c10d ops), so it sees
+    every caller: the trainer's, DeepSpeed's (whose comm layer holds its own references to the
+    torch.distributed functions) and object collectives (tensors underneath).
+
+        with CollectiveCounter() as comm:
+            ema.update()
+        comm.calls, comm.bytes, comm.by_name
+
+    Bytes are those of the op's first argument: the output of a gather or reduce-scatter (what
+    arrives at this rank), the tensors of an all-reduce or broadcast."""
+
+    def __init__(self):
+        super().__init__()
+        self.by_name: Counter[str] = Counter()
+        self.bytes_by_name: Counter[str] = Counter()
+
+    @property
+    def calls(self) -> int:
+        return sum(self.by_name.values())
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.bytes_by_name.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "c10d" and args:
+            name = func.name().removeprefix("c10d::")
+            self.by_name[name] += 1
+            self.bytes_by_name[name] += sum(t.numel() * t.element_size() for t in _tensors(args[0]))
+        return func(*args, **(kwargs or {}))
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (list, tuple)):
+        for item in x:
+            yield from _tensors(item)
+
+
+def count_graphs(fn, *args, **kwargs) -> tuple[int, int, list[str]]:
+    """(graphs, graph breaks, break reasons) dynamo makes of fn(*args, **kwargs)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(fn)(*args, **kwargs)
+    reasons = [str(getattr(b, "reason", b)) for b in explanation.break_reasons]
+    return explanation.graph_count, explanation.graph_break_count, reasons
