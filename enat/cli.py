@@ -6,7 +6,7 @@
     enat convert official-enat IN OUT [--num-heads H --enc-depth E]
     enat tokenizer train --config C               the demo tokenizer, trained on the embedded digits
     enat tokenize --config C [--split val] [--num-parts K --part I | --merge]
-    enat data prepare --config C                  build the tokenizer/shards a config needs if missing
+    enat data prepare --config C                  build the tokenizer/shards (+ demo FID extractor) if missing
     enat train --config C [key=value ...]         under torchrun/srun/submitit or as one process
     enat export RUN OUT [--checkpoint STEP]       consolidated fp32 EMA + online weights
     enat ckpt universal RUN                       for resuming on another world size
@@ -45,8 +45,9 @@ def _table(rows: list[list], header: list[str]) -> str:
 
 
 def cmd_models(args) -> None:
+    from enat.config import ZOO
     from enat.flops import sampling_flops
-    from enat.models.zoo import ZOO, model_config, parameter_counts
+    from enat.models.zoo import model_config, parameter_counts
 
     rows = []
     for size in ZOO:
@@ -174,8 +175,11 @@ def cmd_tokenize(args) -> None:
 
 def cmd_data_prepare(args) -> None:
     from enat.data.prepare import prepare_data
+    from enat.eval.prepare import prepare_extractor
 
-    prepare_data(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)
+    prepare_data(cfg)
+    prepare_extractor(cfg)  # the demo's FID extractor, so the eval job after training finds it
 
 
 def cmd_train(args) -> None:
@@ -275,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("data", help="data preparation")
     dsub = s.add_subparsers(dest="action", required=True)
-    t = dsub.add_parser("prepare", help="build the tokenizer (demo) and shards that are missing")
+    t = dsub.add_parser("prepare", help="build what is missing of the tokenizer (demo), the shards and the "
+                                        "demo's FID extractor")
     _config_args(t)
     t.set_defaults(func=cmd_data_prepare)
 

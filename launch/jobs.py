@@ -93,10 +93,14 @@ class EvalJob:
 
 
 def prepare_job(config: dict) -> None:
-    """The demo's own models (tokenizer, FID digit classifier) before the data is tokenized."""
-    from enat.data.prepare import prepare_models
+    """The demo's own models before the data is tokenized: the tokenizer (data) and the FID digit
+    classifier (evaluation), each built when missing."""
+    from enat.data.prepare import prepare_tokenizer
+    from enat.eval.prepare import prepare_extractor
 
-    prepare_models(_config(config), log=log)
+    cfg = _config(config)
+    prepare_tokenizer(cfg, log=log)
+    prepare_extractor(cfg, log=log)
 
 
 def tokenize_job(config: dict, split: str, part: int, num_parts: int) -> None:

@@ -6,7 +6,9 @@ Each run gets its own directory OUT_DIR/<name>, the wandb group = the sweep name
 its grid values; OUT_DIR/sweep.json (the manifest `scaling/` reads) lists every run with its
 parameters, size, FLOPs per sample and compute budget, and the job ids. Resubmitting continues
 the runs from their checkpoints and skips finished ones. launch.array_parallelism caps how many
-run at once. --eval adds an FID job per run for its final checkpoint.
+run at once. --eval adds an FID job per run for its final checkpoint. The runs' data is prepared
+first (launch/tokenize.py's jobs, once per distinct tokenizer/shards/extractor; nothing when it
+exists): the trainer only checks its data.
 """
 
 from __future__ import annotations
@@ -27,6 +29,21 @@ from launch.jobs import TrainJob
 from launch.submit import add_launch_args, describe, executor, launch_overrides, record, submit_array, wait
 
 
+def submit_data(cfgs) -> list:
+    """The prepare/tokenize jobs for the data the runs need, once per distinct set of paths (two
+    runs writing the same shards would collide), one set after the other (they may share a
+    tokenizer); [] when everything exists."""
+    from launch.tokenize import submit_tokenize
+
+    deps, seen = [], set()
+    for cfg in cfgs:
+        key = (cfg.tokenizer.checkpoint, cfg.data.shards, cfg.data.val_shards, cfg.eval.extractor_weights)
+        if key not in seen:
+            seen.add(key)
+            deps += submit_tokenize(cfg, ["train", "val"] if cfg.data.val_shards else ["train"], parts=1, after=deps)
+    return deps
+
+
 def submit_sweep(sweep_path: str | Path, extra_overrides: list[str], evaluate: bool = False) -> tuple[Path, list]:
     sweep = load_sweep(sweep_path)
     sweep.out_dir.mkdir(parents=True, exist_ok=True)
@@ -42,7 +59,8 @@ def submit_sweep(sweep_path: str | Path, extra_overrides: list[str], evaluate: b
         ln = cfg0.launch
         ex = executor(cfg0, Path(ln.log_dir or sweep.out_dir / "slurm"), f"sweep-{sweep.name}",
                       tasks_per_node=ln.gpus_per_node, nodes=ln.nodes)
-        jobs = submit_array(ex, TrainJob(), [to_dict(runs[i][1]) for i in todo], [None] * len(todo))
+        data = submit_data([runs[i][1] for i in todo])
+        jobs = submit_array(ex, TrainJob(), [to_dict(runs[i][1]) for i in todo], [None] * len(todo), after=data)
         for i, job in zip(todo, jobs):
             entries[i]["job_id"] = job.job_id
             print(f"{runs[i][0].name}: job {job.job_id}  log {job.paths.stdout}  run {runs[i][0].run_dir}")

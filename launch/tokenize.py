@@ -19,17 +19,16 @@ if __package__ in (None, ""):  # a script: import `launch` from the checkout, no
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from enat.config import Config, to_dict
-from enat.data.prepare import split_dir
+from enat.data.prepare import split_dir, tokenizer_missing
 from enat.data.shards import MANIFEST
+from enat.eval.prepare import extractor_missing
 from launch.jobs import merge_job, prepare_job, tokenize_job
 from launch.submit import add_launch_args, describe, executor, load, record, submit, submit_array, wait
 
 
 def needs_models(cfg: Config) -> bool:
-    ev = cfg.eval
-    missing_tok = cfg.tokenizer.checkpoint is not None and not Path(cfg.tokenizer.checkpoint).is_file()
-    missing_fid = ev.extractor == "digits-cnn" and ev.extractor_weights and not Path(ev.extractor_weights).is_file()
-    return cfg.data.dataset == "digits" and bool(missing_tok or missing_fid)
+    """Whether the prepare job must run first: the demo tokenizer or the demo's FID extractor is missing."""
+    return tokenizer_missing(cfg) or extractor_missing(cfg)
 
 
 def submit_tokenize(cfg: Config, splits: list[str], parts: int, after=None) -> list:

@@ -15,11 +15,14 @@ if __package__ in (None, ""):  # a script: import `launch` from the checkout, no
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from enat.config import Config, to_dict
+from enat.data.prepare import check_data
 from launch.jobs import TrainJob
 from launch.submit import add_launch_args, describe, executor, load, record, submit, wait
 
 
 def submit_train(cfg: Config, stop_at: int | None = None, after=None):
+    if not after:  # nothing to wait for (no tokenize job): the data must exist now, not fail after the queue
+        check_data(cfg)
     run_dir = Path(cfg.train.run_dir)
     ln = cfg.launch
     ex = executor(cfg, Path(ln.log_dir or run_dir / "slurm"), f"train-{run_dir.name}",

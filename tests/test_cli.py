@@ -181,3 +181,35 @@ def test_eval_benchmark_prints_table_and_json(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads(res.stdout.strip().splitlines()[-1])
     assert result["images_per_s"] > 0 and set(result["fractions"]) == {"sampling", "decoding", "features"}
+
+
+def test_data_prepare_builds_shards_and_the_demo_extractor_train_launcher_checks(tmp_path, monkeypatch, capsys):
+    """`enat data prepare` builds what is missing for the data (shards; the tokenizer is given
+    here) and for evaluation (the demo's FID extractor, a stand-in here); the train launcher
+    refuses to submit while the shards are missing, naming the command."""
+    import enat.eval.fidelity as fidelity
+    from enat.config import load_config
+    from enat.data.prepare import check_data
+    from enat.data.shards import ShardError
+    from enat.tokenizer import VQGAN
+    from enat.tokenizer.train import save_tokenizer
+    from launch.train import submit_train
+
+    config = str(ROOT / "configs/experiments/demo.yaml")
+    over = [f"tokenizer.checkpoint={tmp_path / 'tok.pt'}", f"data.shards={tmp_path / 'train'}",
+            f"data.val_shards={tmp_path / 'val'}", f"eval.extractor_weights={tmp_path / 'fx.pt'}",
+            f"train.run_dir={tmp_path / 'run'}", "launch.cluster=local"]
+    cfg = load_config(config, over)
+    with pytest.raises(ShardError, match=r"enat data prepare --config CONFIG"):
+        submit_train(cfg)
+    assert not (tmp_path / "run").exists()
+    torch.manual_seed(0)
+    save_tokenizer(tmp_path / "tok.pt", VQGAN(cfg.tokenizer), {})
+    trained = []
+    monkeypatch.setattr(fidelity, "train_digit_classifier",
+                        lambda out, seed=0, log=print: trained.append(out) or open(out, "wb").close())
+    assert main(["data", "prepare", "--config", config, *over]) == 0
+    for split in ("train", "val"):
+        assert json.loads((tmp_path / split / "manifest.json").read_text())["num_samples"] > 0
+    assert trained == [str(tmp_path / "fx.pt")]
+    check_data(cfg)

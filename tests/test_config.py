@@ -1,12 +1,15 @@
-"""The config system: bases, overrides, validation messages, dump/reload."""
+"""The config system: bases, overrides, validation messages, dump/reload, the import graph."""
 
+import ast
 import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from conftest import ROOT
-from enat.config import Config, ConfigError, dump_config, load_config
-from enat.models.zoo import ZOO
+from enat.config import ZOO, Config, ConfigError, dump_config, load_config
 
 
 def write(path, text):
@@ -115,3 +118,97 @@ def test_base_cycle_and_missing_file(tmp_path):
     write(tmp_path / "list.yaml", "- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(tmp_path / "list.yaml")
+
+
+def test_loading_a_config_imports_no_network_code():
+    """Sizes resolve in enat.config itself: a fresh interpreter that loads a config has not
+    imported enat.models (nor torch through it)."""
+    code = ("import sys\n"
+            "import enat.config\n"
+            "enat.config.load_config(sys.argv[1])\n"
+            "print(sorted(m for m in sys.modules if m == 'enat.models' or m.startswith('enat.models.')))\n")
+    res = subprocess.run([sys.executable, "-c", code, str(ROOT / "configs/experiments/imagenet256_L.yaml")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]", f"enat.config imported {res.stdout.strip()}"
+
+
+def _enat_modules() -> dict[str, Path]:
+    out = {}
+    for path in sorted((ROOT / "enat").rglob("*.py")):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def _imports(path: Path, at_import_time: bool) -> set[str]:
+    """The modules a file names in import statements: with `at_import_time`, only those that run
+    when the file is imported (module level, class bodies, if/try/with blocks; not function
+    bodies, not `if TYPE_CHECKING:`); else every one, lazy imports included."""
+    found: set[str] = set()
+
+    def add(node) -> None:
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)  # `from pkg import module`
+
+    def walk(stmts) -> None:
+        for node in stmts:
+            add(node)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue
+            if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+                walk(node.orelse)
+                continue
+            for name in ("body", "orelse", "finalbody", "handlers", "cases"):
+                walk(getattr(node, name, []))
+
+    tree = ast.parse(path.read_text())
+    if at_import_time:
+        walk(tree.body)
+    else:
+        for node in ast.walk(tree):
+            add(node)
+    return found
+
+
+def test_no_import_cycles_config_and_zoo_included():
+    """No module of enat imports, at import time, a module that (transitively) imports it back;
+    and enat.config, which every component reads, imports nothing of enat.models even lazily
+    (the zoo's sizes live in enat.config; enat.models.zoo imports them from there)."""
+    modules = _enat_modules()
+    graph = {name: sorted(m for m in _imports(path, True) if m in modules and m != name)
+             for name, path in modules.items()}
+
+    def cycle_from(start: str) -> list[str] | None:
+        stack, on_path, done = [(start, iter(graph[start]))], [start], set()
+        while stack:
+            node, it = stack[-1]
+            nxt = next(it, None)
+            if nxt is None:
+                stack.pop()
+                done.add(on_path.pop())
+            elif nxt in on_path:
+                return on_path[on_path.index(nxt):] + [nxt]
+            elif nxt not in done:
+                stack.append((nxt, iter(graph[nxt])))
+                on_path.append(nxt)
+        return None
+
+    cycles = {frozenset(c): c for c in (cycle_from(m) for m in graph) if c}  # one per set of modules
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles.values())
+    assert "enat.config" in graph["enat.models.zoo"]
+    lazy = sorted(m for m in _imports(modules["enat.config"], False) if m.startswith("enat.models"))
+    assert not lazy, f"enat.config imports {lazy} (zoo -> config -> zoo)"
+
+
+def test_released_recipe_configs_drop_labels_as_released():
+    """The ImageNet experiments follow the released recipe: labels to the null class in the data
+    (0.15) and again in the model (0.1), ~23.5% in all; the demo drops in the data only."""
+    for path in sorted((ROOT / "configs/experiments").glob("imagenet*.yaml")):
+        cfg = load_config(path)
+        assert cfg.model.label_drop == 0.1 and cfg.data.cfg_drop == 0.15, path
+        assert 1 - (1 - cfg.data.cfg_drop) * (1 - cfg.model.label_drop) == pytest.approx(0.235), path
+    assert load_config(ROOT / "configs/experiments/demo.yaml").model.label_drop == 0.0

@@ -315,3 +315,23 @@ def test_resampled_mode_streams_batches(shards):
     labels = torch.cat([b["labels"] for b in batches])
     assert 0.4 < (labels == 10).float().mean() < 0.6
     assert ld.state_dict()["micro_batches"] == 200
+
+
+def test_check_data_names_what_is_missing_and_the_command(tmp_path, shards):
+    """The trainer's check builds nothing: missing shards raise, naming each manifest and the
+    command that makes them."""
+    from enat.data.prepare import check_data
+
+    over = [f"data.shards={tmp_path / 'train'}", f"data.val_shards={tmp_path / 'val'}"]
+    with pytest.raises(ShardError) as e:
+        check_data(load_config(ROOT / "configs/experiments/demo.yaml", over))
+    msg = str(e.value)
+    assert f"training shards: no {tmp_path / 'train' / 'manifest.json'}" in msg
+    assert f"validation shards: no {tmp_path / 'val' / 'manifest.json'}" in msg
+    assert "`enat data prepare --config CONFIG [key=value ...]`" in msg and "launch/tokenize.py" in msg
+    assert not (tmp_path / "train").exists() and not (tmp_path / "val").exists()
+    # Training shards there, no validation split configured: fine; a missing val split alone is named.
+    check_data(load_config(ROOT / "configs/experiments/demo.yaml", [f"data.shards={shards}", "data.val_shards=null"]))
+    with pytest.raises(ShardError, match=r"validation shards: no .*val.manifest\.json") as e:
+        check_data(load_config(ROOT / "configs/experiments/demo.yaml", [f"data.shards={shards}", over[1]]))
+    assert "training shards" not in str(e.value)

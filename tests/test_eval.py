@@ -204,3 +204,29 @@ def test_one_and_two_ranks_give_the_same_samples(setup, tmp_path):
     a, b = np.load(one["files"]["npz"]), np.load(two["files"]["npz"])
     assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
     assert two["metrics"]["fid"] == pytest.approx(one["metrics"]["fid"], rel=1e-9)
+
+
+def test_missing_extractor_names_the_command_and_prepare_builds_it(tmp_path, monkeypatch):
+    """The FID job does not build the demo extractor: a missing one is an error naming the command;
+    data preparation's prepare_extractor trains it (here a stand-in) only when the config uses it."""
+    import enat.eval.fidelity as fidelity
+    from enat.eval.prepare import extractor_missing, prepare_extractor
+
+    with pytest.raises(EvalError, match=r"not found: .*fx\.pt\. Train it with `enat extractor train --config CONFIG"):
+        build_extractor("digits-cnn", str(tmp_path / "fx.pt"))
+    with pytest.raises(EvalError, match="Inception weights not found"):
+        build_extractor("inception-v3-compat", str(tmp_path / "inception.pth"))
+
+    trained = []
+    monkeypatch.setattr(fidelity, "train_digit_classifier",
+                        lambda out, seed=0, log=print: trained.append(out) or open(out, "wb").close())
+    cfg = load_config(CONFIG, [f"eval.extractor_weights={tmp_path / 'fx.pt'}"])
+    assert extractor_missing(cfg)
+    prepare_extractor(cfg, log=lambda *_: None)
+    prepare_extractor(cfg, log=lambda *_: None)  # there now: not trained again
+    assert trained == [str(tmp_path / "fx.pt")] and not extractor_missing(cfg)
+    inception = load_config(CONFIG, ["eval.extractor=inception-v3-compat",
+                                     f"eval.extractor_weights={tmp_path / 'i.pth'}"])
+    assert not extractor_missing(inception)
+    prepare_extractor(inception, log=lambda *_: None)  # given by path, never built here
+    assert trained == [str(tmp_path / "fx.pt")]

@@ -1,5 +1,7 @@
 """Build what a config's data needs and is missing: for the embedded demo, the tokenizer (trained
-here) and the train/val token shards; for image folders, the shards (the tokenizer is given)."""
+here) and the train/val token shards; for image folders, the shards (the tokenizer is given).
+`check_data` is the trainer's side: it only checks the shards exist and names the command that
+makes them. (The demo's FID feature extractor is evaluation's: enat/eval/prepare.py.)"""
 
 from __future__ import annotations
 
@@ -55,35 +57,50 @@ def tokenize_split(cfg: Config, split: str, input_: str | None = None, out: str 
     return None
 
 
-def prepare_models(cfg: Config, log=print) -> None:
-    """The models the data and eval need that this project trains itself (the demo's tokenizer
-    and FID digit classifier) when they are missing; anything else must be given by path."""
+def tokenizer_missing(cfg: Config) -> bool:
+    """Whether the demo tokenizer must be trained first (`prepare_tokenizer` would train it)."""
+    tok = cfg.tokenizer.checkpoint
+    return cfg.data.dataset == "digits" and tok is not None and not Path(tok).is_file()
+
+
+def prepare_tokenizer(cfg: Config, log=print) -> None:
+    """The tokenizer the data is tokenized with: the demo's is trained here when missing; any
+    other must be given by path (tokenizer.checkpoint)."""
     from enat.data.digits import load_digits
     from enat.tokenizer.train import train_tokenizer
 
     tok = cfg.tokenizer
     if tok.checkpoint is None:
         raise ShardError("tokenizer.checkpoint is not set")
-    if not Path(tok.checkpoint).is_file():
-        if cfg.data.dataset != "digits":
-            raise ShardError(f"tokenizer checkpoint {tok.checkpoint} not found; this project trains only the "
-                             f"demo tokenizer itself: give the released VQGAN's path in tokenizer.checkpoint")
-        log(f"no tokenizer at {tok.checkpoint}: training the demo tokenizer ({tok.train.steps} steps)")
-        images, _, _ = load_digits("train", tok.resolution)
-        train_tokenizer(cfg, images, tok.checkpoint, log=log)
-    ev = cfg.eval
-    if ev.extractor == "digits-cnn" and ev.extractor_weights and not Path(ev.extractor_weights).is_file():
-        from enat.eval.fidelity import train_digit_classifier
-
-        log(f"no FID feature extractor at {ev.extractor_weights}: training the digit classifier")
-        train_digit_classifier(ev.extractor_weights, seed=cfg.seed, log=log)
+    if Path(tok.checkpoint).is_file():
+        return
+    if cfg.data.dataset != "digits":
+        raise ShardError(f"tokenizer checkpoint {tok.checkpoint} not found; this project trains only the "
+                         f"demo tokenizer itself: give the released VQGAN's path in tokenizer.checkpoint")
+    log(f"no tokenizer at {tok.checkpoint}: training the demo tokenizer ({tok.train.steps} steps)")
+    images, _, _ = load_digits("train", tok.resolution)
+    train_tokenizer(cfg, images, tok.checkpoint, log=log)
 
 
 def prepare_data(cfg: Config, progress: bool | None = None, log=print) -> None:
     """Make sure the tokenizer and the shards of both splits exist, building what is missing."""
-    prepare_models(cfg, log=log)
+    prepare_tokenizer(cfg, log=log)
     for split, out in (("train", cfg.data.shards), ("val", cfg.data.val_shards)):
         if out is None or (Path(out) / MANIFEST).is_file():
             continue
         log(f"no token shards at {out}: tokenizing the {split} split")
         tokenize_split(cfg, split, progress=progress, log=log)
+
+
+def check_data(cfg: Config) -> None:
+    """What the trainer calls before it starts: the training shards (and the validation shards
+    when data.val_shards is set) must be there, each with its manifest. It builds nothing."""
+    missing = [f"{what} shards: no {Path(out) / MANIFEST}"
+               for what, out in (("training", cfg.data.shards), ("validation", cfg.data.val_shards))
+               if out is not None and not (Path(out) / MANIFEST).is_file()]
+    if missing:
+        raise ShardError(
+            "the data of this run is not prepared (" + "; ".join(missing) + "). Prepare it first, with this "
+            "run's config and overrides: `enat data prepare --config CONFIG [key=value ...]`, or on a cluster "
+            "`python launch/tokenize.py --config CONFIG [key=value ...]` (launch/pipeline.py runs that "
+            "before training)")

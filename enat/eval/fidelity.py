@@ -7,8 +7,9 @@ only when that happens, and only here.
 
 Extractors: torch-fidelity's Inception ("inception-v3-compat", the TF-FID network of the standard
 protocol; weights by path for offline nodes) and "digits-cnn", a small classifier the project
-trains on the demo training split (`enat eval train-extractor`), so the embedded default computes a
-real FID offline. FID is computed in float64 from (mu, sigma).
+trains on the demo training split (`enat extractor train`, or with the data: `enat data prepare`;
+enat/eval/prepare.py), so the embedded default computes a real FID offline. FID is computed in
+float64 from (mu, sigma).
 """
 
 from __future__ import annotations
@@ -145,6 +146,29 @@ def train_digit_classifier(out: str | Path, steps: int = 600, seed: int = 0, log
 # ---------------------------------------------------------------------------------------------
 
 
+EXTRACTOR_COMMAND = "enat extractor train --config CONFIG [key=value ...]"
+
+
+def extractor_error(name: str, weights: str | None) -> str | None:
+    """Why the extractor `name` with weights `weights` cannot be built, naming the fix; None if it can."""
+    if name == "digits-cnn":
+        if not weights:
+            return (f"digits-cnn needs eval.extractor_weights (the digit classifier's path); train it: "
+                    f"`{EXTRACTOR_COMMAND}`")
+        if not Path(weights).is_file():
+            return (f"FID feature extractor (digit classifier) not found: {weights}. Train it with "
+                    f"`{EXTRACTOR_COMMAND}` (`enat data prepare` and launch/tokenize.py / launch/pipeline.py "
+                    f"also build it)")
+    elif name.startswith("inception"):
+        if weights is None:
+            return ("eval.extractor_weights is not set: give the Inception weights file "
+                    "(pt_inception-2015-12-05-6726825d.pth) by path; nothing is downloaded")
+        if not Path(weights).is_file():
+            return (f"Inception weights not found: {weights} (eval.extractor_weights); copy "
+                    f"pt_inception-2015-12-05-6726825d.pth there, nothing is downloaded")
+    return None
+
+
 def build_extractor(name: str, weights: str | None, device: torch.device | str = "cpu"):
     import_torch_fidelity()  # registers digits-cnn
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
@@ -153,9 +177,9 @@ def build_extractor(name: str, weights: str | None, device: torch.device | str =
         raise EvalError(f"unknown feature extractor {name!r}")
     cls = FEATURE_EXTRACTORS_REGISTRY[name]
     layers = (["pool", "logits_unbiased"] if name == "digits-cnn" else ["2048", "logits_unbiased"])
-    if name.startswith("inception") and weights is None:
-        raise EvalError("eval.extractor_weights is not set: give the Inception weights file "
-                         "(pt_inception-2015-12-05-6726825d.pth) by path; nothing is downloaded")
+    problem = extractor_error(name, weights)  # missing weights: say which file and what makes it
+    if problem:
+        raise EvalError(problem)
     return cls(name, layers, feature_extractor_weights_path=weights).to(device).eval()
 
 

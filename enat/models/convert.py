@@ -18,9 +18,8 @@ import math
 import re
 from pathlib import Path
 
-from enat.config import ConfigError, ModelConfig
+from enat.config import ZOO, ConfigError, ModelConfig, resolve_model_config
 from enat.models.weights import WeightsError, save_weights, torch_load
-from enat.models.zoo import ZOO, resolve_model_config
 
 UNUSED_PREFIX = "prev_embedder."
 

@@ -1,41 +1,18 @@
-"""Named model sizes and the one function that builds a network from a ModelConfig.
+"""Networks from a ModelConfig: build one, count its parameters, compare two configs.
 
-Only ENAT-L (22 encoder + 2 decoder blocks, width 1024, 16 heads) is published. XL follows the
-paper's review thread (28 blocks, width 1280, about 1B parameters); its 26+2 split keeps L's
-two-block decoder. S and B are NOT published sizes: they take DiT's widths and head counts
-(S 384/6, B 768/12, 12 blocks) with the same two-block decoder. `tiny` is for tests and the
-CPU demo (the shape of the golden file `enat_tiny_a.pt`).
+The named sizes themselves (ZOO: tiny, S, B, L, XL -> width, heads, encoder/decoder depth, with
+what is and is not published) are plain data in enat/config.py, next to ModelConfig, where
+`model.size` is resolved when a config loads; they are re-exported here for the model's users.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch.nn as nn
 
-from enat.config import ConfigError, ModelConfig
+from enat.config import ZOO, ModelConfig, resolve_model_config
 
-ARCH_FIELDS = ("width", "num_heads", "enc_depth", "dec_depth")
-
-
-def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
-    """Fill architecture fields left unset from the zoo entry named by `cfg.size`, then check."""
-    if cfg.size is not None:
-        if cfg.size not in ZOO:
-            raise ConfigError(f"unknown model.size {cfg.size!r}; the zoo has {', '.join(ZOO)}")
-        fill = {k: v for k, v in ZOO[cfg.size].items() if getattr(cfg, k) is None}
-        cfg = dataclasses.replace(cfg, **fill)
-    missing = [f"model.{k}" for k in ARCH_FIELDS if getattr(cfg, k) is None]
-    if missing:
-        raise ConfigError(f"{', '.join(missing)} unset: name a zoo size (model.size=, one of "
-                          f"{', '.join(ZOO)}) or set them explicitly")
-    if cfg.width % cfg.num_heads:
-        raise ConfigError(f"model.width {cfg.width} is not divisible by model.num_heads {cfg.num_heads}")
-    if cfg.arch == "enat" and (cfg.enc_depth < 1 or cfg.dec_depth < 1):
-        raise ConfigError("ENAT needs model.enc_depth >= 1 and model.dec_depth >= 1")
-    if cfg.depth < 1 or cfg.grid_size < 1 or cfg.codebook_size < 2 or cfg.num_classes < 1:
-        raise ConfigError(f"model config out of range: {cfg}")
-    return cfg
+__all__ = ["ZOO", "NETWORK_FIELDS", "build_model", "count_parameters", "model_config", "model_differences",
+           "parameter_counts", "resolve_model_config"]
 
 
 # The fields that make two configs different networks (dropout and label drop only affect training).
@@ -81,11 +58,3 @@ def parameter_counts(cfg: ModelConfig) -> tuple[int, int]:
     total = count_parameters(model)
     return total, total - embed
 
-
-ZOO: dict[str, dict] = {
-    "tiny": dict(width=64, num_heads=4, enc_depth=3, dec_depth=1),
-    "S": dict(width=384, num_heads=6, enc_depth=10, dec_depth=2),  # not published (DiT-S width)
-    "B": dict(width=768, num_heads=12, enc_depth=10, dec_depth=2),  # not published (DiT-B width)
-    "L": dict(width=1024, num_heads=16, enc_depth=22, dec_depth=2),  # the released ENAT-L
-    "XL": dict(width=1280, num_heads=20, enc_depth=26, dec_depth=2),  # 28 blocks, 1280, 20 heads
-}
