@@ -34,8 +34,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """The network. `size` names a zoo entry (enat/models/zoo.py) that fills every
-    architecture field left unset; fields set explicitly win over the zoo."""
+    """The network. `size` names a zoo entry (ZOO, below) that fills every architecture field
+    left unset; fields set explicitly win over the zoo."""
 
     size: str | None = "L"
     arch: Literal["enat", "nat"] = "enat"  # nat: vanilla MaskGIT-style baseline, all tokens in all blocks
@@ -65,6 +65,43 @@ class ModelConfig:
     @property
     def depth(self) -> int:
         return self.enc_depth + self.dec_depth
+
+
+# The named sizes (`model.size`). Only ENAT-L (22 encoder + 2 decoder blocks, width 1024, 16 heads)
+# is published. XL follows the paper's review thread (28 blocks, width 1280, about 1B parameters);
+# its 26+2 split keeps L's two-block decoder. S and B are NOT published sizes: they take DiT's
+# widths and head counts (S 384/6, B 768/12, 12 blocks) with the same two-block decoder. `tiny` is
+# for tests and the CPU demo (the shape of the golden file `enat_tiny_a.pt`).
+# Plain numbers, here next to ModelConfig, so that loading a config imports no network code;
+# enat/models/zoo.py builds the networks (and re-exports ZOO).
+ZOO: dict[str, dict] = {
+    "tiny": dict(width=64, num_heads=4, enc_depth=3, dec_depth=1),
+    "S": dict(width=384, num_heads=6, enc_depth=10, dec_depth=2),  # not published (DiT-S width)
+    "B": dict(width=768, num_heads=12, enc_depth=10, dec_depth=2),  # not published (DiT-B width)
+    "L": dict(width=1024, num_heads=16, enc_depth=22, dec_depth=2),  # the released ENAT-L
+    "XL": dict(width=1280, num_heads=20, enc_depth=26, dec_depth=2),  # 28 blocks, 1280, 20 heads
+}
+ARCH_FIELDS = ("width", "num_heads", "enc_depth", "dec_depth")
+
+
+def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
+    """Fill architecture fields left unset from the zoo entry named by `cfg.size`, then check."""
+    if cfg.size is not None:
+        if cfg.size not in ZOO:
+            raise ConfigError(f"unknown model.size {cfg.size!r}; the zoo has {', '.join(ZOO)}")
+        fill = {k: v for k, v in ZOO[cfg.size].items() if getattr(cfg, k) is None}
+        cfg = dataclasses.replace(cfg, **fill)
+    missing = [f"model.{k}" for k in ARCH_FIELDS if getattr(cfg, k) is None]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} unset: name a zoo size (model.size=, one of "
+                          f"{', '.join(ZOO)}) or set them explicitly")
+    if cfg.width % cfg.num_heads:
+        raise ConfigError(f"model.width {cfg.width} is not divisible by model.num_heads {cfg.num_heads}")
+    if cfg.arch == "enat" and (cfg.enc_depth < 1 or cfg.dec_depth < 1):
+        raise ConfigError("ENAT needs model.enc_depth >= 1 and model.dec_depth >= 1")
+    if cfg.depth < 1 or cfg.grid_size < 1 or cfg.codebook_size < 2 or cfg.num_classes < 1:
+        raise ConfigError(f"model config out of range: {cfg}")
+    return cfg
 
 
 @dataclass
@@ -158,6 +195,9 @@ class TrainConfig:
     lr: float = 4e-4
     betas: list[float] = field(default_factory=lambda: [0.99, 0.99])
     weight_decay: float = 0.03
+    # "matrices": weight matrices only (names in no_decay and 1-D parameters get none);
+    # "all": every parameter in one group, as the released ENAT code does.
+    weight_decay_scope: Literal["matrices", "all"] = "matrices"
     no_decay: list[str] = field(default_factory=lambda: ["bias", "norm", "embed", "positions", "table"])
     warmup_steps: int = 5000
     schedule: Literal["constant", "cosine"] = "constant"
@@ -166,10 +206,15 @@ class TrainConfig:
     zero_stage: int = 2
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # fp16 uses dynamic loss scaling
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile the forward + loss (one graph per mode, the masked count dynamic)
     ema_decay: float = 0.9999
     mask_beta: list[float] = field(default_factory=lambda: [12.0, 3.0])  # mask ratio ~ Beta(a, b) per batch
     label_smoothing: float = 0.1
     reuse_prob: float = 0.5  # probability of a reuse-mode step (ENAT only)
+    # Mask ratio and re-mask fraction: one draw per global step ("global"), or one per rank and step
+    # ("per_rank", as the released code; lower gradient variance). The reuse coin is global either
+    # way: every rank must run the same modules, or ZeRO-3's parameter gathers deadlock.
+    plan_draws: Literal["global", "per_rank"] = "global"
     log_every: int = 50
     val_every: int = 1000
     val_samples: int = 512  # held-out sequences for the validation loss
@@ -340,8 +385,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def resolve(cfg: Config) -> Config:
     """Fill zoo defaults and check cross-field rules."""
-    from enat.models.zoo import resolve_model_config  # zoo depends on ModelConfig, not vice versa
-
     cfg.model = resolve_model_config(cfg.model)
     if cfg.model.arch == "nat" and cfg.sample.reuse:
         raise ConfigError("sample.reuse=true needs model.arch=enat; the NAT baseline has no reuse "
@@ -356,6 +399,9 @@ def resolve(cfg: Config) -> Config:
     if t.zero_stage == 0 and t.precision == "bf16":
         raise ConfigError("DeepSpeed has no bf16 at ZeRO stage 0 (fp32 gradient accumulation is not implemented "
                           "there): use train.zero_stage>=1 or train.precision=fp32")
+    if t.compile and t.zero_stage == 3:
+        raise ConfigError("train.compile=true is not supported with ZeRO-3 (its parameter gathers run in hooks "
+                          "between the blocks): use train.zero_stage<=2, or train.compile=false")
     if len(t.betas) != 2 or len(t.mask_beta) != 2:
         raise ConfigError("train.betas and train.mask_beta take two numbers each")
     ln = cfg.launch

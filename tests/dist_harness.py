@@ -31,8 +31,9 @@ def main(jobs_path: str, out_path: str) -> None:
             res["local_param_fraction"] = local / trainer.n_params
             res["start_step"] = trainer.step
             trainer.fit(job.get("stop_at"))
-            res["ema"] = {k: v.double().sum().item() for k, v in trainer.ema.model.state_dict().items()}
-            res["ema_first"] = trainer.ema.model.head.fc.weight.flatten()[:64].tolist()
+            ema = trainer.ema.state_dict()["model"]  # a collective under ZeRO-3 (the EMA is sharded)
+            res["ema"] = {k: v.double().sum().item() for k, v in ema.items()}
+            res["ema_first"] = ema["head.fc.weight"].flatten()[:64].tolist()
             res["skipped"] = trainer.skipped
             res["run_id"] = trainer.run_id
             res["step"] = trainer.step

@@ -73,6 +73,11 @@ def losses(run_dir):
     return {r["step"]: r["loss"] for r in train}
 
 
+def grad_norms(run_dir):
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["grad_norm"] for r in recs if r.get("kind") == "train"}
+
+
 def test_plans_cover_both_modes():
     cfg = load_config(CONFIG)
     modes = {plan_step(s, cfg.seed, cfg.model, cfg.train).reuse for s in range(6)}
@@ -89,16 +94,24 @@ def test_zero_stages_agree_zero3_partitions_and_ema(tmp_path, data):
             "model.arch": "nat", "sample.reuse": "false", "train.steps": 3})},
         {"name": "bf16", "overrides": base(data, tmp_path / "bf16", **{
             "train.precision": "bf16", "train.zero_stage": 2, "train.steps": 3})},
+        # Per-rank mask ratios under ZeRO-3: different shapes on the two ranks, the same modules.
+        {"name": "z3_per_rank", "overrides": base(data, tmp_path / "z3_per_rank", **{
+            "train.zero_stage": 3, "train.steps": 6, "train.plan_draws": "per_rank"})},
     ]
     r = launch(tmp_path, jobs)
-    for name in ("nat", "bf16"):
+    for name in ("nat", "bf16", "z3_per_rank"):
         assert all(v == v and 3 < v < 6 for v in losses(tmp_path / name).values()), name
+    assert losses(tmp_path / "z3_per_rank") != losses(tmp_path / "z3")
     ref = losses(tmp_path / "z0")
     assert len(ref) == 6
     for s in (1, 2, 3, "3_ckpt"):
         got = losses(tmp_path / f"z{s}")
         for step in ref:
             assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-6), (s, step)
+        # The trainer's own gradient norm (ZeRO-0/1/2: from the packed all-reduce) agrees with DeepSpeed's (ZeRO-3).
+        norms, ref_norms = grad_norms(tmp_path / f"z{s}"), grad_norms(tmp_path / "z0")
+        for step in ref:
+            assert 0 < norms[step] == pytest.approx(ref_norms[step], rel=1e-5), (s, step)
     assert r["z3"]["local_param_fraction"] == pytest.approx(0.5, abs=0.01)
     assert r["z2"]["local_param_fraction"] == 1.0
     for k, v in r["z0"]["ema"].items():  # EMA kept under ZeRO-3 equals the EMA of the full weights
@@ -152,6 +165,11 @@ def test_exact_resume_world_size_change_nan_guard_and_run_id(tmp_path, data):
             "train.wandb.mode": "offline", "train.ckpt_every": 2, "train.steps": 4, "train.micro_batch": 32})},
         {"name": "nan_once", "overrides": base(data, tmp_path / "nan1", **{
             "train.inject_nan_steps": "[2]", "train.steps": 5})},
+        # The skip takes each stage's own path (ZeRO-0: the trainer's; ZeRO-3: DeepSpeed's overflow path).
+        {"name": "nan_z0", "overrides": base(data, tmp_path / "nan_z0", **{
+            "train.inject_nan_steps": "[2]", "train.steps": 5, "train.zero_stage": 0})},
+        {"name": "nan_z3", "overrides": base(data, tmp_path / "nan_z3", **{
+            "train.inject_nan_steps": "[2]", "train.steps": 5, "train.zero_stage": 3})},
         {"name": "nan_stop", "expect_error": True, "overrides": base(data, tmp_path / "nan2", **{
             "train.inject_nan_steps": "[2,3]", "train.max_consecutive_skips": 2, "train.steps": 6})},
         {"name": "learn", "overrides": base(data, tmp_path / "learn", **{
@@ -169,9 +187,14 @@ def test_exact_resume_world_size_change_nan_guard_and_run_id(tmp_path, data):
     runs = list((tmp_path / "wandb/wandb").glob("offline-run-*"))
     assert runs and all(p.name.endswith(r3["wandb"]["run_id"]) for p in runs)
 
-    assert r3["nan_once"]["skipped"] == 1 and r3["nan_once"]["step"] == 5
-    nan_losses = losses(tmp_path / "nan1")
-    assert all(v == v for k, v in nan_losses.items() if k != 3)  # finite except the skipped step
+    for name, run in (("nan_once", "nan1"), ("nan_z0", "nan_z0"), ("nan_z3", "nan_z3")):
+        assert r3[name]["skipped"] == 1 and r3[name]["step"] == 5, name
+        nan_losses = losses(tmp_path / run)
+        assert all(v == v for k, v in nan_losses.items() if k != 3), name  # finite except the skipped step
+    # A skipped step leaves weights and optimizer alone: the stages still agree after it.
+    z0, z3 = losses(tmp_path / "nan_z0"), losses(tmp_path / "nan_z3")
+    for step in (4, 5):
+        assert z3[step] == pytest.approx(z0[step], rel=1e-6, abs=1e-6), step
     assert "NonFiniteError" in r3["nan_stop"]["error"] and "step 3" in r3["nan_stop"]["error"]
 
     learned = losses(tmp_path / "learn")

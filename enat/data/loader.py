@@ -16,6 +16,11 @@ state only re-seeds the stream.
 
 Labels are replaced by the null class with probability `cfg_drop` (classifier-free guidance), the
 draw derived from (seed, epoch, sample key), so it is the same whatever rank reads the sample.
+
+Every batch carries `tokens`, `labels` and `uid` (the sample keys' ids). A `transform(batch, j)`
+(j: the rank's micro-batch index) adds what the step needs from the host, in the workers: the
+trainer's mask order. On a GPU the batches come in pinned memory, so the step copies them to the
+device without blocking.
 """
 
 from __future__ import annotations
@@ -132,7 +137,8 @@ class _ExactStream(torch.utils.data.IterableDataset):
         reader = _Reader(self.ld.data.paths)
         j = self.start + w
         while True:
-            yield self.ld.micro_batch(j, reader)
+            batch = self.ld.micro_batch(j, reader)
+            yield self.ld.transform(batch, j) if self.ld.transform is not None else batch
             j += nw
 
 
@@ -142,7 +148,7 @@ class TokenLoader:
     def __init__(self, shard_dir: str | Path, micro_batch: int, rank: int = 0, world_size: int = 1,
                  grad_accum: int = 1, seed: int = 0, cfg_drop: float = 0.0, null_class: int | None = None,
                  shuffle: bool = True, num_workers: int = 0, strict: bool = False, resampled: bool = False,
-                 model_cfg=None, log=print):
+                 model_cfg=None, transform=None, log=print):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
         self.data = ShardSet(shard_dir, strict=strict, log=log if rank == 0 else (lambda *_: None))
@@ -159,6 +165,8 @@ class TokenLoader:
         if self.batches_per_epoch == 0:
             raise ShardError(f"{shard_dir} has {len(self.data)} usable samples, fewer than one global batch "
                              f"({micro_batch} x {world_size} ranks x {grad_accum} accumulation = {self.global_batch})")
+        self.transform = transform
+        self.pin_memory = torch.cuda.is_available()
         self.position = 0  # micro-batches consumed by this rank
         self.log = log if rank == 0 else (lambda *_: None)
         self._perm: tuple[int, np.ndarray] | None = None
@@ -215,7 +223,7 @@ class TokenLoader:
             yield from self._iter_resampled()
             return
         dl = torch.utils.data.DataLoader(_ExactStream(self, self.position), batch_size=None,
-                                         num_workers=self.num_workers,
+                                         num_workers=self.num_workers, pin_memory=self.pin_memory,
                                          persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
         for batch in dl:
             t = self.position // self.accum
@@ -241,7 +249,7 @@ class TokenLoader:
             if tokens.shape != (seq_len,):
                 raise ShardError(f"{sample.get('__url__')}: sample {sample['__key__']} has {tokens.size} tokens, "
                                  f"expected {seq_len}")
-            return tokens.astype(np.int64), int(sample["cls"])
+            return tokens.astype(np.int64), int(sample["cls"]), key_uid([sample["__key__"].encode()])[0]
 
         pipeline = wds.DataPipeline(
             wds.ResampledShards(self.data.paths, seed=self.seed, worker_seed=worker_seed, deterministic=True),
@@ -250,11 +258,15 @@ class TokenLoader:
             wds.map(decode, handler=handler),
             wds.batched(self.micro, partial=False),
         )
-        dl = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=self.num_workers)
-        for tokens, labels in dl:
-            tokens, labels = torch.as_tensor(tokens), torch.as_tensor(labels)
+        dl = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=self.num_workers,
+                                         pin_memory=self.pin_memory)
+        for tokens, labels, uid in dl:
+            tokens, labels, uid = torch.as_tensor(tokens), torch.as_tensor(labels), torch.as_tensor(uid)
             if self.cfg_drop > 0:
                 g = torch.Generator().manual_seed(derive_seed(self.seed, "resampled-drop", self.rank, self.position))
                 labels = torch.where(torch.rand(labels.shape, generator=g) < self.cfg_drop, self.null_class, labels)
+            batch = {"tokens": tokens, "labels": labels, "uid": uid}
+            if self.transform is not None:
+                batch = self.transform(batch, self.position)
             self.position += 1
-            yield {"tokens": tokens, "labels": labels}
+            yield batch

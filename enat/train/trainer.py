@@ -4,6 +4,13 @@ One optimizer step = `grad_accum` micro-batches per rank. Every random decision 
 counters: the step's mask ratio / reuse coin / re-mask fraction from (seed, step), mask positions
 from (seed, step, sample key), dropout from (seed, step, micro-batch, rank). With the loader's
 one-counter state and the EMA in the checkpoint, a resumed run continues bit for bit.
+
+The step is shaped for a GPU: the host never waits for the device inside forward, loss and
+backward (mask positions arrive as index tensors, counts come from the step plan). The loss sum,
+a non-finite flag, the local gradient norm and the stop flag travel in one packed all-reduce,
+read once per optimizer step; that read decides whether the update is applied or skipped.
+DeepSpeed's own per-step syncs (throughput timer, bf16 overflow check, a second gradient norm)
+are switched off because that flag covers them.
 """
 
 from __future__ import annotations
@@ -21,14 +28,15 @@ import torch.nn.functional as F
 
 from enat.config import Config, dump_config, to_dict
 from enat.data.loader import TokenLoader
+from enat.data.prepare import check_data
 from enat.dist import all_reduce, barrier, broadcast_object, device_for, setup_env
-from enat.flops import expected_train_flops, train_step_flops
+from enat.flops import expected_train_flops, masked_count, train_step_flops
 from enat.models import build_model, count_parameters
 from enat.rng import derive_seed
 from enat.train.checkpoint import (Checkpointer, checkpoint_dir, latest_tag, read_meta, to_universal)
 from enat.train.ema import EMA
 from enat.train.metrics import MetricsWriter, peak_memory_gb, peak_tflops, run_id
-from enat.train.objective import compute_loss, plan_step, validation_ids
+from enat.train.objective import MaskOrder, compute_loss, plan_step, validation_order
 
 RATIO_BUCKETS = [0.0, 0.6, 0.7, 0.8, 0.9, 1.01]
 
@@ -59,10 +67,21 @@ def lr_lambda(cfg):
 
 
 def param_groups(model, cfg) -> list[dict]:
+    """AdamW groups: weight matrices decay, biases/norms/tables do not ("matrices"), or every
+    parameter decays ("all", the released code)."""
+    t = cfg.train
+    if t.weight_decay_scope == "all":
+        return [{"params": list(model.parameters()), "weight_decay": t.weight_decay}]
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if any(k in name for k in cfg.train.no_decay) or p.ndim < 2 else decay).append(p)
-    return [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        (no_decay if any(k in name for k in t.no_decay) or p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model, cfg) -> torch.optim.AdamW:
+    """AdamW, fused: one kernel for all parameters, and its step counts stay on the device (the
+    default implementation reads each group's step count on the host every step)."""
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.train.lr, betas=tuple(cfg.train.betas), fused=True)
 
 
 def ds_config(cfg, world: int, load_universal: bool) -> dict:
@@ -71,14 +90,65 @@ def ds_config(cfg, world: int, load_universal: bool) -> dict:
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": t.micro_batch * t.grad_accum * world,
-        "zero_optimization": {"stage": t.zero_stage},
+        # The trainer takes the gradient norm and the non-finite check itself (one packed
+        # all-reduce); DeepSpeed's own norm is needed only to clip.
+        "zero_optimization": {"stage": t.zero_stage, "compute_grad_norm": t.clip > 0 or t.zero_stage not in (1, 2)},
         "gradient_clipping": t.clip,
-        "bf16": {"enabled": t.precision == "bf16"},
+        "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": False},
         "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 1 << 60,
         "wall_clock_breakdown": False,
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},  # it synchronizes every step
         "checkpoint": {"load_universal": load_universal},
     }
+
+
+def local_grad_norm_sq(engine, zero_stage: int) -> torch.Tensor | None:
+    """Squared L2 norm of the gradients this rank holds after the last backward of a step (the
+    full gradients at ZeRO-0, the rank's partition at ZeRO-1/2), on the device: no host read.
+    Summed over ranks it gives the global norm (ZeRO-1/2) or world x the norm (ZeRO-0).
+    None under ZeRO-3, whose optimizer checks and measures its gradients itself."""
+    if zero_stage == 3:
+        return None
+    if zero_stage == 0:
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    else:
+        grads = [g for group in engine.optimizer.averaged_gradients.values() for g in (group or []) if g is not None]
+    if not grads:
+        return torch.zeros((), device=engine.device)
+    return torch.stack(torch._foreach_norm(grads)).float().square().sum()
+
+
+def skip_update(engine, zero_stage: int) -> None:
+    """End an optimizer step without applying it (non-finite loss or gradient): gradients
+    cleared, the skip counted, the LR schedule left where it is. ZeRO-1/2/3 take DeepSpeed's own
+    overflow path (which clears its partitioned gradient buffers too); ZeRO-0 has none."""
+    opt = engine.optimizer
+    if zero_stage == 0:
+        opt.zero_grad(set_to_none=True)
+        engine.micro_steps += 1
+        engine.global_steps += 1
+        engine.skipped_steps += 1
+        return
+    if zero_stage == 3:
+        def overflowed(update_scale=True, _opt=opt):
+            _opt.overflow = True
+            return _opt._loss_scale_update_and_overflow_cleanup() if update_scale else True
+
+        opt._overflow_check_and_loss_scale_update = overflowed
+        undo = lambda: delattr(opt, "_overflow_check_and_loss_scale_update")  # noqa: E731
+    else:
+        checked = opt.check_grad_overflow
+        opt.check_grad_overflow = True
+        opt.has_overflow = lambda partition_gradients=True: True
+
+        def undo():
+            opt.check_grad_overflow = checked
+            del opt.has_overflow
+    try:
+        engine.step()
+    finally:
+        undo()
 
 
 class Trainer:
@@ -93,12 +163,9 @@ class Trainer:
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         self.log = log if self.rank == 0 else (lambda *_: None)
         self.run_dir = Path(t.run_dir)
+        check_data(cfg)  # preparation is a job of its own (`enat data prepare`, launch/tokenize.py)
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            if cfg.data.dataset == "digits":
-                from enat.data.prepare import prepare_data
-
-                prepare_data(cfg, log=self.log)
         barrier()
 
         torch.manual_seed(cfg.seed)
@@ -106,10 +173,10 @@ class Trainer:
         model.activation_checkpointing = t.activation_checkpointing
         self.n_params = count_parameters(model)
         self.ema = EMA(model, t.ema_decay)
-        self.ema.model.to(self.device)
         self.loader = TokenLoader(cfg.data.shards, t.micro_batch, self.rank, self.world, t.grad_accum, cfg.seed,
                                   cfg.data.cfg_drop, cfg.model.null_class, cfg.data.shuffle, cfg.data.num_workers,
-                                  cfg.data.strict, cfg.data.resampled, model_cfg=cfg.model, log=self.log)
+                                  cfg.data.strict, cfg.data.resampled, model_cfg=cfg.model,
+                                  transform=MaskOrder(cfg.seed, cfg.model.seq_len, t.grad_accum), log=self.log)
 
         # Where to resume from, decided before the engine exists (universal loading is a config flag).
         ckpt_dir = checkpoint_dir(self.run_dir)
@@ -125,12 +192,18 @@ class Trainer:
 
         if t.zero_stage == 3:
             deepspeed.zero.register_external_parameter(model.head, model.embed.tokens.weight)  # tied head
-        optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=t.lr, betas=tuple(t.betas))
+        optimizer = make_optimizer(model, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg, self.world, universal))
         if self.world == 1 and t.zero_stage == 0:
             self.engine.enable_backward_allreduce = False  # nothing to reduce; saves a flatten+copy per step
+        self.ema.attach(self.engine, t.zero_stage)
+        # The z_prev pass of a reuse step runs in the training precision; the EMA itself stays fp32.
+        self.prev_autocast = torch.bfloat16 if t.precision == "bf16" and not self.ema.sharded else None
+        self.loss_fn = compute_loss
+        if t.compile:
+            self.loss_fn = torch.compile(compute_loss)
         self.checkpointer = Checkpointer(self.run_dir, self.rank, t.keep_last, t.keep_every)
 
         self.step = 0
@@ -165,6 +238,7 @@ class Trainer:
         self._val_data = None
         self._tokenizer = None
         self._grad_norm = float("nan")
+        self.stop_requested = False
 
     # ------------------------------------------------------------------------------------------
 
@@ -189,41 +263,53 @@ class Trainer:
         self.log(f"saved checkpoint {tag}")
         return tag
 
-    def train_step(self, it) -> dict:
-        """One optimizer step over grad_accum micro-batches. Returns step statistics."""
+    def train_step(self, it, stop: bool = False) -> dict:
+        """One optimizer step over grad_accum micro-batches. `stop`: this rank wants to stop after
+        this step (OR-ed over ranks into `self.stop_requested`). Returns step statistics.
+
+        The host reads the device once: the packed all-reduce of [loss sum, non-finite flag,
+        gradient norm^2, stop] before the update, which it applies or skips on what it reads."""
         cfg, t = self.cfg, self.cfg.train
-        plan = plan_step(self.step, cfg.seed, cfg.model, t)
-        losses, data_wait, bad = [], 0.0, False
+        plan = plan_step(self.step, cfg.seed, cfg.model, t, self.rank)
+        model = self.module if t.compile else self.engine  # compiled: the bare module, no engine hooks to trace
+        loss_sum = torch.zeros((), device=self.device)
+        data_wait = 0.0
         self.module.train()
         for a in range(t.grad_accum):
             t0 = time.perf_counter()
             batch = next(it)
             data_wait += time.perf_counter() - t0
-            if bad:
-                continue  # drain this step's micro-batches: the data position stays aligned
-            tokens, labels, uid = (batch[k].to(self.device) for k in ("tokens", "labels", "uid"))
+            tokens, labels, order = (batch[k].to(self.device, non_blocking=True) for k in ("tokens", "labels", "order"))
+            masked = order[:, :plan.masked]
+            remasked = order[:, plan.masked:plan.masked + plan.remasked] if plan.reuse else None
+            if t.compile:  # one graph for every mask count, not one per count
+                torch._dynamo.mark_dynamic(masked, 1)
+                if remasked is not None:
+                    torch._dynamo.mark_dynamic(remasked, 1)
             torch.manual_seed(derive_seed(cfg.seed, "dropout", self.step, a, self.rank))
-            loss = compute_loss(self.engine, self.ema.model, tokens, labels, uid, plan, cfg.seed, cfg.model,
-                                t.label_smoothing)
+            loss = self.loss_fn(model, self.ema, tokens, labels, masked, remasked, cfg.model.mask_id,
+                                t.label_smoothing, self.prev_autocast)
             if self.step in t.inject_nan_steps:
                 loss = loss * float("nan")
-            finite = all_reduce(torch.tensor([float(torch.isfinite(loss))], device=self.device), dist.ReduceOp.MIN)
-            if finite.item() < 1:
-                bad = True
-                if a > 0:  # discard what this step accumulated so far
-                    self.engine.optimizer.zero_grad(set_to_none=True)
-                    self.engine.micro_steps += t.grad_accum - a
-                continue
             self.engine.backward(loss)
+            loss_sum += loss.detach().float()
+            if a < t.grad_accum - 1:
+                self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
+        grad_sq = local_grad_norm_sq(self.engine, t.zero_stage)
+        packed = torch.stack([loss_sum, (~torch.isfinite(loss_sum)).float(),
+                              grad_sq if grad_sq is not None else torch.zeros_like(loss_sum),
+                              torch.full_like(loss_sum, float(stop))])
+        loss_total, nonfinite, grad_sq_total, stops = all_reduce(packed).tolist()  # the step's one host read
+        self.stop_requested = stops > 0
+        bad = nonfinite > 0 or not math.isfinite(grad_sq_total)
+        if grad_sq is not None:
+            self._grad_norm = math.sqrt(grad_sq_total / (self.world if t.zero_stage == 0 else 1))
+        if bad:
+            skip_update(self.engine, t.zero_stage)
+        else:
             skipped_before = self.engine.skipped_steps
-            if t.zero_stage == 0 and a == t.grad_accum - 1 and (self.step + 1) % t.log_every == 0:
-                # ZeRO-0 computes no norm unless it clips; take it ourselves on logging steps only.
-                grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-                self._grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
             self.engine.step()
-            losses.append(loss.detach().float())
-        if not bad and self.engine.skipped_steps > skipped_before:
-            bad = True  # DeepSpeed found a non-finite gradient and skipped the update itself
+            bad = self.engine.skipped_steps > skipped_before  # ZeRO-3 found a non-finite gradient itself
         if bad:
             self.skipped += 1
             self.consecutive_skips += 1
@@ -235,13 +321,12 @@ class Trainer:
                                      f"use bf16/fp32, or resume from an earlier checkpoint.")
         else:
             self.consecutive_skips = 0
-            self.ema.update(self.module, t.zero_stage)
-        loss = torch.stack(losses).mean() if losses else torch.tensor(float("nan"))
-        loss = all_reduce(loss.to(self.device).clone()) / self.world if losses else loss
+            self.ema.update()
         n = t.micro_batch * t.grad_accum * self.world
         self.samples_seen += n
         self.step += 1
-        return {"loss": float(loss), "plan": plan, "data_wait": data_wait, "skipped": bad,
+        return {"loss": loss_total / (t.grad_accum * self.world) if not bad else float("nan"), "plan": plan,
+                "data_wait": data_wait, "skipped": bad,
                 "flops": n * train_step_flops(cfg.model, plan.masked, plan.reuse, plan.remasked)}
 
     # ------------------------------------------------------------------------------------------
@@ -260,24 +345,28 @@ class Trainer:
             # The same number of rows on every rank: under ZeRO-3 each forward is a collective.
             n = min(t.val_samples, len(data)) // self.world * self.world
             rows = torch.arange(n)[self.rank::self.world].numpy()
-            tokens = data.tokens(rows)
-            self._val_data = (torch.from_numpy(tokens), torch.from_numpy(data.label[rows]),
-                              torch.from_numpy(data.uid[rows]))
-        tokens, labels, uid = (x.to(self.device) for x in self._val_data)
+            tokens, uid = torch.from_numpy(data.tokens(rows)), torch.from_numpy(data.uid[rows])
+            self._val_data = (tokens, torch.from_numpy(data.label[rows]),
+                              validation_order(uid, cfg.seed, cfg.model.seq_len))
+        tokens, labels, order = (x.to(self.device) for x in self._val_data)
+        N = cfg.model.seq_len
         self.module.eval()
         out = {}
-        for name, model in (("val", self.engine), ("val_ema", self.ema.model)):
-            for ratio in t.val_mask_ratios:
-                total = torch.zeros(2, device=self.device, dtype=torch.float64)
-                for s in range(0, len(tokens), t.micro_batch):
-                    tok, lab, u = tokens[s:s + t.micro_batch], labels[s:s + t.micro_batch], uid[s:s + t.micro_batch]
-                    ids = validation_ids(tok, u, ratio, cfg.seed, cfg.model.mask_id)
-                    logits = model(ids, lab, logits="masked").logits.float()
-                    target = tok[ids == cfg.model.mask_id].view(tok.shape[0], -1)
-                    total[0] += F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum").double()
-                    total[1] += target.numel()
-                all_reduce(total)
-                out[f"{name}/loss_r{ratio:g}"] = float(total[0] / total[1])
+        with self.ema.full_model() as ema_model:
+            for name, model in (("val", self.engine), ("val_ema", ema_model)):
+                for ratio in t.val_mask_ratios:
+                    M = masked_count(N, ratio)
+                    total = torch.zeros(2, device=self.device, dtype=torch.float64)
+                    for s in range(0, len(tokens), t.micro_batch):
+                        tok, lab = tokens[s:s + t.micro_batch], labels[s:s + t.micro_batch]
+                        ids = tok.scatter(1, order[s:s + t.micro_batch, :M], cfg.model.mask_id)
+                        res = model(ids, lab, logits="masked", num_masked=M)
+                        target = tok.gather(1, res.masked_positions)
+                        total[0] += F.cross_entropy(res.logits.float().flatten(0, 1), target.flatten(),
+                                                    reduction="sum").double()
+                        total[1] += target.numel()
+                    all_reduce(total)
+                    out[f"{name}/loss_r{ratio:g}"] = float(total[0] / total[1])
         self.module.train()
         return out
 
@@ -286,8 +375,15 @@ class Trainer:
         """EMA samples for fixed labels and seeds, decoded, as a PNG in the run directory (rank 0)."""
         cfg = self.cfg
         tok_path = cfg.tokenizer.checkpoint
-        if self.rank != 0 or not tok_path or not Path(tok_path).is_file():
+        if not tok_path or not Path(tok_path).is_file():
             return None
+        if self.ema.sharded:  # every rank takes part in gathering the EMA; rank 0 samples
+            with self.ema.full_model() as model:
+                return self._sample_grid(model) if self.rank == 0 else None
+        return self._sample_grid(self.ema.model) if self.rank == 0 else None
+
+    def _sample_grid(self, model) -> Path:
+        cfg = self.cfg
         from enat.images import save_grid
         from enat.sampling import generate
         from enat.tokenizer import load_tokenizer
@@ -296,7 +392,7 @@ class Trainer:
             self._tokenizer = load_tokenizer(cfg.tokenizer).to(self.device)
         labels = torch.tensor([c % cfg.model.num_classes for c in cfg.train.sample_labels])
         sc = dataclasses.replace(cfg.sample, seed=cfg.seed)
-        ids = generate(self.ema.model, labels, sc)
+        ids = generate(model, labels, sc)
         images = self._tokenizer.decode(ids)
         return save_grid(images, self.run_dir / "samples" / f"step{self.step:08d}.png")
 
@@ -320,7 +416,7 @@ class Trainer:
         bar = tqdm(total=end, initial=self.step, desc="train", unit="step",
                    disable=not (self.rank == 0 and sys.stderr.isatty()))
         while self.step < end:
-            stats = self.train_step(it)
+            stats = self.train_step(it, stop=should_stop is not None and bool(should_stop()))
             bar.update(1)
             window["steps"] += 1
             window["flops"] += stats["flops"]
@@ -348,7 +444,7 @@ class Trainer:
             saved = (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == end
             if saved:
                 self.save()  # on schedule, and always where this run ends (done or --stop-at)
-            if should_stop is not None and self.step < end and self._stop_requested(should_stop):
+            if self.stop_requested and self.step < end:
                 if not saved:
                     self.save()
                 self.log(f"stop requested: checkpointed step {self.step} of {end}")
@@ -356,10 +452,6 @@ class Trainer:
                 break
         bar.close()
         return {**last, "step": self.step, "interrupted": self.interrupted}
-
-    def _stop_requested(self, should_stop) -> bool:
-        flag = torch.tensor([float(bool(should_stop()))], device=self.device)
-        return all_reduce(flag, dist.ReduceOp.MAX).item() > 0
 
     @staticmethod
     def _new_window() -> dict:
@@ -375,7 +467,7 @@ class Trainer:
         rec = {"kind": "train", "step": self.step, "samples_seen": self.samples_seen,
                "loss": sum(w["loss"]) / len(w["loss"]) if w["loss"] else float("nan"),
                "lr": self.scheduler.get_last_lr()[0],
-               "grad_norm": float(self._grad_norm if self.cfg.train.zero_stage == 0
+               "grad_norm": float(self._grad_norm if self.cfg.train.zero_stage != 3
                                   else (self.engine.get_global_grad_norm() or float("nan"))),
                "skipped_steps": self.skipped, "skipped_in_window": w["skipped"],
                "images_per_s": n / elapsed, "images_per_s_per_rank": n / elapsed / self.world,
