@@ -1,6 +1,7 @@
 """The `enat` command and the README's fresh-machine main job."""
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -213,3 +214,20 @@ def test_data_prepare_builds_shards_and_the_demo_extractor_train_launcher_checks
         assert json.loads((tmp_path / split / "manifest.json").read_text())["num_samples"] > 0
     assert trained == [str(tmp_path / "fx.pt")]
     check_data(cfg)
+
+
+@pytest.mark.slow
+def test_train_benchmark_reports_syncs_graphs_and_mfu():
+    """The command a GPU run uses, on CPU: the table and a JSON line with every number."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    res = subprocess.run([sys.executable, "-m", "enat.bench", "train", "--model", "tiny", "--grid-size", "8",
+                          "--batch", "8", "--steps", "3", "--warmup", "2", "--zero-stage", "2", "--precision", "bf16",
+                          "--peak-tflops", "1.0", "--bare", "--json"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "MFU" in res.stdout and "graphs of forward + loss" in res.stdout
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    assert r["syncs_per_step"] == 1 and set(r["syncs_by_mode"]) <= {"full", "reuse"}
+    assert r["graphs"] == {"full": {"graphs": 1, "breaks": 0}, "reuse": {"graphs": 1, "breaks": 0}}
+    assert r["images_per_s"] > 0 and r["mfu"] == pytest.approx(r["tflops_per_s"] / 1.0)
+    assert r["overhead_ratio"] > 0 and r["zero_stage"] == 2 and r["precision"] == "bf16"
