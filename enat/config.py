@@ -116,6 +116,8 @@ class SampleConfig:
     greedy: bool = False  # argmax instead of sampling tokens (parity with recorded traces)
     seed: int = 0  # every sample's noise derives from (seed, sample index)
     batch_size: int = 64
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the network under autocast; logits upcast
+    compile: bool = False  # torch.compile the network forward (dynamic shapes: about 3 graphs for 8 steps)
 
 
 @dataclass

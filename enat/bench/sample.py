@@ -1,6 +1,9 @@
 """Sampling speed: ENAT with reuse, ENAT without reuse and the vanilla NAT of the same width and
 depth, in one process on the same labels and seeds. Prints images/s, analytic TFLOPs per image,
-and the speed-ups; --json adds one JSON object as the last line."""
+the speed-ups and the host syncs per decoding step; --json adds one JSON object as the last line.
+
+--dtype bfloat16 runs the networks under bf16 autocast (weights stay float32, logits are upcast
+before sampling); --compile runs them through torch.compile (compiled in the warm-up call)."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import torch
 from enat.config import SampleConfig
 from enat.flops import sampling_flops
 from enat.models import build_model, model_config
+from enat.profiling import SyncCounter
 from enat.sampling import generate
 
 
@@ -25,12 +29,15 @@ def add_arguments(p) -> None:
     p.add_argument("--cfg-scale", type=float, default=2.5)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median reported)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="bfloat16: the networks under bf16 autocast")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks (inductor)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--json", action="store_true")
 
 
 def _time(fn, device, repeats) -> float:
-    fn()  # warm-up
+    fn()  # warm-up (and compilation)
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -44,8 +51,10 @@ def _time(fn, device, repeats) -> float:
 
 
 def run(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
+    autocast_dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
     cfg = model_config(args.model, grid_size=args.grid_size)
     variants = {
         "ENAT": (cfg, True),
@@ -56,17 +65,25 @@ def run(args) -> dict:
     rows = {}
     for name, (mcfg, reuse) in variants.items():
         torch.manual_seed(0)
-        model = build_model(mcfg).to(device=device, dtype=dtype).eval()
+        model = build_model(mcfg).to(device).eval()
         sc = SampleConfig(steps=args.steps, cfg_scale=args.cfg_scale, reuse=reuse, batch_size=args.batch)
-        seconds = _time(lambda m=model, c=sc: generate(m, labels, c), device, args.repeats)
+
+        def sample(m=model, c=sc):
+            return generate(m, labels, c, autocast_dtype=autocast_dtype, compile=args.compile)
+
+        seconds = _time(sample, device, args.repeats)
+        with SyncCounter() as syncs:  # after the warm-up: compilation is not counted
+            sample()
         flops = sampling_flops(mcfg, args.steps, reuse=reuse, guided=args.cfg_scale != 0).total
         rows[name] = dict(seconds=seconds, images_per_s=args.batch / seconds, tflops_per_image=flops / 1e12,
-                          achieved_tflops=flops * args.batch / seconds / 1e12)
+                          achieved_tflops=flops * args.batch / seconds / 1e12,
+                          syncs_per_step=syncs.total / args.steps)
         del model
     e, n, v = rows["ENAT"], rows["ENAT no reuse"], rows["NAT"]
     result = {
         "model": args.model, "grid_size": args.grid_size, "batch": args.batch, "steps": args.steps,
-        "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(), "variants": rows,
+        "device": str(device), "dtype": args.dtype, "compile": args.compile, "threads": torch.get_num_threads(),
+        "variants": rows, "syncs_per_step": e["syncs_per_step"],
         "flops_ratio_vanilla_over_enat": v["tflops_per_image"] / e["tflops_per_image"],
         "flops_ratio_noreuse_over_enat": n["tflops_per_image"] / e["tflops_per_image"],
         "wall_ratio_vanilla_over_enat": v["seconds"] / e["seconds"],
@@ -74,18 +91,21 @@ def run(args) -> dict:
     }
     result["wall_over_flops_speedup_vanilla"] = (result["wall_ratio_vanilla_over_enat"]
                                                  / result["flops_ratio_vanilla_over_enat"])
+    result["wall_over_flops_speedup_noreuse"] = (result["wall_ratio_noreuse_over_enat"]
+                                                 / result["flops_ratio_noreuse_over_enat"])
     print(f"sampling benchmark: {args.model} grid {args.grid_size}x{args.grid_size}, batch {args.batch}, "
-          f"{args.steps} steps, CFG {args.cfg_scale}, {device} {args.dtype}, {torch.get_num_threads()} threads")
-    print(f"{'variant':<15}{'images/s':>10}{'s/batch':>10}{'TFLOPs/img':>12}{'TFLOP/s':>10}")
+          f"{args.steps} steps, CFG {args.cfg_scale}, {device} {args.dtype}{', compiled' if args.compile else ''}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'variant':<15}{'images/s':>10}{'s/batch':>10}{'TFLOPs/img':>12}{'TFLOP/s':>10}{'syncs/step':>12}")
     for name, r in rows.items():
         print(f"{name:<15}{r['images_per_s']:>10.2f}{r['seconds']:>10.3f}{r['tflops_per_image']:>12.4f}"
-              f"{r['achieved_tflops']:>10.3f}")
+              f"{r['achieved_tflops']:>10.3f}{r['syncs_per_step']:>12.2f}")
     print(f"NAT / ENAT:           FLOPs {result['flops_ratio_vanilla_over_enat']:.2f}x, "
           f"wall-clock {result['wall_ratio_vanilla_over_enat']:.2f}x "
           f"({100 * result['wall_over_flops_speedup_vanilla']:.0f}% of the FLOPs speed-up)")
     print(f"ENAT no reuse / ENAT: FLOPs {result['flops_ratio_noreuse_over_enat']:.2f}x, "
-          f"wall-clock {result['wall_ratio_noreuse_over_enat']:.2f}x")
+          f"wall-clock {result['wall_ratio_noreuse_over_enat']:.2f}x "
+          f"({100 * result['wall_over_flops_speedup_noreuse']:.0f}% of the FLOPs speed-up)")
     if args.json:
         print(json.dumps(result))
     return result
-
