@@ -86,9 +86,9 @@ def _loss_inputs(cfg, M, q, B=4):
     labels = torch.randint(0, cfg.num_classes, (B,), generator=g)
     order = torch.from_numpy(mask_order(np.arange(B), 3, 0, N))
     masked, rem = order[:, :M], (order[:, M:M + q] if q else None)
-    torch._dynamo.mark_dynamic(masked, 1)
+    torch._dynamo.maybe_mark_dynamic(masked, 1)
     if rem is not None:
-        torch._dynamo.mark_dynamic(rem, 1)
+        torch._dynamo.maybe_mark_dynamic(rem, 1)
     return tokens, labels, masked, rem
 
 
@@ -113,7 +113,9 @@ def test_compiled_loss_matches_eager_with_one_graph_for_all_mask_counts():
     counter = CompileCounterWithBackend("aot_eager")
     torch._dynamo.reset()
     compiled = torch.compile(compute_loss, backend=counter)
-    for M, q in ((20, 0), (33, 0), (20, 10), (41, 7)):
+    # The last two pin a count (no visible token left in the previous input; a single [MASK]):
+    # they compile graphs of their own instead of failing.
+    for M, q in ((20, 0), (33, 0), (20, 10), (41, 7), (63, 1), (1, 0)):
         tokens, labels, masked, rem = _loss_inputs(cfg, M, q)
         results = []
         for fn in (compute_loss, compiled):
@@ -126,7 +128,8 @@ def test_compiled_loss_matches_eager_with_one_graph_for_all_mask_counts():
         torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
         for a, b in zip(comp_grads, eager_grads):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    assert counter.frame_count == 2  # one graph for full mode, one for reuse mode
+        if (M, q) == (41, 7):
+            assert counter.frame_count == 2  # one graph for full mode, one for reuse mode
 
 
 def test_mask_order_is_the_one_recorded_before_the_move_to_the_host():

@@ -98,9 +98,9 @@ def run(args) -> dict:
         order = torch.from_numpy(mask_order(torch.arange(B).numpy(), 0, 0, N)).to(device)
         for mode, rem in (("full", None), ("reuse", order[:, N // 2:N // 2 + N // 8])):
             masked = order[:, :N // 2]
-            torch._dynamo.mark_dynamic(masked, 1)
+            torch._dynamo.maybe_mark_dynamic(masked, 1)
             if rem is not None:
-                torch._dynamo.mark_dynamic(rem, 1)
+                torch._dynamo.maybe_mark_dynamic(rem, 1)
             g, breaks, _ = count_graphs(compute_loss, trainer.module, trainer.ema, batch["tokens"], batch["labels"],
                                         masked, rem, cfg.model.mask_id, 0.1, trainer.prev_autocast)
             graphs[mode] = {"graphs": g, "breaks": breaks}

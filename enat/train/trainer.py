@@ -282,10 +282,11 @@ class Trainer:
             tokens, labels, order = (batch[k].to(self.device, non_blocking=True) for k in ("tokens", "labels", "order"))
             masked = order[:, :plan.masked]
             remasked = order[:, plan.masked:plan.masked + plan.remasked] if plan.reuse else None
-            if t.compile:  # one graph for every mask count, not one per count
-                torch._dynamo.mark_dynamic(masked, 1)
+            if t.compile:  # one graph for every mask count, not one per count ("maybe": the rare
+                # edge cases a count pins, such as no old visible token left, compile their own)
+                torch._dynamo.maybe_mark_dynamic(masked, 1)
                 if remasked is not None:
-                    torch._dynamo.mark_dynamic(remasked, 1)
+                    torch._dynamo.maybe_mark_dynamic(remasked, 1)
             torch.manual_seed(derive_seed(cfg.seed, "dropout", self.step, a, self.rank))
             loss = self.loss_fn(model, self.ema, tokens, labels, masked, remasked, cfg.model.mask_id,
                                 t.label_smoothing, self.prev_autocast)
