@@ -332,15 +332,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from enat.dist import close, is_initialized
+
     args = build_parser().parse_args(argv)
+    joined_before = is_initialized()  # a caller's process group (main() called from Python) is left alone
     try:
         args.func(args)
     except (ConfigError, WeightsError, ShardError, CheckpointError, NonFiniteError, EvalError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from enat.dist import close, is_initialized
-
-    if is_initialized():  # a rank of a multi-process run: leave without interpreter teardown
+    if is_initialized() and not joined_before:  # a rank of a multi-process run: leave without interpreter teardown
         close()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -151,6 +151,13 @@ def test_per_rank_plan_draws_vary_ratio_and_remask_but_share_the_reuse_coin():
         assert len({p.reuse for p in plans}) == 1
         assert plans[0].reuse == plan_step(step, 0, mcfg, TrainConfig()).reuse
         assert len({p.mask_ratio for p in plans}) == 4
+    # Every pass keeps a token in each part on every rank (see plan_step): no rank skips a module.
+    N = mcfg.seq_len
+    for step in range(3000):
+        p = plan_step(step, 0, mcfg, tcfg, step % 8)
+        assert 1 <= p.masked <= N - 1
+        if p.reuse:
+            assert p.remasked >= 1 and N - p.masked - p.remasked >= 1, p
     shared = [plan_step(3, 0, mcfg, TrainConfig(), rank) for rank in range(4)]
     assert len({p.masked for p in shared}) == 1  # global draws ignore the rank
 
@@ -208,3 +215,29 @@ def test_non_finite_step_is_skipped_without_touching_weights_optimizer_or_schedu
     assert not all(torch.equal(a, b) for a, b in zip(before, trainer.module.parameters()))
     assert trainer.scheduler.last_epoch == lr_steps + 1
     trainer.close()
+
+
+def test_compiled_trainer_step_compiles_once_per_mode(shards, tmp_path):
+    """train.compile: DeepSpeed's forward hooks are off the module, so micro-steps do not
+    recompile (through AOTAutograd here: inductor takes minutes on 2 cores)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from enat.train.trainer import Trainer
+
+    cfg = trainer_config(shards, tmp_path / "run", **{"train.zero_stage": 2, "train.precision": "bf16",
+                                                       "train.compile": "true"})
+    trainer = Trainer(cfg, log=lambda *_: None)
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    trainer.loss_fn = torch.compile(compute_loss, backend=counter)
+    it = iter(trainer.loader)
+    modes, frames = set(), []
+    for _ in range(12):
+        modes.add(plan_step(trainer.step, cfg.seed, cfg.model, cfg.train).reuse)
+        assert np.isfinite(trainer.train_step(it)["loss"])
+        frames.append(counter.frame_count)
+    trainer.close()
+    # Full mode, reuse mode, and the reuse counts that pin a size (a single re-masked token, none
+    # or one old visible token left): 5 graphs over these 24 micro-batches, none in the last 4
+    # steps. With DeepSpeed's hooks on the module it recompiled on every micro-batch.
+    assert modes == {True, False} and frames[-1] <= 6 and frames[-4:] == [frames[-1]] * 4, frames

@@ -53,6 +53,13 @@ def plan_step(step: int, seed: int, model_cfg: ModelConfig, train_cfg: TrainConf
     N = model_cfg.seq_len
     M = masked_count(N, ratio)
     q = max(1, round(u * (N - M))) if reuse else 0
+    if reuse and train_cfg.plan_draws == "per_rank":
+        # Counts differ by rank, so keep every part of every pass non-empty: the previous input
+        # keeps a visible token and the current one a new token. Else one rank would skip the EMA
+        # encoder (no token to encode) while others run it, and ZeRO-3's collective gathers of the
+        # sharded weights would pair up wrongly across ranks.
+        M = min(M, N - 2)
+        q = min(q, N - M - 1)
     return StepPlan(step, ratio, M, reuse, q)
 
 

@@ -116,7 +116,7 @@ def local_grad_norm_sq(engine, zero_stage: int) -> torch.Tensor | None:
         grads = [g for group in engine.optimizer.averaged_gradients.values() for g in (group or []) if g is not None]
     if not grads:
         return torch.zeros((), device=engine.device)
-    return torch.stack(torch._foreach_norm(grads)).float().square().sum()
+    return torch.stack(torch._foreach_norm(grads, dtype=torch.float32)).square().sum()
 
 
 def skip_update(engine, zero_stage: int) -> None:
@@ -203,7 +203,15 @@ class Trainer:
         self.prev_autocast = torch.bfloat16 if t.precision == "bf16" and not self.ema.sharded else None
         self.loss_fn = compute_loss
         if t.compile:
-            self.loss_fn = torch.compile(compute_loss)
+            # The compiled step calls the bare module. DeepSpeed's forward hooks on it (timers and
+            # the flops profiler at ZeRO <= 2) read the engine's micro-step counter, which would
+            # make dynamo recompile on every micro-batch.
+            self.engine.module_forward_pre_hook.remove()
+            self.engine.module_forward_post_hook.remove()
+            # One graph per mode, plus one for each count that pins a size to 0 or 1 (one
+            # re-masked token, one or no old visible token, ...): a handful, over dynamo's
+            # default limit of 8 in the worst case, past which it would silently run eager.
+            self.loss_fn = torch._dynamo.config.patch(recompile_limit=32)(torch.compile(compute_loss))
         self.checkpointer = Checkpointer(self.run_dir, self.rank, t.keep_last, t.keep_every)
 
         self.step = 0
@@ -305,6 +313,8 @@ class Trainer:
         bad = nonfinite > 0 or not math.isfinite(grad_sq_total)
         if grad_sq is not None:
             self._grad_norm = math.sqrt(grad_sq_total / (self.world if t.zero_stage == 0 else 1))
+            if t.precision == "fp16":  # the gradients still carry the loss scale
+                self._grad_norm /= float(getattr(self.engine.optimizer, "loss_scale", 1.0))
         if bad:
             skip_update(self.engine, t.zero_stage)
         else:
