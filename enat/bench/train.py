@@ -14,6 +14,7 @@ On a GPU:  python -m enat.bench train --device cuda --model L --precision bf16 -
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import tempfile
@@ -36,14 +37,9 @@ def add_arguments(p) -> None:
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (dense bf16 TFLOP/s per device)")
-    p.add_argument("--bare", action=argparse_bool(), default=None, help="also time a bare loop (default: on cpu)")
+    p.add_argument("--bare", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time a bare loop (default: on cpu)")
     p.add_argument("--json", action="store_true")
-
-
-def argparse_bool():
-    import argparse
-
-    return argparse.BooleanOptionalAction
 
 
 def _sync(device: torch.device) -> None:
@@ -58,7 +54,7 @@ def run(args) -> dict:
     from enat.profiling import SyncCounter, count_graphs
     from enat.train.metrics import peak_tflops
     from enat.train.objective import compute_loss, mask_order, plan_step
-    from enat.train.trainer import Trainer
+    from enat.train.trainer import Trainer, compiled_loss
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
@@ -106,7 +102,7 @@ def run(args) -> dict:
             graphs[mode] = {"graphs": g, "breaks": breaks}
         torch._dynamo.reset()
         if args.compile:  # explain() reset dynamo: compile again, during the warm-up
-            trainer.loss_fn = torch.compile(compute_loss)
+            trainer.loss_fn = compiled_loss()
 
     times, bare_times, flops = [], [], []
     for s in range(args.warmup + args.steps):

@@ -103,6 +103,13 @@ def ds_config(cfg, world: int, load_universal: bool) -> dict:
     }
 
 
+def compiled_loss():
+    """compute_loss through torch.compile. One graph per mode, plus one for each count that pins
+    a size to 0 or 1 (one re-masked token, one or no old visible token, ...): a handful, over
+    dynamo's default limit of 8 in the worst case, past which it would silently run eager."""
+    return torch._dynamo.config.patch(recompile_limit=32)(torch.compile(compute_loss))
+
+
 def local_grad_norm_sq(engine, zero_stage: int) -> torch.Tensor | None:
     """Squared L2 norm of the gradients this rank holds after the last backward of a step (the
     full gradients at ZeRO-0, the rank's partition at ZeRO-1/2), on the device: no host read.
@@ -208,10 +215,7 @@ class Trainer:
             # make dynamo recompile on every micro-batch.
             self.engine.module_forward_pre_hook.remove()
             self.engine.module_forward_post_hook.remove()
-            # One graph per mode, plus one for each count that pins a size to 0 or 1 (one
-            # re-masked token, one or no old visible token, ...): a handful, over dynamo's
-            # default limit of 8 in the worst case, past which it would silently run eager.
-            self.loss_fn = torch._dynamo.config.patch(recompile_limit=32)(torch.compile(compute_loss))
+            self.loss_fn = compiled_loss()
         self.checkpointer = Checkpointer(self.run_dir, self.rank, t.keep_last, t.keep_every)
 
         self.step = 0
