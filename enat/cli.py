@@ -10,6 +10,8 @@
     enat train --config C [key=value ...]         under torchrun/srun/submitit or as one process
     enat export RUN OUT [--checkpoint STEP]       consolidated fp32 EMA + online weights
     enat ckpt universal RUN                       for resuming on another world size
+    enat ckpt list RUN [--checksums]              tags, steps, sizes, state, `latest`, the writer lease
+    enat ckpt verify RUN [--tag T]                read every byte; non-zero exit if `latest` is damaged
     enat eval --run RUN --checkpoint latest       FID & co. of a checkpoint (idempotent)
     enat extractor train --config C               the demo's digit-classifier feature extractor
 """
@@ -28,6 +30,7 @@ import torch
 from enat.config import ConfigError, load_config
 from enat.data.shards import ShardError
 from enat.train.checkpoint import CheckpointError
+from enat.train.lease import LeaseError, LeaseLost
 from enat.eval.job import EvalError
 from enat.train.trainer import NonFiniteError
 from enat.models.weights import WeightsError
@@ -185,7 +188,7 @@ def cmd_data_prepare(args) -> None:
 def cmd_train(args) -> None:
     from enat.train.trainer import train
 
-    train(load_config(args.config, args.overrides), stop_at=args.stop_at)
+    train(load_config(args.config, args.overrides), stop_at=args.stop_at, takeover=args.takeover)
 
 
 def cmd_export(args) -> None:
@@ -199,6 +202,69 @@ def cmd_ckpt_universal(args) -> None:
 
     ckpt = checkpoint_dir(args.run)
     print(f"wrote {ckpt / to_universal(ckpt, resolve_tag(ckpt, args.checkpoint))}")
+
+
+def _ckpt_statuses(args, checksums: bool):
+    from enat.train.checkpoint import ckpt_dir_of, latest_pointer, tag_dirs, verify_tag
+
+    ckpt = ckpt_dir_of(args.run)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"no checkpoints folder at {ckpt}")
+    tags = tag_dirs(ckpt)
+    if getattr(args, "tag", None):
+        tag = args.tag if not str(args.tag).isdigit() else f"step{int(args.tag):08d}"
+        if tag not in tags:
+            raise CheckpointError(f"no tag {tag} in {ckpt}; have {tags or 'none'}")
+        tags = [tag]
+    return ckpt, latest_pointer(ckpt), [verify_tag(ckpt, t, checksums=checksums) for t in tags]
+
+
+def cmd_ckpt_list(args) -> None:
+    from enat.train.checkpoint import DAMAGED, step_of
+    from enat.train.lease import describe_holder, read_lease
+
+    ckpt, latest, statuses = _ckpt_statuses(args, args.checksums)
+    holder = read_lease(ckpt.parent)
+    print(f"{ckpt}: " + (f"writer lease held by {describe_holder(holder)}" if holder else "no writer lease held"))
+    rows = [[s.tag, step_of(s.tag), s.files or "-", f"{s.size / 1e6:.1f} MB" if s.size else "-",
+             {"unchecked": "sizes ok"}.get(s.state, s.state), "<- latest" if s.tag == latest else ""]
+            for s in statuses]
+    if rows:
+        print(_table(rows, ["tag", "step", "files", "size", "state", ""]))
+    if latest is not None and latest not in {s.tag for s in statuses}:
+        print(f"latest names {latest}, which is missing")
+    for s in statuses:
+        for p in s.problems if s.state in ("damaged", "partial") else []:
+            print(f"  {s.tag}: {p}")
+    set_aside = sorted((ckpt / DAMAGED).iterdir()) if (ckpt / DAMAGED).is_dir() else []
+    if set_aside:
+        print(f"{len(set_aside)} damaged checkpoint(s) set aside in {ckpt / DAMAGED}")
+    if not args.checksums:
+        print("(sizes checked against each manifest; --checksums or `enat ckpt verify` reads every byte)")
+
+
+def cmd_ckpt_verify(args) -> int:
+    ckpt, latest, statuses = _ckpt_statuses(args, True)
+    if not statuses:
+        raise CheckpointError(f"no checkpoints in {ckpt}")
+    for s in statuses:
+        detail = f"{s.files} files, {s.size / 1e6:.1f} MB" if s.state == "ok" else "; ".join(s.problems)
+        print(f"{s.tag}  {s.state:<10}  {detail}{'  <- latest' if s.tag == latest else ''}")
+    by_tag = {s.tag: s for s in statuses}
+    if args.tag:
+        target = statuses[0]
+    elif latest is None:
+        print(f"no {ckpt / 'latest'} pointer")
+        return 1
+    else:
+        target = by_tag.get(latest)
+        if target is None:
+            print(f"latest names {latest}, which is missing")
+            return 1
+    if not target.usable:
+        print(f"{target.tag} is {target.state}")
+        return 1
+    return 0
 
 
 def cmd_eval(args) -> None:
@@ -287,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="train (single process, or under torchrun/srun/submitit)")
     _config_args(s)
     s.add_argument("--stop-at", type=int, help="stop (with a checkpoint) at this step instead of train.steps")
+    s.add_argument("--takeover", action="store_true",
+                   help="take the run directory's writer lease from a live holder (it stops at its next heartbeat)")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("export", help="training checkpoint -> one enat-weights file (EMA + online, fp32)")
@@ -301,6 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("run")
     c.add_argument("--checkpoint", default="latest")
     c.set_defaults(func=cmd_ckpt_universal)
+    c = csub.add_parser("list", help="tags, steps, sizes, state and `latest`; the writer lease")
+    c.add_argument("run", help="run directory (or its checkpoints/ folder)")
+    c.add_argument("--checksums", action="store_true", help="read every byte (default: sizes only)")
+    c.set_defaults(func=cmd_ckpt_list)
+    c = csub.add_parser("verify", help="check every file's size and checksum; exit 1 if `latest` (or --tag) is damaged")
+    c.add_argument("run", help="run directory (or its checkpoints/ folder)")
+    c.add_argument("--tag", help="only this tag (or step number)")
+    c.set_defaults(func=cmd_ckpt_verify)
 
     s = sub.add_parser("eval", help="FID/IS/KID/precision-recall of a checkpoint (under torchrun: distributed)")
     s.add_argument("--run", "--run-dir", dest="run",
@@ -337,16 +413,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     joined_before = is_initialized()  # a caller's process group (main() called from Python) is left alone
     try:
-        args.func(args)
-    except (ConfigError, WeightsError, ShardError, CheckpointError, NonFiniteError, EvalError) as e:
+        rc = args.func(args)
+    except (ConfigError, WeightsError, ShardError, CheckpointError, NonFiniteError, EvalError, LeaseError,
+            LeaseLost) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if is_initialized() and not joined_before:  # a rank of a multi-process run: leave without interpreter teardown
         close()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
-    return 0
+        os._exit(rc or 0)
+    return rc or 0
 
 
 if __name__ == "__main__":

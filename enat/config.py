@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -226,6 +227,12 @@ class TrainConfig:
     ckpt_every: int = 5000
     keep_last: int = 3  # checkpoints kept besides every keep_every-th
     keep_every: int = 0  # 0: none kept permanently
+    # The run directory's writer lease (enat/train/lease.py): its heartbeat is touched every
+    # lease_heartbeat_s; a holder on another host whose heartbeat is older than lease_timeout_s
+    # is presumed dead and taken over (a dead pid on the same host, or a requeue of the same
+    # SLURM job, at once).
+    lease_heartbeat_s: float = 30.0
+    lease_timeout_s: float = 600.0
     max_consecutive_skips: int = 10  # non-finite loss/gradient steps in a row before the run stops
     peak_tflops: float | None = None  # MFU denominator; default from the GPU name (A100/H100/H200)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -404,6 +411,9 @@ def resolve(cfg: Config) -> Config:
     if t.compile and t.zero_stage == 3:
         raise ConfigError("train.compile=true is not supported with ZeRO-3 (its parameter gathers run in hooks "
                           "between the blocks): use train.zero_stage<=2, or train.compile=false")
+    if not 0 < 2 * t.lease_heartbeat_s <= t.lease_timeout_s:
+        raise ConfigError(f"train.lease_heartbeat_s ({t.lease_heartbeat_s}) must be > 0 and at most half of "
+                          f"train.lease_timeout_s ({t.lease_timeout_s}), or a live holder looks stale")
     if len(t.betas) != 2 or len(t.mask_beta) != 2:
         raise ConfigError("train.betas and train.mask_beta take two numbers each")
     ln = cfg.launch
@@ -512,6 +522,8 @@ def to_dict(cfg) -> dict:
 
 def dump_config(cfg: Config, path: str | Path | None = None) -> str:
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-    if path is not None:
-        Path(path).write_text(text)
+    if path is not None:  # replaced whole: a reader (an eval job) never sees half a file
+        tmp = Path(path).with_name(Path(path).name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
     return text

@@ -62,3 +62,30 @@ def close() -> None:
     if is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def all_gather_object(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] (just [obj] without a process group)."""
+    if not is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def init_deepspeed_comm() -> None:
+    """DeepSpeed's communication layer over the process group from the environment (NCCL on GPUs,
+    gloo on CPUs), without DeepSpeed's CPU shared-memory all-reduce extension.
+
+    That extension serves only DeepSpeed's inference all-reduce, which training never calls, and
+    loading it runs a JIT build check while holding a lock file under ~/.cache/torch_extensions
+    on every start: a process killed in that window leaves the lock behind and every later run
+    sharing the home directory waits on it forever (a fresh machine also compiles it for
+    minutes). Idempotent; the engine's own init goes through the same hook."""
+    import importlib
+
+    import deepspeed
+
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    if not is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")

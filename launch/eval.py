@@ -26,7 +26,7 @@ import yaml
 
 from enat.config import Config, load_config, to_dict
 from enat.eval.job import result_path
-from enat.train.checkpoint import LATEST, META, checkpoint_dir, latest_step, step_of
+from enat.train.checkpoint import LATEST, checkpoint_dir, complete_tags, latest_step, step_of
 from launch.jobs import EvalJob
 from launch.submit import (LaunchError, add_launch_args, describe, executor, launch_overrides, record, submit,
                            submit_array, wait)
@@ -48,10 +48,7 @@ def run_config(run_dir: Path, overrides: list[str]) -> Config:
 
 def complete_steps(run_dir: Path) -> list[int]:
     """Steps of the run's complete checkpoints (those with their metadata written)."""
-    d = checkpoint_dir(run_dir)
-    if not d.is_dir():
-        return []
-    return sorted(step_of(p.name) for p in d.glob("step*") if p.is_dir() and "_" not in p.name and (p / META).is_file())
+    return [step_of(t) for t in complete_tags(checkpoint_dir(run_dir))]
 
 
 def pending(cfg: Config, run_dir: Path, which: str, num_samples: int | None) -> tuple[list[int], list[int]]:

@@ -52,7 +52,10 @@ def _distributed_env() -> submitit.JobEnvironment:
 
 
 class TrainJob(submitit.helpers.Checkpointable):
-    def __call__(self, config: dict, stop_at: int | None = None) -> dict:
+    """`takeover` applies to the first start only: a requeue retakes its own lease anyway, and a
+    requeued job must never seize a run directory someone else has started writing since."""
+
+    def __call__(self, config: dict, stop_at: int | None = None, takeover: bool = False) -> dict:
         from enat.train.trainer import train
 
         cfg = _config(config)
@@ -63,7 +66,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
         log(f"rank {env.global_rank}/{env.num_tasks} of job {env.job_id} (restart {restarts}): "
             f"run {cfg.train.run_dir}")
-        result = train(cfg, stop_at=stop_at, should_stop=stop.is_set, log=log)
+        result = train(cfg, stop_at=stop_at, should_stop=stop.is_set, log=log, takeover=takeover and restarts == 0)
         if not result.get("interrupted"):
             close()
             return result

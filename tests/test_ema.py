@@ -291,11 +291,12 @@ def _one_rank(cfg, out_dir: Path) -> dict:
 
 
 def worker(out_dir: str) -> None:
-    import deepspeed
     import torch.distributed as dist
 
+    from enat.dist import init_deepspeed_comm
+
     out_dir = Path(out_dir)
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_deepspeed_comm()
     cfg = _cfg()
     results = {}
     if dist.get_world_size() == 1:

@@ -171,6 +171,30 @@ def test_preemption_checkpoints_requeues_and_continues_exactly(cluster, work, re
     assert len(wandb_ids) == 1, f"the requeued job continues the same wandb run: {wandb_ids}"
 
 
+def test_requeue_after_a_hard_kill_retakes_its_own_lease_and_continues_exactly(cluster, work, reference):
+    """Rank 0 killed hard (its lease stays behind, heartbeat fresh), the job then requeued: the
+    new incarnation (same job id, a higher restart count) retakes the lease at once and resumes."""
+    d, _ = work
+    run = d / "runs/requeue"
+    job = submit(work, "requeue", **{"train.steps": 120, "train.ckpt_every": 10})
+    lease = lambda: json.loads((run / "lease.json").read_text()) if (run / "lease.json").is_file() else {}  # noqa: E731
+    wait_for(lambda: lease().get("slurm_job_id") == job.job_id and (run / "checkpoints/latest").is_file(), 180,
+             "the job's lease and first checkpoint")
+    assert lease()["slurm_restart_count"] == 0
+    os.kill(wait_for(lambda: _task_pid(job.job_id, 0), 30, "rank 0's process"), signal.SIGKILL)
+    wait_for(lambda: sacct_state(job.job_id) not in ("", "RUNNING", "PENDING", "COMPLETING"), 90, "the job to end")
+    assert lease().get("slurm_job_id") == job.job_id  # left behind by the killed rank 0
+    subprocess.run(["scontrol", "requeue", job.job_id], check=True)
+    state = wait_for(lambda: (s := sacct_state(job.job_id)) not in ("", "RUNNING", "PENDING", "COMPLETING",
+                                                                    "REQUEUED", "FAILED") and s, 300, "the requeued job")
+    log = Path(job.paths.stdout).read_text()
+    assert state == "COMPLETED", log[-3000:]
+    assert "taking over the lease" in log and "a requeue of the same job" in log, log[-3000:]
+    ref = {r["step"]: r["loss"] for r in metrics(reference)}
+    assert {r["step"]: r["loss"] for r in metrics(run)} == ref  # every step once, bit for bit
+    assert not (run / "lease.json").exists()
+
+
 def _task_pid(job_id, procid):
     """The pid of a job's task with SLURM_PROCID=procid (the python process, not srun)."""
     for p in Path("/proc").iterdir():

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, demo_shards, train_losses as losses
 from enat.config import load_config
 from enat.dist import free_port
 from enat.train.objective import plan_step
@@ -23,21 +23,7 @@ CONFIG = str(ROOT / "configs/experiments/demo.yaml")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """Demo shards tokenized by a random-weight tokenizer (the trainer does not care what ids mean)."""
-    import torch
-
-    from enat.data.prepare import tokenize_split
-    from enat.tokenizer import VQGAN
-    from enat.tokenizer.train import save_tokenizer
-
-    d = tmp_path_factory.mktemp("data")
-    over = [f"tokenizer.checkpoint={d / 'tok.pt'}", f"data.shards={d / 'train'}", f"data.val_shards={d / 'val'}"]
-    cfg = load_config(CONFIG, over)
-    torch.manual_seed(0)
-    save_tokenizer(d / "tok.pt", VQGAN(cfg.tokenizer), {})
-    for split in ("train", "val"):
-        tokenize_split(cfg, split, progress=False, log=lambda *_: None)
-    return over
+    return demo_shards(tmp_path_factory.mktemp("data"))
 
 
 def base(data, run_dir, **kw):
@@ -63,14 +49,6 @@ def launch(tmp_path, jobs, nproc=2, name="out"):
         if not job.get("expect_error"):
             assert "error" not in r, r.get("traceback")
     return results
-
-
-def losses(run_dir):
-    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in recs if r.get("kind") == "train"]
-    steps = [r["step"] for r in train]
-    assert steps == sorted(set(steps)), f"steps logged more than once or out of order: {steps}"
-    return {r["step"]: r["loss"] for r in train}
 
 
 def grad_norms(run_dir):

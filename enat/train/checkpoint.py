@@ -2,30 +2,54 @@
 project's state in `client_state["enat"]`: step, samples seen, the data loader position, the
 gathered EMA, the wandb run id, the resolved config and the git commit.
 
-    RUN/checkpoints/step00001000/...      one DeepSpeed checkpoint per tag
-    RUN/checkpoints/step00001000/enat_meta.json   world size, ZeRO stage, step (read before loading)
-    RUN/checkpoints/latest                the newest complete tag
+    RUN/checkpoints/step00001000/...              one DeepSpeed checkpoint per tag
+    RUN/checkpoints/step00001000/enat_meta.json   world size, ZeRO stage, step, and the size and
+                                                  CRC-32 of every file of the tag: written last
+    RUN/checkpoints/latest                        the tag to resume from (the commit point)
+    RUN/checkpoints/damaged/<tag>-<time>/         tags that failed verification, set aside
 
-`latest` is written by rank 0 only after every rank finished saving (a barrier), atomically, so a
-crash mid-save leaves the previous checkpoint as the one to resume from. The last `keep_last`
-tags and every `keep_every`-th step are kept. A checkpoint from another world size is resumed
-through DeepSpeed's universal format (converted once, next to the original).
+A save is committed in this order: every rank writes its shards, fsyncs and checksums the files it
+wrote; rank 0 writes the manifest (`enat_meta.json`, atomically, fsynced), then replaces `latest`
+(atomically, fsynced). A save killed at any moment leaves either a tag without a manifest (a
+partial: never counted as a checkpoint, removed by the next run) or a complete one, and `latest`
+names a complete tag throughout.
+
+Loading is verifying: resume checks the sizes and checksums of the tag `latest` names and falls
+back to the newest earlier tag that verifies, with a warning naming the damaged files; with no
+intact tag it stops with an error instead of starting over. CRC-32 (zlib) runs at ~4 GB/s per
+core here, above what a node writes to a parallel filesystem, and every rank hashes its own files,
+so a save stays I/O-bound. It detects truncation and flipped bits; it is not a defence against
+tampering.
+
+The last `keep_last` checkpoints and every `keep_every`-th step are kept; the newest verified one
+and the one `latest` names never go. A checkpoint from another world size is resumed through
+DeepSpeed's universal format (converted once, next to the original).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from enat.dist import barrier
+from enat.dist import all_gather_object, barrier, broadcast_object
 
 LATEST = "latest"
 META = "enat_meta.json"
 CLIENT_KEY = "enat"
+CHECKSUM = "crc32"
+DAMAGED = "damaged"
+TAG_RE = re.compile(r"^step(\d{8})$")
+WRITER_RE = re.compile(r"zero_pp_rank_(\d+)_")  # DeepSpeed puts the data-parallel rank in its shard names
+_CHUNK = 16 << 20
 
 
 class CheckpointError(ValueError):
@@ -44,13 +68,163 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def latest_tag(ckpt_dir: str | Path) -> str | None:
-    path = Path(ckpt_dir) / LATEST
+def ckpt_dir_of(run_or_ckpt: str | Path) -> Path:
+    """A run directory or its checkpoints/ folder -> the checkpoints folder."""
+    path = Path(run_or_ckpt)
+    return path if (path / LATEST).is_file() or path.name == "checkpoints" else checkpoint_dir(path)
+
+
+def tag_dirs(ckpt_dir: Path) -> list[str]:
+    """Tags of the checkpoint folder (complete or not), oldest first; universal conversions and
+    set-aside damaged tags excluded."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted((p.name for p in ckpt_dir.iterdir() if TAG_RE.match(p.name) and p.is_dir()), key=step_of)
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """Tags whose save finished (manifest written), oldest first."""
+    return [t for t in tag_dirs(ckpt_dir) if (ckpt_dir / t / META).is_file()]
+
+
+# ---------------------------------------------------------------------------------------------
+# durable writes and checksums
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write, fsync, rename over `path`, fsync the folder: readers see the old or the new file,
+    never a part, and after a crash the rename is on disk."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def file_checksum(path: Path, fsync: bool = False) -> dict:
+    """{"size", "crc32"} of a file, read in 16 MiB chunks; `fsync` also flushes it to disk first
+    (from the node that wrote it, which is where its dirty pages are)."""
+    crc, size = 0, 0
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        if fsync:
+            os.fsync(f.fileno())
+        while n := f.readinto(buf):
+            crc = zlib.crc32(view[:n], crc)
+            size += n
+    return {"size": size, CHECKSUM: f"{crc:08x}"}
+
+
+def writer_rank(name: str) -> int:
+    """The rank that wrote a file of a DeepSpeed tag: per-rank shards carry their rank, the rest
+    (the model states at ZeRO-0/1/2) are rank 0's."""
+    m = WRITER_RE.search(name)
+    return int(m.group(1)) if m else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# verification
+
+
+@dataclass
+class TagStatus:
+    tag: str
+    state: str  # ok | damaged | partial | unverified (a manifest without checksums) | unchecked (sizes only)
+    problems: list[str] = field(default_factory=list)
+    size: int = 0
+    files: int = 0
+
+    @property
+    def usable(self) -> bool:
+        return self.state in ("ok", "unverified", "unchecked")
+
+
+def read_meta(ckpt_dir: Path, tag: str) -> dict:
+    path = ckpt_dir / tag / META
     if not path.is_file():
-        return None
-    tag = path.read_text().strip()
-    if not (Path(ckpt_dir) / tag).is_dir():
-        raise CheckpointError(f"{path} names {tag}, which is missing: restore it or point latest at another tag")
+        raise CheckpointError(f"{path} missing: {tag} is not a complete enat checkpoint (an interrupted save)")
+    return json.loads(path.read_text())
+
+
+def check_files(tag_dir: Path, manifest: dict, names: list[str], checksums: bool = True) -> list[str]:
+    """Problems of the named files of a tag against its manifest: missing, wrong size, checksum."""
+    problems = []
+    for name in names:
+        want, path = manifest[name], tag_dir / name
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            problems.append(f"{path}: missing")
+            continue
+        if size != want["size"]:
+            problems.append(f"{path}: {size} bytes, {want['size']} written ({'short' if size < want['size'] else 'long'})")
+            continue
+        if checksums:
+            got = file_checksum(path)[CHECKSUM]
+            if got != want[CHECKSUM]:
+                problems.append(f"{path}: {CHECKSUM} {got}, {want[CHECKSUM]} written (contents changed)")
+    return problems
+
+
+def verify_tag(ckpt_dir: Path, tag: str, checksums: bool = True, rank: int = 0, world: int = 1) -> TagStatus:
+    """Check a tag against its manifest. Called by every rank of a group with rank/world, the
+    files are split among them and the problems gathered (every rank gets the same answer)."""
+    tag_dir = ckpt_dir / tag
+    if not (tag_dir / META).is_file():
+        return TagStatus(tag, "partial", [f"{tag_dir}: no {META} (an interrupted save)"])
+    try:
+        meta = json.loads((tag_dir / META).read_text())
+    except (OSError, ValueError) as e:
+        return TagStatus(tag, "damaged", [f"{tag_dir / META}: unreadable ({e})"])
+    manifest = meta.get("files")
+    if manifest is None:
+        return TagStatus(tag, "unverified", [f"{tag_dir}: written without checksums"])
+    names = sorted(manifest)
+    mine = names[rank::world]
+    problems = check_files(tag_dir, manifest, mine, checksums)
+    if world > 1:
+        problems = [p for part in all_gather_object(problems) for p in part]
+    size = sum(f["size"] for f in manifest.values())
+    state = ("ok" if checksums else "unchecked") if not problems else "damaged"
+    return TagStatus(tag, state, sorted(problems), size, len(names))
+
+
+def require_intact(ckpt_dir: Path, tag: str, log=print) -> TagStatus:
+    """Readers (eval, export): the tag must verify; say so, or stop naming the damage."""
+    status = verify_tag(ckpt_dir, tag)
+    if not status.usable:
+        raise CheckpointError(f"checkpoint {ckpt_dir / tag} is {status.state}:\n  " + "\n  ".join(status.problems)
+                              + f"\nPick another one (`enat ckpt list {ckpt_dir.parent}`).")
+    if status.state == "ok":
+        log(f"verified {ckpt_dir / tag}: {status.files} files, {status.size / 1e6:.1f} MB, {CHECKSUM} match")
+    else:
+        log(f"warning: {ckpt_dir / tag} has no checksums (written by an older enat): not verified")
+    return status
+
+
+def latest_pointer(ckpt_dir: Path) -> str | None:
+    path = Path(ckpt_dir) / LATEST
+    return path.read_text().strip() if path.is_file() else None
+
+
+def latest_tag(ckpt_dir: str | Path) -> str | None:
+    """The tag `latest` names (None before the first checkpoint); readers use it, resume uses
+    find_resume_tag (which verifies and falls back)."""
+    tag = latest_pointer(Path(ckpt_dir))
+    if tag is not None and not (Path(ckpt_dir) / tag).is_dir():
+        raise CheckpointError(f"{Path(ckpt_dir) / LATEST} names {tag}, which is missing: restore it or point "
+                              f"latest at another tag (`enat ckpt list {Path(ckpt_dir).parent}`)")
     return tag
 
 
@@ -69,47 +243,135 @@ def resolve_tag(ckpt_dir: Path, which: str | None) -> str:
         return tag
     tag = tag_for(int(which)) if str(which).isdigit() else str(which)
     if not (ckpt_dir / tag).is_dir():
-        have = sorted(p.name for p in ckpt_dir.glob("step*") if p.is_dir()) if ckpt_dir.is_dir() else []
-        raise CheckpointError(f"checkpoint {tag} not found in {ckpt_dir}; available: {have or 'none'}")
+        raise CheckpointError(f"checkpoint {tag} not found in {ckpt_dir}; available: {complete_tags(ckpt_dir) or 'none'}")
     return tag
 
 
-def read_meta(ckpt_dir: Path, tag: str) -> dict:
-    path = ckpt_dir / tag / META
-    if not path.is_file():
-        raise CheckpointError(f"{path} missing: {tag} is not a complete enat checkpoint")
-    return json.loads(path.read_text())
+def find_resume_tag(ckpt_dir: Path, rank: int = 0, world: int = 1, log=print) -> tuple[str | None, list[TagStatus]]:
+    """-> (the tag to resume from, the damaged tags passed over on the way). Every rank calls it:
+    the candidates come from rank 0's listing, the verification is shared among the ranks.
+
+    The tag `latest` names if it verifies, else the newest earlier complete tag that does (tags
+    newer than `latest` were never committed). No `latest` and no complete tag: a fresh run (None).
+    Tags but none intact: CheckpointError, never a silent restart from step 0."""
+    candidates = None
+    if rank == 0:
+        pointer, complete = latest_pointer(ckpt_dir), complete_tags(ckpt_dir)
+        if pointer is None:
+            candidates = complete[::-1]
+            if complete:
+                log(f"warning: {ckpt_dir / LATEST} is missing; trying the complete checkpoints newest first")
+        elif TAG_RE.match(pointer):
+            candidates = [pointer] + [t for t in reversed(complete) if step_of(t) < step_of(pointer)]
+        else:
+            log(f"warning: {ckpt_dir / LATEST} holds {pointer!r}, not a tag; trying the complete checkpoints")
+            candidates = complete[::-1]
+    candidates = broadcast_object(candidates)
+    passed: list[TagStatus] = []
+    for tag in candidates:
+        if (ckpt_dir / tag).is_dir():
+            status = verify_tag(ckpt_dir, tag, rank=rank, world=world)
+        else:
+            status = TagStatus(tag, "damaged", [f"{ckpt_dir / tag}: missing (named by {LATEST})"])
+        if status.usable:
+            if passed:
+                log(f"warning: resuming from {tag}, the newest intact checkpoint: " + "; ".join(
+                    f"{s.tag} is {s.state} ({', '.join(s.problems)})" for s in passed))
+            if status.state == "unverified":
+                log(f"warning: {ckpt_dir / tag} has no checksums (written by an older enat): resuming unverified")
+            return tag, passed
+        passed.append(status)
+    if not passed:
+        return None, []
+    raise CheckpointError(f"no intact checkpoint in {ckpt_dir}:\n  " + "\n  ".join(p for s in passed for p in s.problems)
+                          + "\nRestore the damaged files, or start afresh in another run directory (train.run_dir). "
+                          "Nothing was changed.")
 
 
 class Checkpointer:
-    def __init__(self, run_dir: str | Path, rank: int, keep_last: int = 3, keep_every: int = 0):
+    """Saves and loads one run's checkpoints; rank 0 also keeps the folder tidy. `fence()` (rank 0)
+    returns why this process may no longer write the run directory (its writer lease is lost), or
+    None: it is asked before a save starts and again before the save is committed."""
+
+    def __init__(self, run_dir: str | Path, rank: int, keep_last: int = 3, keep_every: int = 0, fence=None,
+                 log=print):
         self.dir = checkpoint_dir(run_dir)
         self.rank, self.keep_last, self.keep_every = rank, keep_last, keep_every
+        self.fence = fence
+        self.log = log
+
+    def _check_fence(self) -> None:
+        from enat.train.lease import LeaseLost
+
+        lost = self.fence() if self.rank == 0 and self.fence is not None else None
+        lost = broadcast_object(lost)
+        if lost:
+            raise LeaseLost(f"not saving to {self.dir}: {lost}")
 
     def save(self, engine, step: int, client_state: dict, meta: dict) -> str:
+        self._check_fence()
         tag = tag_for(step)
+        tag_dir = self.dir / tag
+        if self.rank == 0 and tag_dir.exists():  # a step saved again (after a fallback): no stale files or manifest
+            shutil.rmtree(tag_dir)
+        barrier()
         engine.save_checkpoint(str(self.dir), tag=tag, client_state={CLIENT_KEY: client_state}, save_latest=False)
-        barrier()  # every rank's shards are on disk
+        # Each rank flushes and checksums the files it wrote (its dirty pages live on its node),
+        # in threads: zlib releases the GIL, so a rank's files are hashed side by side.
+        paths = [p for p in sorted(tag_dir.iterdir()) if p.is_file() and writer_rank(p.name) == self.rank]
+        with ThreadPoolExecutor(max(1, min(4, len(paths)))) as pool:
+            mine = dict(zip((p.name for p in paths), pool.map(lambda p: file_checksum(p, fsync=True), paths)))
+        files = {k: v for part in all_gather_object(mine) for k, v in part.items()}
         if self.rank == 0:
-            (self.dir / tag / META).write_text(json.dumps({**meta, "step": step, "tag": tag}))
-            tmp = self.dir / (LATEST + ".tmp")
-            tmp.write_text(tag)
-            os.replace(tmp, self.dir / LATEST)
+            fsync_dir(tag_dir)
+            write_atomic(tag_dir / META, json.dumps({**meta, "step": step, "tag": tag, "saved": time.time(),
+                                                     "checksum": CHECKSUM, "files": files}, indent=1))
+        self._check_fence()
+        if self.rank == 0:
+            write_atomic(self.dir / LATEST, tag)  # the commit point
             self.prune()
         barrier()
         return tag
 
     def prune(self) -> None:
-        tags = sorted((p.name for p in self.dir.glob("step*") if p.is_dir() and "_universal" not in p.name),
-                      key=step_of)
+        """Retention over complete checkpoints only (partials are not checkpoints): the last
+        keep_last, every keep_every-th, the newest and the one `latest` names."""
+        tags = complete_tags(self.dir)
         keep = set(tags[-self.keep_last:]) if self.keep_last > 0 else set()
         if self.keep_every:
             keep |= {t for t in tags if step_of(t) % self.keep_every == 0}
-        keep.add(latest_tag(self.dir))
+        keep |= {latest_pointer(self.dir), tags[-1] if tags else None}
         for t in tags:
             if t not in keep:
                 shutil.rmtree(self.dir / t, ignore_errors=True)
                 shutil.rmtree(self.dir / f"{t}_universal", ignore_errors=True)
+
+    def tidy(self, resume: str | None, passed: list[TagStatus]) -> None:
+        """Rank 0, holding the run's lease, before training: damaged tags passed over go to
+        damaged/ (kept for a post-mortem, never read again), partial tags of interrupted saves and
+        uncommitted tags newer than the resume point are removed, and `latest` names the resume
+        point."""
+        if self.rank != 0 or not self.dir.is_dir():
+            return
+        for status in passed:
+            if (self.dir / status.tag).is_dir():
+                dest = self.dir / DAMAGED / f"{status.tag}-{time.strftime('%Y%m%d-%H%M%S')}"
+                dest.parent.mkdir(exist_ok=True)
+                os.replace(self.dir / status.tag, dest)
+                shutil.rmtree(self.dir / f"{status.tag}_universal", ignore_errors=True)
+                self.log(f"moved damaged checkpoint {status.tag} to {dest} (delete it once inspected)")
+        for tag in tag_dirs(self.dir):
+            if not (self.dir / tag / META).is_file():
+                why = f"an interrupted save (no {META})"
+            elif resume is not None and step_of(tag) > step_of(resume):
+                why = f"newer than the resume point {resume}, never committed (training writes it again)"
+            else:
+                continue
+            self.log(f"removing {self.dir / tag}: {why}")
+            shutil.rmtree(self.dir / tag)
+            shutil.rmtree(self.dir / f"{tag}_universal", ignore_errors=True)
+        if resume is not None and latest_pointer(self.dir) != resume:
+            write_atomic(self.dir / LATEST, resume)
 
     def load(self, engine, tag: str) -> dict:
         path, client = engine.load_checkpoint(str(self.dir), tag=tag)
@@ -180,9 +442,9 @@ def export_weights(run_or_ckpt: str | Path, out: str | Path, which: str | None =
     from enat.config import ModelConfig, from_dict
     from enat.models.weights import save_weights
 
-    path = Path(run_or_ckpt)
-    ckpt_dir = path if (path / LATEST).is_file() or path.name == "checkpoints" else checkpoint_dir(path)
+    ckpt_dir = ckpt_dir_of(run_or_ckpt)
     tag = resolve_tag(ckpt_dir, which)
+    require_intact(ckpt_dir, tag, log=log)
     enat_state, weights = checkpoint_weights(ckpt_dir, tag)
     model_cfg = from_dict(ModelConfig, enat_state["config"]["model"])
     save_weights(out, model_cfg, weights, meta={"step": enat_state["step"], "tag": tag, "run_dir": str(ckpt_dir.parent),

@@ -42,7 +42,9 @@ def run_id(run_dir: Path) -> str:
     if path.is_file():
         return path.read_text().strip()
     rid = uuid.uuid4().hex[:12]
-    path.write_text(rid)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(rid)
+    os.replace(tmp, path)  # a run killed here leaves no empty id behind
     return rid
 
 
@@ -64,11 +66,18 @@ class MetricsWriter:
 
     def truncate_after(self, step: int) -> int:
         """Drop lines of steps after `step` (written after the checkpoint a run resumes from), so
-        every step appears exactly once. Returns how many were dropped."""
+        every step appears exactly once, and a last line cut short by a killed process (logged
+        after that checkpoint too: a step is logged before it is saved). Returns how many were
+        dropped."""
         if not self.enabled or not self.path.is_file():
             return 0
-        lines = self.path.read_text().splitlines()
-        keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        complete = lines
+        try:
+            json.loads(lines[-1]) if lines else None
+        except ValueError:
+            complete = lines[:-1]
+        keep = [line for line in complete if json.loads(line).get("step", 0) <= step]
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, self.path)

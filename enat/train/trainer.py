@@ -29,12 +29,13 @@ import torch.nn.functional as F
 from enat.config import Config, dump_config, to_dict
 from enat.data.loader import TokenLoader
 from enat.data.prepare import check_data
-from enat.dist import all_reduce, barrier, broadcast_object, device_for, setup_env
+from enat.dist import all_reduce, barrier, broadcast_object, device_for, init_deepspeed_comm, setup_env
 from enat.flops import expected_train_flops, masked_count, train_step_flops
 from enat.models import build_model, count_parameters
 from enat.rng import derive_seed
-from enat.train.checkpoint import (Checkpointer, checkpoint_dir, latest_tag, read_meta, to_universal)
+from enat.train.checkpoint import Checkpointer, checkpoint_dir, find_resume_tag, read_meta, to_universal
 from enat.train.ema import EMA
+from enat.train.lease import Lease, LeaseError, LeaseLost
 from enat.train.metrics import MetricsWriter, peak_memory_gb, peak_tflops, run_id
 from enat.train.objective import MaskOrder, compute_loss, plan_step, validation_order
 
@@ -159,22 +160,39 @@ def skip_update(engine, zero_stage: int) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, log=print):
-        import deepspeed
+    """`takeover`: take the run directory's writer lease even from a live holder (which stops at
+    its next heartbeat); without it a second writer stops here with an error naming the holder."""
 
+    def __init__(self, cfg: Config, log=print, takeover: bool = False):
         self.cfg = cfg
         t = cfg.train
         self.rank, self.world, local = setup_env()
         self.device = device_for(local)
-        if not dist.is_initialized():
-            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        init_deepspeed_comm()
         self.log = log if self.rank == 0 else (lambda *_: None)
         self.run_dir = Path(t.run_dir)
         check_data(cfg)  # preparation is a job of its own (`enat data prepare`, launch/tokenize.py)
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        barrier()
+        # One writer per run directory: rank 0 takes the lease before anything is written.
+        self.lease = Lease(self.run_dir, t.lease_timeout_s, t.lease_heartbeat_s, log=self.log) if self.rank == 0 else None
+        refused = None
+        if self.lease is not None:
+            try:
+                self.lease.acquire(takeover=takeover)
+            except LeaseError as e:
+                refused = str(e)
+        refused = broadcast_object(refused)
+        if refused:
+            raise LeaseError(refused if self.rank == 0 else f"rank 0 could not take the lease of {self.run_dir}")
+        try:
+            self._build(cfg)
+        except BaseException:
+            self._release()
+            raise
 
+    def _build(self, cfg: Config) -> None:
+        import deepspeed
+
+        t = cfg.train
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model)
         model.activation_checkpointing = t.activation_checkpointing
@@ -185,9 +203,14 @@ class Trainer:
                                   cfg.data.strict, cfg.data.resampled, model_cfg=cfg.model,
                                   transform=MaskOrder(cfg.seed, cfg.model.seq_len, t.grad_accum), log=self.log)
 
-        # Where to resume from, decided before the engine exists (universal loading is a config flag).
+        # Where to resume from, decided before the engine exists (universal loading is a config
+        # flag): the checkpoint `latest` names if it verifies, else the newest earlier one that does.
         ckpt_dir = checkpoint_dir(self.run_dir)
-        tag = latest_tag(ckpt_dir) if ckpt_dir.is_dir() else None
+        self.checkpointer = Checkpointer(self.run_dir, self.rank, t.keep_last, t.keep_every,
+                                         fence=self.lease.check if self.lease else None, log=self.log)
+        tag, passed = find_resume_tag(ckpt_dir, self.rank, self.world, log=self.log)
+        self.checkpointer.tidy(tag, passed)  # rank 0: damaged tags aside, partial saves removed
+        barrier()
         universal = False
         if tag is not None:
             meta = read_meta(ckpt_dir, tag)
@@ -216,7 +239,6 @@ class Trainer:
             self.engine.module_forward_pre_hook.remove()
             self.engine.module_forward_post_hook.remove()
             self.loss_fn = compiled_loss()
-        self.checkpointer = Checkpointer(self.run_dir, self.rank, t.keep_last, t.keep_every)
 
         self.step = 0
         self.samples_seen = 0
@@ -280,7 +302,9 @@ class Trainer:
         this step (OR-ed over ranks into `self.stop_requested`). Returns step statistics.
 
         The host reads the device once: the packed all-reduce of [loss sum, non-finite flag,
-        gradient norm^2, stop] before the update, which it applies or skips on what it reads."""
+        gradient norm^2, stop, lease lost] before the update, which it applies or skips on what it
+        reads. A lost lease (another writer took the run directory over) ends the run on every
+        rank before the update."""
         cfg, t = self.cfg, self.cfg.train
         plan = plan_step(self.step, cfg.seed, cfg.model, t, self.rank)
         model = self.module if t.compile else self.engine  # compiled: the bare module, no engine hooks to trace
@@ -309,10 +333,14 @@ class Trainer:
             if a < t.grad_accum - 1:
                 self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
         grad_sq = local_grad_norm_sq(self.engine, t.zero_stage)
+        lost = self.lease.lost if self.lease is not None else None  # set by the lease's heartbeat thread
         packed = torch.stack([loss_sum, (~torch.isfinite(loss_sum)).float(),
                               grad_sq if grad_sq is not None else torch.zeros_like(loss_sum),
-                              torch.full_like(loss_sum, float(stop))])
-        loss_total, nonfinite, grad_sq_total, stops = all_reduce(packed).tolist()  # the step's one host read
+                              torch.full_like(loss_sum, float(stop)), torch.full_like(loss_sum, float(bool(lost)))])
+        loss_total, nonfinite, grad_sq_total, stops, lost_any = all_reduce(packed).tolist()  # the step's one host read
+        if lost_any:
+            raise LeaseLost(f"stopping at step {self.step} without writing: {lost}" if lost else
+                            f"stopping at step {self.step}: rank 0 lost the lease of {self.run_dir}")
         self.stop_requested = stops > 0
         bad = nonfinite > 0 or not math.isfinite(grad_sq_total)
         if grad_sq is not None:
@@ -501,12 +529,19 @@ class Trainer:
                      f"{rec['images_per_s']:.1f} img/s data-wait {rec['data_wait_fraction']:.0%}")
         return rec
 
+    def _release(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+
     def close(self) -> None:
-        self.metrics.finish()
+        try:
+            self.metrics.finish()
+        finally:
+            self._release()
 
 
-def train(cfg: Config, stop_at: int | None = None, log=print, should_stop=None) -> dict:
-    trainer = Trainer(cfg, log=log)
+def train(cfg: Config, stop_at: int | None = None, log=print, should_stop=None, takeover: bool = False) -> dict:
+    trainer = Trainer(cfg, log=log, takeover=takeover)
     try:
         return trainer.fit(stop_at, should_stop)
     finally:

@@ -1,0 +1,229 @@
+"""Run integrity with real `enat train` processes: one writer per run directory, verified
+checkpoints with fallback, crash-safe saves (SIGKILL at random moments of a save), readers beside
+a live writer. Losses are compared bitwise with an uninterrupted run, as the resume tests do."""
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, demo_shards, train_losses as losses
+from enat.dist import free_port
+from enat.train.checkpoint import META, complete_tags, latest_pointer, tag_dirs, verify_tag
+
+pytestmark = pytest.mark.slow
+CONFIG = str(ROOT / "configs/experiments/demo.yaml")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return demo_shards(tmp_path_factory.mktemp("data"))
+
+
+def args(data, run_dir, **kw):
+    over = {"train.precision": "fp32", "train.zero_stage": 2, "train.log_every": 1, "train.val_every": 0,
+            "train.sample_every": 0, "train.ckpt_every": 2, "train.keep_last": 2, "train.wandb.mode": "disabled",
+            "train.micro_batch": 8, "train.steps": 8, "train.warmup_steps": 2, "train.ema_decay": 0.9,
+            "data.num_workers": 0, "train.run_dir": str(run_dir)}
+    over.update(kw)
+    return ["--config", CONFIG] + data + [f"{k}={v}" for k, v in over.items()]
+
+
+def train_cmd(data, run_dir, nproc=1, extra=(), **kw):
+    if nproc == 1:
+        launcher = [sys.executable, "-m", "enat.cli"]
+    else:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+                    "127.0.0.1", "--master_port", str(free_port()), "-m", "enat.cli"]
+    return launcher + ["train", *extra] + args(data, run_dir, **kw)
+
+
+def run(cmd, timeout=600):
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def start(cmd, log_path):
+    f = open(log_path, "w")
+    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def enat(*a):
+    return run([sys.executable, "-m", "enat.cli", *map(str, a)], timeout=300)
+
+
+def wait_for(cond, timeout, what):
+    t0 = time.time()
+    while not cond():
+        if time.time() - t0 > timeout:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+def lease(run_dir):
+    try:
+        return json.loads((run_dir / "lease.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """An uninterrupted 24-step run: its losses and the wall time of one start."""
+    d = tmp_path_factory.mktemp("ref") / "run"
+    t0 = time.time()
+    res = run(train_cmd(data, d, **{"train.steps": 24, "train.ckpt_every": 1}))
+    assert res.returncode == 0, res.stderr[-4000:]
+    return losses(d), time.time() - t0
+
+
+def test_second_writer_is_refused_and_the_first_finishes(data, tmp_path):
+    d = tmp_path / "run"
+    cmd = train_cmd(data, d, **{"train.steps": 400, "train.ckpt_every": 100, "train.log_every": 20,
+                                "train.wandb.mode": "offline"})
+    first = start(cmd, tmp_path / "first.log")
+    try:
+        wait_for(lambda: (lease(d) or {}).get("pid") == first.pid, 120, "the first run to take the lease")
+        t0 = time.time()
+        second = run(cmd, timeout=120)
+        took = time.time() - t0
+        assert first.poll() is None, "the first run ended before the second one checked: make it longer"
+        out = second.stdout + second.stderr
+        assert second.returncode != 0, out[-3000:]
+        for part in (str(d), f"pid {first.pid}", socket.gethostname(), "--takeover"):
+            assert part in out, f"{part!r} not in the refusal:\n{out[-3000:]}"
+        assert "Traceback" not in out
+        assert first.wait(timeout=600) == 0, (tmp_path / "first.log").read_text()[-4000:]
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert list(losses(d)) == list(range(20, 401, 20))  # strictly increasing, each step once
+    assert len(list((d / "wandb").glob("offline-run-*"))) == 1
+    assert not (d / "lease.json").exists()  # released at the end
+    print(f"second writer refused in {took:.1f} s")
+
+
+def test_sigkilled_holder_is_taken_over_and_the_run_resumes_bitwise(data, reference, tmp_path):
+    ref, _ = reference
+    d = tmp_path / "run"
+    cmd = train_cmd(data, d, **{"train.steps": 24, "train.ckpt_every": 1})
+    proc = start(cmd, tmp_path / "killed.log")
+    wait_for(lambda: (latest_pointer(d / "checkpoints") or "step0").removeprefix("step") >= "00000006", 120,
+             "a checkpoint of step 6")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert lease(d)["pid"] == proc.pid  # left behind by the dead holder
+    res = run(cmd)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    assert "taking over the lease" in out and f"pid {proc.pid}" in out
+    assert "resumed from" in out
+    assert losses(d) == ref
+
+
+def test_sigkill_at_random_moments_of_saves(data, reference, tmp_path):
+    """Kill the run while a save is being written, several times: `latest` always names a
+    checkpoint that verifies, every restart resumes, and the final losses are an uninterrupted
+    run's."""
+    ref, _ = reference
+    d, ckpt = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    cmd = train_cmd(data, d, **{"train.steps": 24, "train.ckpt_every": 1})
+    rng = random.Random(0)
+    hits, starts = 0, 0
+    while hits < 3 and starts < 10:
+        starts += 1
+        proc = start(cmd, tmp_path / f"start{starts}.log")
+        saving = lambda: any(not (ckpt / t / META).exists() for t in tag_dirs(ckpt))  # noqa: E731
+        try:
+            wait_for(lambda: saving() or proc.poll() is not None, 120, "a save in progress")
+            time.sleep(rng.uniform(0, 0.03))
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        hits += any(not (ckpt / t / META).exists() for t in tag_dirs(ckpt))  # killed inside a save
+        latest = latest_pointer(ckpt)
+        if latest is not None:
+            status = verify_tag(ckpt, latest)
+            assert status.state == "ok", status.problems
+    assert hits >= 2, f"only {hits} of {starts} kills landed inside a save"
+    res = run(cmd)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    assert losses(d) == ref
+    assert all((ckpt / t / META).exists() for t in tag_dirs(ckpt))  # partial saves cleaned up
+    verify = enat("ckpt", "verify", d)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def _corrupt(path, how):
+    if how == "truncate":
+        size = path.stat().st_size
+        with open(path, "r+b") as f:
+            f.truncate(size // 2)
+    else:
+        with open(path, "r+b") as f:
+            f.seek(path.stat().st_size // 2)
+            b = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([b[0] ^ 0x10]))
+
+
+def test_damaged_latest_falls_back_one_interval_on_two_ranks(data, tmp_path):
+    d, ckpt = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    cmd = train_cmd(data, d, nproc=2, **{"train.keep_last": 3})
+    res = run(cmd)
+    assert res.returncode == 0, res.stderr[-4000:]
+    uninterrupted = losses(d)
+    for how, name in (("truncate", "mp_rank_00_model_states.pt"),
+                      ("flip", "zero_pp_rank_1_mp_rank_00_optim_states.pt")):  # verified by rank 1
+        damaged = ckpt / "step00000008" / name
+        _corrupt(damaged, how)
+        verify = enat("ckpt", "verify", d)
+        assert verify.returncode == 1 and str(damaged) in verify.stdout, verify.stdout + verify.stderr
+        assert ("short" if how == "truncate" else "contents changed") in verify.stdout
+        res = run(cmd)
+        out = res.stdout + res.stderr
+        assert res.returncode == 0, out[-4000:]
+        assert str(damaged) in out and "warning" in out, out[-4000:]
+        assert f"resumed from {ckpt / 'step00000006'} at step 6" in out
+        assert losses(d) == uninterrupted  # steps 7 and 8 again, bit for bit
+        assert latest_pointer(ckpt) == "step00000008" and verify_tag(ckpt, "step00000008").state == "ok"
+    assert len(list((ckpt / "damaged").iterdir())) == 2  # set aside, not deleted
+    # Nothing intact at all: a named error, not a fresh start.
+    for tag in complete_tags(ckpt):
+        _corrupt(ckpt / tag / "mp_rank_00_model_states.pt", "flip")
+    res = run(train_cmd(data, d))
+    assert res.returncode == 2 and "no intact checkpoint" in res.stderr, res.stderr[-3000:]
+    assert latest_pointer(ckpt) == "step00000008" and losses(d) == uninterrupted  # untouched
+
+
+def test_readers_work_beside_a_live_writer(data, tmp_path):
+    from enat.eval.fidelity import train_digit_classifier
+
+    extractor = tmp_path / "digits.pt"
+    train_digit_classifier(extractor, steps=5, log=lambda *_: None)
+    d, ckpt = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    writer = start(train_cmd(data, d, **{"train.steps": 100000, "train.ckpt_every": 10, "train.keep_every": 10,
+                                         "train.log_every": 10}), tmp_path / "writer.log")
+    try:
+        wait_for(lambda: "step00000010" in complete_tags(ckpt) and lease(d), 120, "a first checkpoint")
+        listing = enat("ckpt", "list", d)
+        assert listing.returncode == 0 and f"pid {writer.pid}" in listing.stdout, listing.stdout + listing.stderr
+        verify = enat("ckpt", "verify", d, "--tag", 10)
+        assert verify.returncode == 0 and "step00000010  ok" in verify.stdout, verify.stdout + verify.stderr
+        export = enat("export", d, tmp_path / "w.pt", "--checkpoint", 10)
+        assert export.returncode == 0 and "verified" in export.stdout, export.stdout + export.stderr
+        ev = enat("eval", "--run", d, "--checkpoint", 10, "--num-samples", 20, f"eval.extractor_weights={extractor}",
+                  f"eval.cache_dir={tmp_path / 'cache'}", "eval.batch_size=10", "sample.steps=2")
+        assert ev.returncode == 0, ev.stdout[-3000:] + ev.stderr[-3000:]
+        assert f"verified {ckpt / 'step00000010'}" in ev.stdout
+        assert writer.poll() is None and lease(d)["pid"] == writer.pid  # the writer kept its lease throughout
+    finally:
+        os.killpg(writer.pid, signal.SIGKILL)
+        writer.wait()
