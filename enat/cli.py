@@ -213,6 +213,8 @@ def _ckpt_statuses(args, checksums: bool):
     tags = tag_dirs(ckpt)
     if getattr(args, "tag", None):
         tag = args.tag if not str(args.tag).isdigit() else f"step{int(args.tag):08d}"
+        if tag == "latest":
+            tag = latest_pointer(ckpt) or tag
         if tag not in tags:
             raise CheckpointError(f"no tag {tag} in {ckpt}; have {tags or 'none'}")
         tags = [tag]
@@ -262,8 +264,16 @@ def cmd_ckpt_verify(args) -> int:
             print(f"latest names {latest}, which is missing")
             return 1
     if not target.usable:
-        print(f"{target.tag} is {target.state}")
+        intact = [s.tag for s in statuses if s.usable and s.tag < target.tag]
+        hint = ""
+        if target.tag == latest:
+            hint = (f" The next `enat train` on this run sets it aside and resumes from {intact[-1]}, the newest "
+                    f"intact checkpoint before it." if intact else
+                    " No intact checkpoint precedes it: restore the files, or start afresh in another run directory.")
+        print(f"{target.tag} is {target.state}.{hint}")
         return 1
+    if target.state == "unverified":
+        print(f"{target.tag} has no checksums (written by an older enat): not verified")
     return 0
 
 

@@ -99,7 +99,8 @@ def test_tidy_sets_damage_aside_and_removes_partial_and_uncommitted(tmp_path):
     flip(ck.dir / "step00000004" / "mp_rank_00_model_states.pt")
     tag, passed = find_resume_tag(ck.dir, log=logs.append)
     ck.tidy(tag, passed)
-    assert tag_dirs(ck.dir) == ["step00000002"] and latest_pointer(ck.dir) == "step00000002"
+    # step 6 was never committed (newer than latest): left as it is; the partial step 8 is gone
+    assert tag_dirs(ck.dir) == ["step00000002", "step00000006"] and latest_pointer(ck.dir) == "step00000002"
     aside = list((ck.dir / DAMAGED).iterdir())
     assert len(aside) == 1 and aside[0].name.startswith("step00000004-")
     assert any("interrupted save" in m for m in logs) and any("never committed" in m for m in logs)

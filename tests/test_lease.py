@@ -15,7 +15,7 @@ import pytest
 
 from conftest import ROOT
 from enat.train import lease as lease_mod
-from enat.train.lease import (LEASE_FILE, Lease, LeaseError, _parse_proc_stat, describe_holder, pid_start,
+from enat.train.lease import (LEASE_FILE, Lease, LeaseError, _parse_proc_stat, describe_holder, pid_namespace, pid_start,
                               read_lease, stale_reason)
 
 REAL_SQUEUE_STATE = lease_mod.squeue_state
@@ -72,7 +72,8 @@ def write_record(run_dir, age_s=0.0, **fields) -> dict:
     """A lease.json as another writer would leave it (by default: another host, fresh)."""
     rec = {"host": "elsewhere", "pid": 4242, "pid_start": None, "slurm_job_id": None,
            "slurm_array_job_id": None, "slurm_array_task_id": None, "slurm_restart_count": 0,
-           "slurm_cluster": None, "started": time.time() - age_s, "heartbeat_s": 0.05,
+           "slurm_cluster": None, "pid_namespace": pid_namespace(), "started": time.time() - age_s,
+           "heartbeat_s": 0.05,
            "token": "theirs", "argv": ["train"]}
     rec.update(fields)
     path = run_dir / LEASE_FILE
@@ -112,7 +113,7 @@ def logs():
 
 def me(**fields) -> dict:
     rec = {"host": HOST, "slurm_job_id": None, "slurm_array_task_id": None, "slurm_restart_count": 0,
-           "slurm_cluster": None}
+           "slurm_cluster": None, "pid_namespace": pid_namespace()}
     rec.update(fields)
     return rec
 
@@ -247,10 +248,24 @@ def test_squeue_verdict(monkeypatch, answer, stale):
     reason = stale_reason(info, me(), 1.0, 600)
     assert asked == ["1234_7"]
     assert (reason is not None) == stale, reason
-    # a holder on another cluster: our squeue cannot speak for it
-    asked.clear()
-    assert stale_reason({**info, "slurm_cluster": "a"}, me(slurm_cluster="b"), 1.0, 600) is None
-    assert asked == []
+    # a holder on another cluster (or a taker outside any cluster): our squeue cannot speak for it
+    for theirs, mine in (("a", "b"), ("a", None)):
+        asked.clear()
+        assert stale_reason({**info, "slurm_cluster": theirs}, me(slurm_cluster=mine), 1.0, 600) is None
+        assert asked == []
+    # SLURM says it may still run: not stale however old the heartbeat; gone: stale at once
+    old = stale_reason(info, me(), 10_000.0, 600)
+    assert (old is None) == (answer is not None and answer[0] == 0 and answer[1].strip() in ("RUNNING", "SUSPENDED")), old
+
+
+def test_same_hostname_in_another_pid_namespace_is_not_judged_by_pid():
+    dead = {"host": HOST, "pid": 2 ** 22 + 17, "pid_start": None, "pid_namespace": "other-boot/pid:[1]",
+            "slurm_job_id": None, "heartbeat_s": 30.0}
+    assert stale_reason(dead, me(), 1.0, 600) is None  # its pid means nothing here
+    assert "pid" in stale_reason({**dead, "pid_namespace": pid_namespace()}, me(), 1.0, 600)
+    # the holder's own (slower) heartbeat stretches the timeout
+    assert stale_reason(dead, me(), 650.0, 600) is not None
+    assert stale_reason({**dead, "heartbeat_s": 300.0}, me(), 650.0, 600) is None
 
 
 def test_squeue_verdict_breaks_the_lease(run_dir, monkeypatch, logs):

@@ -227,3 +227,32 @@ def test_readers_work_beside_a_live_writer(data, tmp_path):
     finally:
         os.killpg(writer.pid, signal.SIGKILL)
         writer.wait()
+
+
+def test_takeover_of_a_stuck_writer_which_then_wakes_up(data, reference, tmp_path):
+    """--takeover over a live but stuck run (SIGSTOP): the new run takes the lease, waits two of the
+    holder's heartbeats and continues exactly; the old one, woken (SIGCONT), writes nothing more
+    and exits non-zero."""
+    ref, _ = reference
+    d, ckpt = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    over = {"train.ckpt_every": 1, "train.lease_heartbeat_s": 0.5}
+    old = start(train_cmd(data, d, **{**over, "train.steps": 100000}), tmp_path / "old.log")
+    try:
+        wait_for(lambda: (latest_pointer(ckpt) or "step0") >= "step00000004", 120, "a checkpoint")
+        os.killpg(old.pid, signal.SIGSTOP)
+        stuck_at = int(latest_pointer(ckpt).removeprefix("step"))
+        assert stuck_at + 6 <= len(ref)
+        res = run(train_cmd(data, d, extra=["--takeover"], **{**over, "train.steps": stuck_at + 6}))
+        out = res.stdout + res.stderr
+        assert res.returncode == 0, out[-4000:]
+        assert "forced by --takeover" in out and "waiting 1 s for the old holder" in out, out[-3000:]
+        written = (d / "metrics.jsonl").read_text(), latest_pointer(ckpt)
+        os.killpg(old.pid, signal.SIGCONT)
+        assert old.wait(timeout=60) == 2
+        old_log = (tmp_path / "old.log").read_text()
+        assert "lost the lease" in old_log, old_log[-3000:]
+        assert ((d / "metrics.jsonl").read_text(), latest_pointer(ckpt)) == written  # nothing more from it
+    finally:
+        if old.poll() is None:
+            os.killpg(old.pid, signal.SIGKILL)
+    assert losses(d) == {s: v for s, v in ref.items() if s <= stuck_at + 6}

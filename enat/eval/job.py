@@ -45,7 +45,8 @@ def check_model(expected: ModelConfig, found: ModelConfig, source: str) -> None:
         raise EvalError(f"{source} holds another model than the config describes: " + "; ".join(diff))
 
 
-def load_checkpoint(cfg: Config, run_dir: Path | None, checkpoint: str, weights: str, log=print) -> dict:
+def load_checkpoint(cfg: Config, run_dir: Path | None, checkpoint: str, weights: str, log=print, rank: int = 0,
+                    world: int = 1) -> dict:
     """-> {"model", "step", "id", "sha256", "model_cfg"} from a weights file or a run checkpoint
     (verified against its manifest first: a damaged checkpoint is named, never evaluated)."""
     from enat.models.weights import load_state, load_weights
@@ -64,7 +65,7 @@ def load_checkpoint(cfg: Config, run_dir: Path | None, checkpoint: str, weights:
             raise EvalError("give --run RUN_DIR to evaluate a training checkpoint by step")
         ckpt_dir = checkpoint_dir(run_dir)
         tag = resolve_tag(ckpt_dir, checkpoint)
-        require_intact(ckpt_dir, tag, log=log)
+        require_intact(ckpt_dir, tag, log=log, rank=rank, world=world)  # the ranks share the reading
         state, sds = checkpoint_weights(ckpt_dir, tag, kinds=(weights,))
         mcfg, sd = from_dict(ModelConfig, state["config"]["model"]), sds[weights]
         states = sorted((ckpt_dir / tag).glob("*model_states.pt"))
@@ -232,7 +233,7 @@ def evaluate(cfg: Config, run_dir: str | Path | None, checkpoint: str = "latest"
     if num_samples % C:
         raise EvalError(f"--num-samples {num_samples} is not a multiple of the {C} classes (class-balanced)")
 
-    ck = load_checkpoint(cfg, run_dir, checkpoint, weights, log=log)
+    ck = load_checkpoint(cfg, run_dir, checkpoint, weights, log=log, rank=rank, world=world)
     spec = reference_spec(cfg)
     settings = eval_settings(cfg, weights, num_samples, spec)
     base = Path(out_dir) if out_dir is not None else (run_dir if run_dir is not None else Path(ck["id"]).parent)

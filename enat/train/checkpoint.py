@@ -21,8 +21,8 @@ core here, above what a node writes to a parallel filesystem, and every rank has
 so a save stays I/O-bound. It detects truncation and flipped bits; it is not a defence against
 tampering.
 
-The last `keep_last` checkpoints and every `keep_every`-th step are kept; the newest verified one
-and the one `latest` names never go. A checkpoint from another world size is resumed through
+The last `keep_last` checkpoints and every `keep_every`-th step are kept, and the one `latest`
+names never goes; partial tags and tags newer than `latest` are not counted. A checkpoint from another world size is resumed through
 DeepSpeed's universal format (converted once, next to the original).
 """
 
@@ -126,6 +126,14 @@ def file_checksum(path: Path, fsync: bool = False) -> dict:
     return {"size": size, CHECKSUM: f"{crc:08x}"}
 
 
+def remove_tag(tag_dir: Path) -> None:
+    """Delete a tag, manifest first: interrupted, it leaves a partial (never counted), not a
+    complete-looking tag with files missing."""
+    (tag_dir / META).unlink(missing_ok=True)
+    shutil.rmtree(tag_dir, ignore_errors=True)
+    shutil.rmtree(tag_dir.with_name(f"{tag_dir.name}_universal"), ignore_errors=True)
+
+
 def writer_rank(name: str) -> int:
     """The rank that wrote a file of a DeepSpeed tag: per-rank shards carry their rank, the rest
     (the model states at ZeRO-0/1/2) are rank 0's."""
@@ -158,51 +166,66 @@ def read_meta(ckpt_dir: Path, tag: str) -> dict:
 
 
 def check_files(tag_dir: Path, manifest: dict, names: list[str], checksums: bool = True) -> list[str]:
-    """Problems of the named files of a tag against its manifest: missing, wrong size, checksum."""
+    """Problems of the named files of a tag against its manifest: missing, unreadable, wrong size,
+    changed contents."""
     problems = []
     for name in names:
-        want, path = manifest[name], tag_dir / name
+        path = tag_dir / name
         try:
+            want = manifest[name]
             size = path.stat().st_size
+            if size != want["size"]:
+                problems.append(f"{path}: {size} bytes, {want['size']} written "
+                                f"({'short' if size < want['size'] else 'long'})")
+            elif checksums and (got := file_checksum(path)[CHECKSUM]) != want[CHECKSUM]:
+                problems.append(f"{path}: {CHECKSUM} {got}, {want[CHECKSUM]} written (contents changed)")
         except FileNotFoundError:
             problems.append(f"{path}: missing")
-            continue
-        if size != want["size"]:
-            problems.append(f"{path}: {size} bytes, {want['size']} written ({'short' if size < want['size'] else 'long'})")
-            continue
-        if checksums:
-            got = file_checksum(path)[CHECKSUM]
-            if got != want[CHECKSUM]:
-                problems.append(f"{path}: {CHECKSUM} {got}, {want[CHECKSUM]} written (contents changed)")
+        except OSError as e:  # EIO from a failed disk or a lost object, ESTALE, EACCES
+            problems.append(f"{path}: unreadable ({e.strerror or e})")
+        except (KeyError, TypeError) as e:
+            problems.append(f"{tag_dir / META}: malformed entry for {name} ({e!r})")
     return problems
+
+
+_RANK = {"partial": 3, "damaged": 2, "unverified": 1, "ok": 0, "unchecked": 0}
+
+
+def _verify_part(ckpt_dir: Path, tag: str, checksums: bool, rank: int, world: int) -> TagStatus:
+    """This rank's share of verify_tag; never raises (every rank must reach the gather)."""
+    tag_dir = ckpt_dir / tag
+    if not tag_dir.is_dir():
+        return TagStatus(tag, "damaged", [f"{tag_dir}: missing"])
+    if not (tag_dir / META).is_file():
+        return TagStatus(tag, "partial", [f"{tag_dir}: no {META} (an interrupted save)"])
+    try:
+        manifest = json.loads((tag_dir / META).read_text()).get("files")
+        if manifest is None:
+            return TagStatus(tag, "unverified", [f"{tag_dir}: written without checksums"])
+        names = sorted(manifest)
+        size = sum(f["size"] for f in manifest.values())
+    except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
+        return TagStatus(tag, "damaged", [f"{tag_dir / META}: unreadable ({e})"])
+    problems = check_files(tag_dir, manifest, names[rank::world], checksums)
+    return TagStatus(tag, "damaged" if problems else ("ok" if checksums else "unchecked"), problems, size, len(names))
 
 
 def verify_tag(ckpt_dir: Path, tag: str, checksums: bool = True, rank: int = 0, world: int = 1) -> TagStatus:
     """Check a tag against its manifest. Called by every rank of a group with rank/world, the
-    files are split among them and the problems gathered (every rank gets the same answer)."""
-    tag_dir = ckpt_dir / tag
-    if not (tag_dir / META).is_file():
-        return TagStatus(tag, "partial", [f"{tag_dir}: no {META} (an interrupted save)"])
-    try:
-        meta = json.loads((tag_dir / META).read_text())
-    except (OSError, ValueError) as e:
-        return TagStatus(tag, "damaged", [f"{tag_dir / META}: unreadable ({e})"])
-    manifest = meta.get("files")
-    if manifest is None:
-        return TagStatus(tag, "unverified", [f"{tag_dir}: written without checksums"])
-    names = sorted(manifest)
-    mine = names[rank::world]
-    problems = check_files(tag_dir, manifest, mine, checksums)
-    if world > 1:
-        problems = [p for part in all_gather_object(problems) for p in part]
-    size = sum(f["size"] for f in manifest.values())
-    state = ("ok" if checksums else "unchecked") if not problems else "damaged"
-    return TagStatus(tag, state, sorted(problems), size, len(names))
+    files are split among them and the verdicts merged in one gather: every rank gets the same
+    answer, whatever each one saw."""
+    part = _verify_part(ckpt_dir, tag, checksums, rank, world)
+    if world == 1:
+        return part
+    parts = all_gather_object(part)
+    worst = max(parts, key=lambda p: _RANK[p.state])
+    return TagStatus(tag, worst.state, sorted({q for p in parts for q in p.problems}), parts[0].size, parts[0].files)
 
 
-def require_intact(ckpt_dir: Path, tag: str, log=print) -> TagStatus:
-    """Readers (eval, export): the tag must verify; say so, or stop naming the damage."""
-    status = verify_tag(ckpt_dir, tag)
+def require_intact(ckpt_dir: Path, tag: str, log=print, rank: int = 0, world: int = 1) -> TagStatus:
+    """Readers (eval, export): the tag must verify; say so, or stop naming the damage. Under a
+    process group every rank calls it with rank/world and the reading is shared."""
+    status = verify_tag(ckpt_dir, tag, rank=rank, world=world)
     if not status.usable:
         raise CheckpointError(f"checkpoint {ckpt_dir / tag} is {status.state}:\n  " + "\n  ".join(status.problems)
                               + f"\nPick another one (`enat ckpt list {ckpt_dir.parent}`).")
@@ -269,10 +292,7 @@ def find_resume_tag(ckpt_dir: Path, rank: int = 0, world: int = 1, log=print) ->
     candidates = broadcast_object(candidates)
     passed: list[TagStatus] = []
     for tag in candidates:
-        if (ckpt_dir / tag).is_dir():
-            status = verify_tag(ckpt_dir, tag, rank=rank, world=world)
-        else:
-            status = TagStatus(tag, "damaged", [f"{ckpt_dir / tag}: missing (named by {LATEST})"])
+        status = verify_tag(ckpt_dir, tag, rank=rank, world=world)
         if status.usable:
             if passed:
                 log(f"warning: resuming from {tag}, the newest intact checkpoint: " + "; ".join(
@@ -313,46 +333,65 @@ class Checkpointer:
         tag = tag_for(step)
         tag_dir = self.dir / tag
         if self.rank == 0 and tag_dir.exists():  # a step saved again (after a fallback): no stale files or manifest
-            shutil.rmtree(tag_dir)
+            remove_tag(tag_dir)
         barrier()
         engine.save_checkpoint(str(self.dir), tag=tag, client_state={CLIENT_KEY: client_state}, save_latest=False)
         # Each rank flushes and checksums the files it wrote (its dirty pages live on its node),
         # in threads: zlib releases the GIL, so a rank's files are hashed side by side.
-        paths = [p for p in sorted(tag_dir.iterdir()) if p.is_file() and writer_rank(p.name) == self.rank]
-        with ThreadPoolExecutor(max(1, min(4, len(paths)))) as pool:
-            mine = dict(zip((p.name for p in paths), pool.map(lambda p: file_checksum(p, fsync=True), paths)))
-        files = {k: v for part in all_gather_object(mine) for k, v in part.items()}
-        if self.rank == 0:
-            fsync_dir(tag_dir)
-            write_atomic(tag_dir / META, json.dumps({**meta, "step": step, "tag": tag, "saved": time.time(),
-                                                     "checksum": CHECKSUM, "files": files}, indent=1))
+        mine, error = {}, None
+        try:
+            paths = [p for p in sorted(tag_dir.iterdir()) if p.is_file() and writer_rank(p.name) == self.rank]
+            with ThreadPoolExecutor(max(1, min(4, len(paths)))) as pool:
+                mine = dict(zip((p.name for p in paths), pool.map(lambda p: file_checksum(p, fsync=True), paths)))
+        except OSError as e:
+            error = f"rank {self.rank}: {e}"
+        parts = all_gather_object((mine, error))
+        errors = [e for _, e in parts if e]
+        if errors:
+            raise CheckpointError(f"saving {tag_dir} failed ({'; '.join(errors)}); `latest` still names the previous "
+                                  f"checkpoint. Check the filesystem (quota, space) and resume.")
+        files = {k: v for part, _ in parts for k, v in part.items()}
+        # Fenced before the manifest: a writer that lost the lease leaves a partial, never a
+        # complete tag that retention or an eval watcher would count.
         self._check_fence()
         if self.rank == 0:
-            write_atomic(self.dir / LATEST, tag)  # the commit point
-            self.prune()
-        barrier()
+            try:
+                fsync_dir(tag_dir)
+                write_atomic(tag_dir / META, json.dumps({**meta, "step": step, "tag": tag, "saved": time.time(),
+                                                         "checksum": CHECKSUM, "files": files}, indent=1))
+                write_atomic(self.dir / LATEST, tag)  # the commit point
+                self.prune()
+            except OSError as e:
+                error = f"committing {tag_dir} failed: {e}"
+        error = broadcast_object(error)
+        if error:
+            raise CheckpointError(f"{error}. Check the filesystem (quota, space) and resume.")
         return tag
 
     def prune(self) -> None:
-        """Retention over complete checkpoints only (partials are not checkpoints): the last
-        keep_last, every keep_every-th, the newest and the one `latest` names."""
-        tags = complete_tags(self.dir)
+        """Retention over committed checkpoints only (partials, and complete tags newer than
+        `latest`, which were never committed, are not counted): the last keep_last, every
+        keep_every-th, and the one `latest` names."""
+        latest = latest_pointer(self.dir)
+        if latest is None or not TAG_RE.match(latest):
+            return
+        tags = [t for t in complete_tags(self.dir) if step_of(t) <= step_of(latest)]
         keep = set(tags[-self.keep_last:]) if self.keep_last > 0 else set()
         if self.keep_every:
             keep |= {t for t in tags if step_of(t) % self.keep_every == 0}
-        keep |= {latest_pointer(self.dir), tags[-1] if tags else None}
+        keep.add(latest)
         for t in tags:
             if t not in keep:
-                shutil.rmtree(self.dir / t, ignore_errors=True)
-                shutil.rmtree(self.dir / f"{t}_universal", ignore_errors=True)
+                remove_tag(self.dir / t)
 
     def tidy(self, resume: str | None, passed: list[TagStatus]) -> None:
-        """Rank 0, holding the run's lease, before training: damaged tags passed over go to
-        damaged/ (kept for a post-mortem, never read again), partial tags of interrupted saves and
-        uncommitted tags newer than the resume point are removed, and `latest` names the resume
-        point."""
+        """Rank 0, holding the run's lease, before training: `latest` names the resume point,
+        damaged tags passed over go to damaged/ (kept for a post-mortem, never read again), and
+        partial tags of interrupted saves are removed."""
         if self.rank != 0 or not self.dir.is_dir():
             return
+        if resume is not None and latest_pointer(self.dir) != resume:
+            write_atomic(self.dir / LATEST, resume)  # first: `latest` never names a tag being moved
         for status in passed:
             if (self.dir / status.tag).is_dir():
                 dest = self.dir / DAMAGED / f"{status.tag}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -362,16 +401,11 @@ class Checkpointer:
                 self.log(f"moved damaged checkpoint {status.tag} to {dest} (delete it once inspected)")
         for tag in tag_dirs(self.dir):
             if not (self.dir / tag / META).is_file():
-                why = f"an interrupted save (no {META})"
+                self.log(f"removing {self.dir / tag}: an interrupted save (no {META})")
+                remove_tag(self.dir / tag)
             elif resume is not None and step_of(tag) > step_of(resume):
-                why = f"newer than the resume point {resume}, never committed (training writes it again)"
-            else:
-                continue
-            self.log(f"removing {self.dir / tag}: {why}")
-            shutil.rmtree(self.dir / tag)
-            shutil.rmtree(self.dir / f"{tag}_universal", ignore_errors=True)
-        if resume is not None and latest_pointer(self.dir) != resume:
-            write_atomic(self.dir / LATEST, resume)
+                self.log(f"note: {self.dir / tag} is newer than {LATEST} ({resume}): never committed, left as it "
+                         f"is; training writes that step again")
 
     def load(self, engine, tag: str) -> dict:
         path, client = engine.load_checkpoint(str(self.dir), tag=tag)

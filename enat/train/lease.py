@@ -128,6 +128,16 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
         return None
 
 
+def pid_namespace() -> str | None:
+    """This boot's id and this process's pid namespace: pids compare only where both match."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
+
+
 def pid_start(pid: int) -> int | None:
     """A process's start time (clock ticks since boot): with the pid it names the process, even
     after the pid is reused. None where /proc is absent."""
@@ -167,7 +177,9 @@ def squeue_state(job_id: str) -> tuple[int, str, str] | None:
     return p.returncode, p.stdout, p.stderr
 
 
-def _slurm_job_gone(job_id: str) -> str | None:
+def _slurm_verdict(job_id: str) -> tuple[str, str] | None:
+    """("gone", why) when SLURM says the job is over, ("live", state) when it may still run, None
+    when squeue gives no verdict."""
     answer = squeue_state(job_id)
     if answer is None:
         return None
@@ -175,11 +187,11 @@ def _slurm_job_gone(job_id: str) -> str | None:
     if rc == 0:
         states = out.split()
         if not states:
-            return f"SLURM job {job_id} is no longer in the queue"
-        if not LIVE_SLURM_STATES.intersection(states):
-            return f"SLURM job {job_id} is {states[0]}"
-    elif "invalid job id" in err.lower():
-        return f"SLURM job {job_id} is unknown to SLURM"
+            return "gone", f"SLURM job {job_id} is no longer in the queue"
+        live = LIVE_SLURM_STATES.intersection(states)
+        return ("live", sorted(live)[0]) if live else ("gone", f"SLURM job {job_id} is {states[0]}")
+    if "invalid job id" in err.lower():
+        return "gone", f"SLURM job {job_id} is unknown to SLURM"
     return None  # squeue failed some other way: no verdict
 
 
@@ -196,21 +208,27 @@ def stale_reason(info: dict, me: dict, heartbeat_age_s: float, timeout_s: float)
             and int(me.get("slurm_restart_count") or 0) > int(info.get("slurm_restart_count") or 0)):
         return (f"a requeue of the same job (SLURM job {_slurm_id(info)}, restart "
                 f"{info.get('slurm_restart_count') or 0} -> {me.get('slurm_restart_count')})")
-    # 2. a holder on this host whose pid is gone or now names another process
+    # 2. a holder on this host whose pid is gone or now names another process. "This host" is
+    #    the hostname and the pid namespace of this boot: containers sharing a hostname do not see
+    #    each other's pids.
     pid = info.get("pid")
-    if info.get("host") == me.get("host") and isinstance(pid, int) and pid > 0:
+    if (info.get("host") == me.get("host") and info.get("pid_namespace") == me.get("pid_namespace")
+            and isinstance(pid, int) and pid > 0):
         why = _pid_gone(pid, info.get("pid_start"))
         if why:
             return why
-    # 3. SLURM says the holder's job is over. Job ids of another cluster mean nothing to our
-    #    squeue ("Invalid job id" for a live job): skip when the records name different clusters.
-    if job is not None and (theirs is None or mine is None or theirs == mine):
-        why = _slurm_job_gone(_slurm_id(info))
-        if why:
-            return why
-    # 4. nobody touched it for too long
-    if heartbeat_age_s > timeout_s:
-        return f"heartbeat {heartbeat_age_s:.0f} s old, timeout {timeout_s:g} s"
+    # 3. SLURM's word on the holder's job, asked only of the holder's own cluster (job ids of
+    #    another cluster mean nothing to our squeue: "Invalid job id" for a live job). A job it
+    #    says may still run is not stale, however old its heartbeat (a suspended job resumes).
+    if job is not None and theirs == mine:
+        verdict = _slurm_verdict(_slurm_id(info))
+        if verdict is not None:
+            return verdict[1] if verdict[0] == "gone" else None
+    # 4. nobody touched it for too long (by the holder's heartbeat too, should it beat slower)
+    beat = info.get("heartbeat_s")
+    timeout = max(timeout_s, 3 * beat) if isinstance(beat, (int, float)) else timeout_s
+    if heartbeat_age_s > timeout:
+        return f"heartbeat {heartbeat_age_s:.0f} s old, timeout {timeout:g} s"
     return None
 
 
@@ -246,6 +264,7 @@ class Lease:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "pid_start": pid_start(os.getpid()),
+            "pid_namespace": pid_namespace(),
             "slurm_job_id": _env("SLURM_JOB_ID"),
             "slurm_array_job_id": _env("SLURM_ARRAY_JOB_ID"),
             "slurm_array_task_id": _env("SLURM_ARRAY_TASK_ID"),

@@ -52,8 +52,9 @@ class MetricsWriter:
     """Rank 0 only; other ranks get a writer that does nothing."""
 
     def __init__(self, run_dir: Path, enabled: bool, wandb_cfg=None, rid: str | None = None, config: dict | None = None,
-                 name: str = "metrics.jsonl"):
+                 name: str = "metrics.jsonl", fence=None):
         self.enabled = enabled
+        self.fence = fence  # () -> truthy once this process may no longer write the run directory
         self.path = run_dir / name
         self.wandb = None
         if enabled and wandb_cfg is not None and wandb_cfg.mode != "disabled":
@@ -66,25 +67,26 @@ class MetricsWriter:
 
     def truncate_after(self, step: int) -> int:
         """Drop lines of steps after `step` (written after the checkpoint a run resumes from), so
-        every step appears exactly once, and a last line cut short by a killed process (logged
-        after that checkpoint too: a step is logged before it is saved). Returns how many were
-        dropped."""
+        every step appears exactly once, and lines cut short by a killed process. Returns how many
+        were dropped."""
         if not self.enabled or not self.path.is_file():
             return 0
+
+        def step_of(line: str) -> float:
+            try:
+                return json.loads(line).get("step", 0)
+            except ValueError:
+                return float("inf")  # torn by a kill mid-write
+
         lines = [line for line in self.path.read_text().splitlines() if line.strip()]
-        complete = lines
-        try:
-            json.loads(lines[-1]) if lines else None
-        except ValueError:
-            complete = lines[:-1]
-        keep = [line for line in complete if json.loads(line).get("step", 0) <= step]
+        keep = [line for line in lines if step_of(line) <= step]
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, self.path)
         return len(lines) - len(keep)
 
     def log(self, record: dict, images: dict | None = None) -> None:
-        if not self.enabled:
+        if not self.enabled or (self.fence is not None and self.fence()):
             return
         with open(self.path, "a") as f:
             f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")

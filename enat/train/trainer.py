@@ -33,7 +33,8 @@ from enat.dist import all_reduce, barrier, broadcast_object, device_for, init_de
 from enat.flops import expected_train_flops, masked_count, train_step_flops
 from enat.models import build_model, count_parameters
 from enat.rng import derive_seed
-from enat.train.checkpoint import Checkpointer, checkpoint_dir, find_resume_tag, read_meta, to_universal
+from enat.train.checkpoint import (Checkpointer, CheckpointError, checkpoint_dir, find_resume_tag, read_meta,
+                                   to_universal)
 from enat.train.ema import EMA
 from enat.train.lease import Lease, LeaseError, LeaseLost
 from enat.train.metrics import MetricsWriter, peak_memory_gb, peak_tflops, run_id
@@ -180,6 +181,8 @@ class Trainer:
                 self.lease.acquire(takeover=takeover)
             except LeaseError as e:
                 refused = str(e)
+            except OSError as e:  # (said on every rank: the others wait in the broadcast below)
+                refused = f"cannot take the lease of {self.run_dir}: {e}"
         refused = broadcast_object(refused)
         if refused:
             raise LeaseError(refused if self.rank == 0 else f"rank 0 could not take the lease of {self.run_dir}")
@@ -209,8 +212,14 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir, self.rank, t.keep_last, t.keep_every,
                                          fence=self.lease.check if self.lease else None, log=self.log)
         tag, passed = find_resume_tag(ckpt_dir, self.rank, self.world, log=self.log)
-        self.checkpointer.tidy(tag, passed)  # rank 0: damaged tags aside, partial saves removed
-        barrier()
+        failed = None
+        try:
+            self.checkpointer.tidy(tag, passed)  # rank 0: damaged tags aside, partial saves removed
+        except OSError as e:
+            failed = f"tidying {ckpt_dir} failed: {e}"
+        failed = broadcast_object(failed)
+        if failed:
+            raise CheckpointError(failed)
         universal = False
         if tag is not None:
             meta = read_meta(ckpt_dir, tag)
@@ -262,11 +271,14 @@ class Trainer:
         self.flops_per_sample = expected_train_flops(cfg.model, tuple(t.mask_beta), t.reuse_prob)
         wandb_config = {**to_dict(cfg), "params": self.n_params, "train_flops_per_sample": self.flops_per_sample,
                         "world_size": self.world}
-        self.metrics = MetricsWriter(self.run_dir, self.rank == 0, t.wandb, self.run_id, wandb_config)
+        # A writer whose lease was taken over writes no metrics line (a re-read of lease.json per
+        # log interval; it stops training at its next step's all-reduce or save).
+        fence = self.lease.check if self.lease is not None else None
+        self.metrics = MetricsWriter(self.run_dir, self.rank == 0, t.wandb, self.run_id, wandb_config, fence=fence)
         dropped = self.metrics.truncate_after(self.step)
         if dropped:
             self.log(f"metrics.jsonl: dropped {dropped} lines logged after the checkpoint of step {self.step}")
-        self.val_metrics = MetricsWriter(self.run_dir, self.rank == 0, None, name="val.jsonl")
+        self.val_metrics = MetricsWriter(self.run_dir, self.rank == 0, None, name="val.jsonl", fence=fence)
         self.val_metrics.truncate_after(self.step)
         self.peak = peak_tflops(t.peak_tflops)
         self._val_data = None
