@@ -205,19 +205,12 @@ def cmd_ckpt_universal(args) -> None:
 
 
 def _ckpt_statuses(args, checksums: bool):
-    from enat.train.checkpoint import ckpt_dir_of, latest_pointer, tag_dirs, verify_tag
+    from enat.train.checkpoint import ckpt_dir_of, latest_pointer, resolve_tag, tag_dirs, verify_tag
 
     ckpt = ckpt_dir_of(args.run)
     if not ckpt.is_dir():
         raise CheckpointError(f"no checkpoints folder at {ckpt}")
-    tags = tag_dirs(ckpt)
-    if getattr(args, "tag", None):
-        tag = args.tag if not str(args.tag).isdigit() else f"step{int(args.tag):08d}"
-        if tag == "latest":
-            tag = latest_pointer(ckpt) or tag
-        if tag not in tags:
-            raise CheckpointError(f"no tag {tag} in {ckpt}; have {tags or 'none'}")
-        tags = [tag]
+    tags = [resolve_tag(ckpt, args.tag)] if getattr(args, "tag", None) else tag_dirs(ckpt)
     return ckpt, latest_pointer(ckpt), [verify_tag(ckpt, t, checksums=checksums) for t in tags]
 
 

@@ -15,8 +15,8 @@ import pytest
 
 from conftest import ROOT
 from enat.train import lease as lease_mod
-from enat.train.lease import (LEASE_FILE, Lease, LeaseError, _parse_proc_stat, describe_holder, pid_namespace, pid_start,
-                              read_lease, stale_reason)
+from enat.train.lease import (LEASE_FILE, Lease, LeaseError, _parse_proc_stat, describe_holder, pid_namespace,
+                              pid_start, read_lease, stale_reason)
 
 REAL_SQUEUE_STATE = lease_mod.squeue_state
 HOST = socket.gethostname()
@@ -255,7 +255,8 @@ def test_squeue_verdict(monkeypatch, answer, stale):
         assert asked == []
     # SLURM says it may still run: not stale however old the heartbeat; gone: stale at once
     old = stale_reason(info, me(), 10_000.0, 600)
-    assert (old is None) == (answer is not None and answer[0] == 0 and answer[1].strip() in ("RUNNING", "SUSPENDED")), old
+    live = answer is not None and answer[0] == 0 and answer[1].strip() in ("RUNNING", "SUSPENDED")
+    assert (old is None) == live, old
 
 
 def test_same_hostname_in_another_pid_namespace_is_not_judged_by_pid():

@@ -185,8 +185,8 @@ def test_requeue_after_a_hard_kill_retakes_its_own_lease_and_continues_exactly(c
     wait_for(lambda: sacct_state(job.job_id) not in ("", "RUNNING", "PENDING", "COMPLETING"), 90, "the job to end")
     assert lease().get("slurm_job_id") == job.job_id  # left behind by the killed rank 0
     subprocess.run(["scontrol", "requeue", job.job_id], check=True)
-    state = wait_for(lambda: (s := sacct_state(job.job_id)) not in ("", "RUNNING", "PENDING", "COMPLETING",
-                                                                    "REQUEUED", "FAILED") and s, 300, "the requeued job")
+    unfinished = ("", "RUNNING", "PENDING", "COMPLETING", "REQUEUED", "FAILED")
+    state = wait_for(lambda: (s := sacct_state(job.job_id)) not in unfinished and s, 300, "the requeued job")
     log = Path(job.paths.stdout).read_text()
     assert state == "COMPLETED", log[-3000:]
     assert "taking over the lease" in log and "a requeue of the same job" in log, log[-3000:]

@@ -22,8 +22,9 @@ so a save stays I/O-bound. It detects truncation and flipped bits; it is not a d
 tampering.
 
 The last `keep_last` checkpoints and every `keep_every`-th step are kept, and the one `latest`
-names never goes; partial tags and tags newer than `latest` are not counted. A checkpoint from another world size is resumed through
-DeepSpeed's universal format (converted once, next to the original).
+names never goes; partial tags and tags newer than `latest` are not counted. A checkpoint from
+another world size is resumed through DeepSpeed's universal format (converted once, next to the
+original).
 """
 
 from __future__ import annotations
@@ -266,7 +267,8 @@ def resolve_tag(ckpt_dir: Path, which: str | None) -> str:
         return tag
     tag = tag_for(int(which)) if str(which).isdigit() else str(which)
     if not (ckpt_dir / tag).is_dir():
-        raise CheckpointError(f"checkpoint {tag} not found in {ckpt_dir}; available: {complete_tags(ckpt_dir) or 'none'}")
+        raise CheckpointError(f"checkpoint {tag} not found in {ckpt_dir}; "
+                              f"available: {complete_tags(ckpt_dir) or 'none'}")
     return tag
 
 
@@ -303,7 +305,8 @@ def find_resume_tag(ckpt_dir: Path, rank: int = 0, world: int = 1, log=print) ->
         passed.append(status)
     if not passed:
         return None, []
-    raise CheckpointError(f"no intact checkpoint in {ckpt_dir}:\n  " + "\n  ".join(p for s in passed for p in s.problems)
+    problems = "\n  ".join(p for s in passed for p in s.problems)
+    raise CheckpointError(f"no intact checkpoint in {ckpt_dir}:\n  {problems}"
                           + "\nRestore the damaged files, or start afresh in another run directory (train.run_dir). "
                           "Nothing was changed.")
 

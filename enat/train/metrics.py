@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from enat.train.checkpoint import write_atomic
+
 # Dense bf16 peak TFLOP/s per GPU, for MFU. Override with train.peak_tflops.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "V100": 125.0}
 
@@ -42,9 +44,7 @@ def run_id(run_dir: Path) -> str:
     if path.is_file():
         return path.read_text().strip()
     rid = uuid.uuid4().hex[:12]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(rid)
-    os.replace(tmp, path)  # a run killed here leaves no empty id behind
+    write_atomic(path, rid)  # a run killed here leaves no empty id behind
     return rid
 
 

@@ -174,7 +174,8 @@ class Trainer:
         self.run_dir = Path(t.run_dir)
         check_data(cfg)  # preparation is a job of its own (`enat data prepare`, launch/tokenize.py)
         # One writer per run directory: rank 0 takes the lease before anything is written.
-        self.lease = Lease(self.run_dir, t.lease_timeout_s, t.lease_heartbeat_s, log=self.log) if self.rank == 0 else None
+        self.lease = Lease(self.run_dir, t.lease_timeout_s, t.lease_heartbeat_s, log=self.log) if self.rank == 0 \
+            else None
         refused = None
         if self.lease is not None:
             try:
@@ -209,8 +210,10 @@ class Trainer:
         # Where to resume from, decided before the engine exists (universal loading is a config
         # flag): the checkpoint `latest` names if it verifies, else the newest earlier one that does.
         ckpt_dir = checkpoint_dir(self.run_dir)
-        self.checkpointer = Checkpointer(self.run_dir, self.rank, t.keep_last, t.keep_every,
-                                         fence=self.lease.check if self.lease else None, log=self.log)
+        # Why this process may no longer write the run directory (a re-read of lease.json, rank 0):
+        # asked before every save and every metrics line.
+        fence = self.lease.check if self.lease is not None else None
+        self.checkpointer = Checkpointer(self.run_dir, self.rank, t.keep_last, t.keep_every, fence=fence, log=self.log)
         tag, passed = find_resume_tag(ckpt_dir, self.rank, self.world, log=self.log)
         failed = None
         try:
@@ -271,9 +274,6 @@ class Trainer:
         self.flops_per_sample = expected_train_flops(cfg.model, tuple(t.mask_beta), t.reuse_prob)
         wandb_config = {**to_dict(cfg), "params": self.n_params, "train_flops_per_sample": self.flops_per_sample,
                         "world_size": self.world}
-        # A writer whose lease was taken over writes no metrics line (a re-read of lease.json per
-        # log interval; it stops training at its next step's all-reduce or save).
-        fence = self.lease.check if self.lease is not None else None
         self.metrics = MetricsWriter(self.run_dir, self.rank == 0, t.wandb, self.run_id, wandb_config, fence=fence)
         dropped = self.metrics.truncate_after(self.step)
         if dropped:
