@@ -48,6 +48,12 @@ class ModelConfig:
     grid_size: int = 16  # token grid side: 16 for 256 px, 32 for 512 px with an f16 tokenizer
     codebook_size: int = 1024  # ids 0..codebook_size-1; codebook_size is [MASK]
     num_classes: int = 1000  # labels 0..num_classes-1; num_classes is the null class
+    # What the network is conditioned on. class: a label table, through adaLN (the released ENAT).
+    # text: a frozen text encoder's hidden states (text_len x text_dim, e.g. CLIP ViT-L/14's
+    # 77 x 768), prepended as always-visible context tokens, and their mean through adaLN.
+    condition: Literal["class", "text"] = "class"
+    text_len: int = 77  # context tokens per caption (condition=text)
+    text_dim: int = 768  # the text encoder's hidden width (condition=text)
     dropout: float = 0.1  # after the token embedding
     label_drop: float = 0.0  # in-model CFG label drop (the released model: 0.1 on top of the data's)
 
@@ -100,6 +106,8 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
         raise ConfigError(f"model.width {cfg.width} is not divisible by model.num_heads {cfg.num_heads}")
     if cfg.arch == "enat" and (cfg.enc_depth < 1 or cfg.dec_depth < 1):
         raise ConfigError("ENAT needs model.enc_depth >= 1 and model.dec_depth >= 1")
+    if cfg.condition == "text" and (cfg.text_len < 1 or cfg.text_dim < 1):
+        raise ConfigError(f"model.text_len and model.text_dim must be >= 1, got {cfg.text_len}, {cfg.text_dim}")
     if cfg.depth < 1 or cfg.grid_size < 1 or cfg.codebook_size < 2 or cfg.num_classes < 1:
         raise ConfigError(f"model config out of range: {cfg}")
     return cfg
@@ -163,19 +171,36 @@ class TokenizerConfig:
 class DataConfig:
     """Images -> token shards -> the loader."""
 
-    dataset: Literal["imagefolder", "digits"] = "imagefolder"  # digits: the embedded demo, no download
-    image_dir: str | None = None  # imagefolder: root/<class>/<image> of the training images
-    val_image_dir: str | None = None  # imagefolder: the same for held-out images
+    # imagefolder: root/<class>/<image> (ADM crop); digits: the embedded demo, no download (captioned
+    # when model.condition=text); coco: image_dir + captions (COCO captions JSON, centre crop).
+    dataset: Literal["imagefolder", "digits", "coco"] = "imagefolder"
+    image_dir: str | None = None  # imagefolder: root/<class>/<image> of the training images; coco: train2014/
+    val_image_dir: str | None = None  # imagefolder: the same for held-out images; coco: val2014/
+    captions: str | None = None  # coco: captions_train2014.json
+    val_captions: str | None = None  # coco: captions_val2014.json
     shards: str = "runs/shards/train"  # token shards of the training split (manifest.json inside)
     val_shards: str | None = None  # token shards of the held-out split (validation loss, FID reference)
     flip: bool = True  # tokenize each image as-is and horizontally flipped (2 samples per image)
     shard_size: int = 10000  # samples per shard file
     tokenize_batch_size: int = 64
-    cfg_drop: float = 0.15  # label -> null class probability (classifier-free guidance)
+    cfg_drop: float = 0.15  # label -> null class (caption -> null context) probability, for CFG
     shuffle: bool = True
     resampled: bool = False  # infinite draws with replacement (statistical, not exact, resume)
     strict: bool = False  # corrupt shard or sample: raise (true) or skip, count and log (false)
     num_workers: int = 2  # DataLoader workers per rank (loading images when tokenizing, reading shards)
+
+
+@dataclass
+class TextConfig:
+    """The frozen text encoder of text-conditioned models (model.condition=text), loaded by local
+    path only: a directory with a transformers CLIPTextModel and its tokenizer
+    (`save_pretrained` output), or the demo's encoder (`enat data prepare` builds it)."""
+
+    encoder: str | None = None
+    # What caption shards hold per caption: the encoder's hidden states (fp16, L x C; read as they
+    # are) or only the token ids (L int32; the trainer encodes them on the fly, ~1/380 the disk).
+    storage: Literal["embeddings", "ids"] = "embeddings"
+    batch_size: int = 256  # captions per encoder call when tokenizing
 
 
 @dataclass
@@ -285,6 +310,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

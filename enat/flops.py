@@ -5,6 +5,11 @@ matmul), 2 FLOPs per multiply-add, per sample. Not counted: embeddings lookups, 
 activations, softmax (a few % at most). This is what torch.utils.flop_counter counts, which the
 tests check these numbers against.
 
+Text conditioning (model.condition=text) adds L context tokens: in full mode the encoder runs
+over them with the visible tokens, in reuse mode they are carried through f with the old visible
+tokens; the decoder always attends to them; their projection C -> D runs in full mode only, the
+pooled caption's (one row) in every forward. The NAT baseline runs them through every block.
+
 Backward = 2x forward for every matmul, except the logit matmul against the token table, whose
 gradient is stopped (only the activation gradient is computed).
 """
@@ -47,6 +52,18 @@ def reuse_proj_flops(cfg: ModelConfig, n: int) -> int:
     return _linear(n, cfg.width, 4 * cfg.width) + _linear(n, 4 * cfg.width, cfg.width)
 
 
+def text_flops(cfg: ModelConfig, tokens: bool) -> int:
+    """The caption embedder: the pooled row's Linear (every forward) and, with `tokens`, the
+    L context tokens' Linear (full mode; reuse mode carries their features instead)."""
+    if cfg.condition != "text":
+        return 0
+    return _linear(1, cfg.text_dim, cfg.width) + (_linear(cfg.text_len, cfg.text_dim, cfg.width) if tokens else 0)
+
+
+def text_len(cfg: ModelConfig) -> int:
+    return cfg.text_len if cfg.condition == "text" else 0
+
+
 def head_positions(seq_len: int, masked: int, logits: str) -> int:
     return {"all": seq_len, "masked": masked, "none": 0}[logits]
 
@@ -55,22 +72,23 @@ def enat_forward_flops(cfg: ModelConfig, masked: int, prev_visible: int | None =
                        logits: str = "all") -> int:
     """One ENAT forward, one sample, with `masked` [MASK] tokens. prev_visible=None: full mode;
     otherwise reuse mode with that many tokens carried over from the previous call."""
-    N = cfg.seq_len
+    N, L = cfg.seq_len, text_len(cfg)
     visible = N - masked
     if prev_visible is None:
-        enc = cfg.enc_depth * block_flops(cfg, visible)
-        extra = 0
+        enc = cfg.enc_depth * block_flops(cfg, L + visible)
+        extra = text_flops(cfg, tokens=True)
     else:
         new = visible - prev_visible
-        enc = cfg.enc_depth * block_flops(cfg, new, prev_visible)
-        extra = reuse_proj_flops(cfg, prev_visible)
-    dec = cfg.dec_depth * block_flops(cfg, masked, visible)
+        enc = cfg.enc_depth * block_flops(cfg, new, L + prev_visible)
+        extra = reuse_proj_flops(cfg, L + prev_visible) + text_flops(cfg, tokens=False)
+    dec = cfg.dec_depth * block_flops(cfg, masked, L + visible)
     return extra + enc + dec + head_flops(cfg, head_positions(N, masked, logits))
 
 
 def nat_forward_flops(cfg: ModelConfig, masked: int, logits: str = "all") -> int:
     N = cfg.seq_len
-    return cfg.depth * block_flops(cfg, N, two_way=False) + head_flops(cfg, head_positions(N, masked, logits))
+    return (text_flops(cfg, tokens=True) + cfg.depth * block_flops(cfg, text_len(cfg) + N, two_way=False)
+            + head_flops(cfg, head_positions(N, masked, logits)))
 
 
 def forward_flops(cfg: ModelConfig, masked: int, prev_visible: int | None = None, logits: str = "all") -> int:

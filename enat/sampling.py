@@ -80,9 +80,9 @@ def _draw(logprobs: torch.Tensor, temp: float, u: torch.Tensor, greedy: bool) ->
     return idx.clamp_(max=logprobs.shape[-1] - 1)
 
 
-def _forward(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, prev, num_masked: int):
+def _forward(model: nn.Module, ids: torch.Tensor, cond: torch.Tensor, prev, num_masked: int):
     """One network call of the sampler (the function compile=True compiles)."""
-    return model(ids, labels, prev=prev, logits="masked", num_masked=num_masked)
+    return model(ids, cond, prev=prev, logits="masked", num_masked=num_masked)
 
 
 # Compiled _forward per backend. The model is an argument, not a closure: its parameters are
@@ -105,10 +105,12 @@ def compiled_forward(backend: str | Callable = "inductor") -> Callable:
 
 
 @torch.no_grad()
-def generate(model: nn.Module, labels: torch.Tensor, cfg: SampleConfig, indices: torch.Tensor | None = None,
+def generate(model: nn.Module, cond: torch.Tensor, cfg: SampleConfig, indices: torch.Tensor | None = None,
              trace: list[StepTrace] | None = None, autocast_dtype: torch.dtype | None = None,
              compile: bool | str | Callable = False) -> torch.Tensor:
-    """Sample token ids (B, N) for class `labels` (B,). `indices` are the samples' global indices
+    """Sample token ids (B, N) for the condition `cond`: class labels (B,), or caption contexts
+    (B, L, C) for a text-conditioned model (CFG's unconditional branch then runs on the model's
+    null context, the encoding of ''). `indices` are the samples' global indices
     (default 0..B-1): they, with cfg.seed, fix each sample's noise.
 
     autocast_dtype: run the network under torch.autocast with this dtype (bfloat16: the matmuls
@@ -125,15 +127,15 @@ def generate(model: nn.Module, labels: torch.Tensor, cfg: SampleConfig, indices:
     if cfg.reuse and not model.supports_reuse:
         raise ValueError(f"{type(model).__name__} has no reuse mode; sample with reuse=False")
     device = next(model.parameters()).device
-    B, N, T = labels.shape[0], mcfg.seq_len, cfg.steps
+    B, N, T = cond.shape[0], mcfg.seq_len, cfg.steps
     indices = torch.arange(B) if indices is None else indices.cpu()
     if indices.shape != (B,):
         raise ValueError(f"indices must have shape ({B},), got {tuple(indices.shape)}")
     cuda = device.type == "cuda"
     noise = _noise(indices, cfg.seed, T, N, pin=cuda).to(device, non_blocking=cuda)
-    labels = labels.to(device, non_blocking=cuda)
+    cond = cond.to(device, non_blocking=cuda)
     guided = cfg.cfg_scale != 0
-    branch_labels = torch.cat([labels, torch.full_like(labels, mcfg.null_class)]) if guided else labels
+    branch_cond = torch.cat([cond, model.null_condition(cond)]) if guided else cond
     forward = _forward if not compile else compiled_forward("inductor" if compile is True else compile)
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
@@ -148,7 +150,7 @@ def generate(model: nn.Module, labels: torch.Tensor, cfg: SampleConfig, indices:
         M, keep = num_masked[s], masked_after_step(N, T, s)
 
         with autocast:
-            out = forward(model, torch.cat([ids, ids]) if guided else ids, branch_labels,
+            out = forward(model, torch.cat([ids, ids]) if guided else ids, branch_cond,
                           state if cfg.reuse else None, M)
         state = out
         pos = out.masked_positions[:B]  # (B, M) ascending; both branches hold the same ids
@@ -178,16 +180,17 @@ def generate(model: nn.Module, labels: torch.Tensor, cfg: SampleConfig, indices:
     return ids
 
 
-def generate_all(model: nn.Module, labels: torch.Tensor, cfg: SampleConfig, first_index: int = 0,
+def generate_all(model: nn.Module, cond: torch.Tensor, cfg: SampleConfig, first_index: int = 0,
                  progress: bool = False, **kwargs) -> torch.Tensor:
-    """generate() over any number of labels in batches of cfg.batch_size; sample k gets global
-    index first_index + k. kwargs go to generate (autocast_dtype, compile)."""
+    """generate() over any number of conditions (labels or contexts) in batches of
+    cfg.batch_size; sample k gets global index first_index + k. kwargs go to generate
+    (autocast_dtype, compile)."""
     from tqdm import tqdm
 
     out = []
-    starts = range(0, labels.shape[0], cfg.batch_size)
+    starts = range(0, cond.shape[0], cfg.batch_size)
     for start in tqdm(starts, desc="sampling", unit="batch", disable=not progress):
-        chunk = labels[start:start + cfg.batch_size]
+        chunk = cond[start:start + cfg.batch_size]
         idx = torch.arange(first_index + start, first_index + start + chunk.shape[0])
         out.append(generate(model, chunk, cfg, indices=idx, **kwargs).cpu())
     return torch.cat(out) if out else torch.empty(0, model.cfg.seq_len, dtype=torch.long)

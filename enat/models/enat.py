@@ -11,6 +11,12 @@ the context of every encoder block, which now runs over the newly revealed token
 decoder sees the merged visible set. The returned features hold f(z_prev) at the old positions,
 so f compounds over steps, as in the released code.
 
+Text conditioning (model.condition=text): the caption's L context tokens are prepended as
+positions that are always visible. Full mode encodes them with the visible tokens and the decoder
+attends to both; reuse mode treats them as tokens visible in the previous call: their previous
+features go through f with the old visible tokens' and they are never encoded again. The pooled
+caption replaces the class embedding in adaLN.
+
 All rows of a batch must have the same number of [MASK] tokens (and, in reuse mode, of newly
 revealed tokens). Tokens move between the encoder, the decoder and position order by gather and
 scatter on sorted positions, never by boolean masks: with the counts given (`num_masked`), a
@@ -23,11 +29,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from enat.config import ModelConfig
-from enat.models.layers import Block, LabelEmbedder, ReuseProjection, TokenEmbedder, TokenHead
+from enat.models.layers import Block, Conditioning, ReuseProjection, TokenEmbedder, TokenHead
 
 
 @dataclass
@@ -40,6 +45,7 @@ class Output:
     mask: torch.Tensor  # (B, N) bool, True at [MASK] inputs
     num_masked: int  # M, the [MASK] count of every row
     order: torch.Tensor  # (B, N) positions: the N - M visible ones ascending, then the M masked ones ascending
+    text_feat: torch.Tensor | None = None  # (B, L, D) features of the context tokens (ENAT, condition=text)
 
     @property
     def masked_positions(self) -> torch.Tensor:
@@ -85,7 +91,7 @@ def run_blocks(blocks: nn.ModuleList, h: torch.Tensor, c: torch.Tensor, ctx: tor
     return h
 
 
-class ENAT(nn.Module):
+class ENAT(Conditioning, nn.Module):
     supports_reuse = True
 
     def __init__(self, cfg: ModelConfig):
@@ -94,17 +100,18 @@ class ENAT(nn.Module):
         self.activation_checkpointing = False
         D = cfg.width
         self.embed = TokenEmbedder(cfg.codebook_size + 1, cfg.seq_len, D, cfg.dropout)
-        self.label_embed = LabelEmbedder(cfg.num_classes, D, cfg.label_drop)
+        self._init_condition(cfg)
         self.reuse_proj = ReuseProjection(D)
         self.encoder = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.enc_depth))
         self.decoder = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.dec_depth))
         self.head = TokenHead(D, cfg.codebook_size + 1)
         init_weights(self)
 
-    def forward(self, ids: torch.Tensor, labels: torch.Tensor, prev: Output | None = None,
+    def forward(self, ids: torch.Tensor, cond: torch.Tensor, prev: Output | None = None,
                 logits: str = "all", num_masked: int | None = None) -> Output:
-        """ids: (B, N) token ids with [MASK] = codebook_size; labels: (B,) classes (null class for
-        the unconditional pass); prev: this branch's previous Output for reuse mode;
+        """ids: (B, N) token ids with [MASK] = codebook_size; cond: (B,) classes (the null class
+        for the unconditional pass) or, for condition=text, (B, L, C) caption contexts (the null
+        context); prev: this branch's previous Output for reuse mode;
         logits: "all" positions (as released), "masked" positions only (all the sampler and the
         loss need), or "none" (features only);
         num_masked: the [MASK] count of every row, when the caller knows it (the trainer's step
@@ -123,10 +130,13 @@ class ENAT(nn.Module):
         order = sort_positions(mask)
         visible_pos, masked_pos = order[:, :N - M], order[:, N - M:]
         x = self.embed(ids)
-        c = F.silu(self.label_embed(labels.reshape(-1)))  # every block's adaLN starts with SiLU
+        c = self.adaln_input(cond)
+        L = self.text_len
 
         if prev is None:
             ctx, h = None, take_rows(x, visible_pos)
+            if L:  # context tokens lead the encoder's sequence
+                h = torch.cat([self.text_embed.tokens(cond).to(x.dtype), h], dim=1)
             if self.training:
                 # Zero-weighted use of the reuse projection and the encoder's context K/V in
                 # full-mode training steps: every parameter takes part in every step, so ZeRO
@@ -137,25 +147,32 @@ class ENAT(nn.Module):
             kinds = sort_positions(prev.mask.to(torch.int32) + mask.to(torch.int32))
             n_old = N - prev.num_masked
             old_pos, new_pos = kinds[:, :n_old], kinds[:, n_old:N - M]
-            ctx = self.reuse_proj(take_rows(prev.feat.detach(), old_pos).to(x.dtype))
+            old = take_rows(prev.feat.detach(), old_pos)
+            if L:  # the context tokens count as visible in the previous call: reused, not encoded
+                old = torch.cat([prev.text_feat.detach(), old], dim=1)
+            ctx = self.reuse_proj(old.to(x.dtype))
             h = take_rows(x, new_pos)
+            if L and self.training:  # zero-weighted use of the context projection, as above
+                h = torch.cat([self.text_embed.unused(cond).to(x.dtype), h], dim=1)
 
         if h.shape[1] > 0:
             h = run_blocks(self.encoder, h, c, ctx, self.activation_checkpointing)
 
         if prev is None:
-            visible = h
+            text, visible = h[:, :L], h[:, L:]
         else:  # merge encoded new tokens and projected old ones back into position order
+            text, ctx = ctx[:, :L], ctx[:, L:]
             merged = put_rows(put_rows(torch.empty_like(x), new_pos, h), old_pos, ctx)
             visible = take_rows(merged, visible_pos)
 
         m = take_rows(x, masked_pos)
         if m.shape[1] > 0:
-            m = run_blocks(self.decoder, m, c, visible, self.activation_checkpointing)
+            context = torch.cat([text, visible], dim=1) if L else visible
+            m = run_blocks(self.decoder, m, c, context, self.activation_checkpointing)
 
         feat = put_rows(put_rows(torch.empty_like(x), visible_pos, visible), masked_pos, m)
         return Output(logits=head_logits(self.head, self.embed, feat, m, logits, cfg.codebook_size),
-                      feat=feat, mask=mask, num_masked=M, order=order)
+                      feat=feat, mask=mask, num_masked=M, order=order, text_feat=text if L else None)
 
 
 def head_logits(head: TokenHead, embed: TokenEmbedder, feat: torch.Tensor, masked: torch.Tensor,
@@ -178,7 +195,10 @@ def init_weights(model: nn.Module) -> None:
             nn.init.zeros_(module.bias)
     nn.init.normal_(model.embed.tokens.weight, std=0.02)
     nn.init.normal_(model.embed.positions, std=0.02)
-    nn.init.normal_(model.label_embed.table.weight, std=0.02)
+    if hasattr(model, "label_embed"):
+        nn.init.normal_(model.label_embed.table.weight, std=0.02)
+    else:
+        nn.init.normal_(model.text_embed.positions, std=0.02)
     for name, module in model.named_modules():
         if name.endswith("adaLN"):
             nn.init.zeros_(module.weight)

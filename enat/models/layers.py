@@ -68,6 +68,79 @@ class LabelEmbedder(nn.Module):
         return self.table(labels)
 
 
+class TextEmbedder(nn.Module):
+    """A frozen text encoder's hidden states (B, L, C) -> context tokens (B, L, D) (Linear plus
+    learned positions, as U-ViT and AdaNAT prepend them) and a pooled vector (B, D) (their mean,
+    through a Linear) that drives adaLN in place of the class embedding.
+
+    `null_context` (L, C) is the encoding of the empty caption, the unconditional input of
+    classifier-free guidance: a buffer, so a checkpoint samples with CFG on its own."""
+
+    def __init__(self, text_dim: int, text_len: int, width: int):
+        super().__init__()
+        self.proj = nn.Linear(text_dim, width)
+        self.positions = nn.Parameter(torch.zeros(text_len, width))
+        self.pool = nn.Linear(text_dim, width)
+        self.register_buffer("null_context", torch.zeros(text_len, text_dim))
+
+    def tokens(self, context: torch.Tensor) -> torch.Tensor:
+        return self.proj(context.to(self.proj.weight.dtype)) + self.positions
+
+    def unused(self, context: torch.Tensor) -> torch.Tensor:
+        """(B, 0, D): the token projection applied to no token, for steps that reuse the context
+        features instead (a zero-weighted use, so that every parameter takes part in every step)."""
+        return self.proj(context[:, :0].to(self.proj.weight.dtype)) + self.positions[:0]
+
+    def pooled(self, context: torch.Tensor) -> torch.Tensor:
+        return self.pool(context.to(self.pool.weight.dtype).mean(dim=1))
+
+
+class Conditioning:
+    """What ENAT and the NAT baseline share about their condition (mixed into both networks).
+
+    condition=class: `cond` is labels (B,), embedded by `label_embed` (the released model's keys).
+    condition=text: `cond` is contexts (B, L, C), embedded by `text_embed` into L context tokens
+    that every forward sees as always-visible positions, plus the pooled adaLN vector."""
+
+    def _init_condition(self, cfg) -> None:
+        if cfg.condition == "class":
+            self.label_embed = LabelEmbedder(cfg.num_classes, cfg.width, cfg.label_drop)
+        else:
+            self.text_embed = TextEmbedder(cfg.text_dim, cfg.text_len, cfg.width)
+
+    @property
+    def text_len(self) -> int:
+        """Context tokens per sample (0 for a class-conditional model)."""
+        return self.cfg.text_len if self.cfg.condition == "text" else 0
+
+    def adaln_input(self, cond: torch.Tensor) -> torch.Tensor:
+        """(B, D), through SiLU: every block's adaLN starts with it."""
+        if self.cfg.condition == "class":
+            return F.silu(self.label_embed(cond.reshape(-1)))
+        self.check_context(cond)
+        return F.silu(self.text_embed.pooled(cond))
+
+    def check_context(self, cond: torch.Tensor) -> None:
+        L, C = self.cfg.text_len, self.cfg.text_dim
+        if cond.dim() != 3 or tuple(cond.shape[1:]) != (L, C) or not cond.is_floating_point():
+            raise ValueError(f"a text-conditioned model takes contexts of shape (B, {L}, {C}) (model.text_len, "
+                             f"model.text_dim), floating point; got {tuple(cond.shape)} {cond.dtype}")
+
+    def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
+        """The unconditional input shaped like `cond`: the null class, or the null context."""
+        if self.cfg.condition == "class":
+            return torch.full_like(cond, self.cfg.null_class)
+        return self.text_embed.null_context.to(cond.dtype).expand(cond.shape[0], -1, -1)
+
+    @torch.no_grad()
+    def set_null_context(self, context: torch.Tensor) -> None:
+        """Install the encoding of '' (L, C) as the null context (from the shards' manifest)."""
+        if self.cfg.condition != "text":
+            raise ValueError("set_null_context: the model is class-conditional (model.condition=class)")
+        self.check_context(context.unsqueeze(0))
+        self.text_embed.null_context.copy_(context)
+
+
 class SCAttention(nn.Module):
     """Attention whose queries are the block's own tokens and whose keys/values are
     [context ; own tokens]. With `two_way`, context and own tokens have separate K/V projections

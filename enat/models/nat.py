@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from enat.config import ModelConfig
 from enat.models.enat import Output, row_count, head_logits, init_weights, run_blocks, sort_positions, take_rows
-from enat.models.layers import Block, LabelEmbedder, TokenEmbedder, TokenHead
+from enat.models.layers import Block, Conditioning, TokenEmbedder, TokenHead
 
 
-class NAT(nn.Module):
+class NAT(Conditioning, nn.Module):
     supports_reuse = False
 
     def __init__(self, cfg: ModelConfig):
@@ -23,13 +22,13 @@ class NAT(nn.Module):
         self.activation_checkpointing = False
         D = cfg.width
         self.embed = TokenEmbedder(cfg.codebook_size + 1, cfg.seq_len, D, cfg.dropout)
-        self.label_embed = LabelEmbedder(cfg.num_classes, D, cfg.label_drop)
+        self._init_condition(cfg)
         self.blocks = nn.ModuleList(
             Block(D, cfg.num_heads, cfg.mlp_ratio, two_way=False) for _ in range(cfg.depth))
         self.head = TokenHead(D, cfg.codebook_size + 1)
         init_weights(self)
 
-    def forward(self, ids: torch.Tensor, labels: torch.Tensor, prev: Output | None = None,
+    def forward(self, ids: torch.Tensor, cond: torch.Tensor, prev: Output | None = None,
                 logits: str = "all", num_masked: int | None = None) -> Output:
         """As ENAT.forward (num_masked: the per-row [MASK] count, given = no host sync)."""
         if prev is not None:
@@ -38,8 +37,11 @@ class NAT(nn.Module):
         M = row_count(mask, "[MASK] tokens") if num_masked is None else num_masked
         order = sort_positions(mask)
         x = self.embed(ids)
-        c = F.silu(self.label_embed(labels.reshape(-1)))
-        x = run_blocks(self.blocks, x, c, None, self.activation_checkpointing)
+        c = self.adaln_input(cond)
+        L = self.text_len
+        if L:
+            x = torch.cat([self.text_embed.tokens(cond).to(x.dtype), x], dim=1)
+        x = run_blocks(self.blocks, x, c, None, self.activation_checkpointing)[:, L:]
         masked = take_rows(x, order[:, x.shape[1] - M:]) if logits == "masked" else None
         return Output(logits=head_logits(self.head, self.embed, x, masked, logits, self.cfg.codebook_size),
                       feat=x, mask=mask, num_masked=M, order=order)

@@ -17,13 +17,16 @@ __all__ = ["ZOO", "NETWORK_FIELDS", "build_model", "count_parameters", "model_co
 
 # The fields that make two configs different networks (dropout and label drop only affect training).
 NETWORK_FIELDS = ("arch", "width", "num_heads", "enc_depth", "dec_depth", "mlp_ratio", "grid_size", "codebook_size",
-                  "num_classes")
+                  "num_classes", "condition", "text_len", "text_dim")
+TEXT_FIELDS = ("text_len", "text_dim")  # compared only between text-conditioned configs
 
 
 def model_differences(expected: ModelConfig, found: ModelConfig) -> list[str]:
     """['field: checkpoint X vs config Y', ...] for a checkpoint's config against the expected one."""
+    fields = [k for k in NETWORK_FIELDS
+              if k not in TEXT_FIELDS or expected.condition == found.condition == "text"]
     return [f"{k}: checkpoint {getattr(found, k)!r} vs config {getattr(expected, k)!r}"
-            for k in NETWORK_FIELDS if getattr(found, k) != getattr(expected, k)]
+            for k in fields if getattr(found, k) != getattr(expected, k)]
 
 
 def model_config(size: str, **overrides) -> ModelConfig:
