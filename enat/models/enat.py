@@ -130,13 +130,13 @@ class ENAT(Conditioning, nn.Module):
         order = sort_positions(mask)
         visible_pos, masked_pos = order[:, :N - M], order[:, N - M:]
         x = self.embed(ids)
-        c = self.adaln_input(cond)
+        c, text = self.condition(cond, tokens=prev is None)
         L = self.text_len
 
         if prev is None:
             ctx, h = None, take_rows(x, visible_pos)
             if L:  # context tokens lead the encoder's sequence
-                h = torch.cat([self.text_embed.tokens(cond).to(x.dtype), h], dim=1)
+                h = torch.cat([text.to(x.dtype), h], dim=1)
             if self.training:
                 # Zero-weighted use of the reuse projection and the encoder's context K/V in
                 # full-mode training steps: every parameter takes part in every step, so ZeRO
@@ -152,8 +152,8 @@ class ENAT(Conditioning, nn.Module):
                 old = torch.cat([prev.text_feat.detach(), old], dim=1)
             ctx = self.reuse_proj(old.to(x.dtype))
             h = take_rows(x, new_pos)
-            if L and self.training:  # zero-weighted use of the context projection, as above
-                h = torch.cat([self.text_embed.unused(cond).to(x.dtype), h], dim=1)
+            if text is not None:  # training: the context projection's zero-weighted use, (B, 0, D)
+                h = torch.cat([text.to(x.dtype), h], dim=1)
 
         if h.shape[1] > 0:
             h = run_blocks(self.encoder, h, c, ctx, self.activation_checkpointing)

@@ -83,16 +83,19 @@ class TextEmbedder(nn.Module):
         self.pool = nn.Linear(text_dim, width)
         self.register_buffer("null_context", torch.zeros(text_len, text_dim))
 
-    def tokens(self, context: torch.Tensor) -> torch.Tensor:
-        return self.proj(context.to(self.proj.weight.dtype)) + self.positions
-
-    def unused(self, context: torch.Tensor) -> torch.Tensor:
-        """(B, 0, D): the token projection applied to no token, for steps that reuse the context
-        features instead (a zero-weighted use, so that every parameter takes part in every step)."""
-        return self.proj(context[:, :0].to(self.proj.weight.dtype)) + self.positions[:0]
-
-    def pooled(self, context: torch.Tensor) -> torch.Tensor:
-        return self.pool(context.to(self.pool.weight.dtype).mean(dim=1))
+    def forward(self, context: torch.Tensor, tokens: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (pooled (B, D), context tokens (B, L, D)). tokens=False (a reuse-mode call: the
+        context tokens' features come from the previous call) -> no tokens; while training, an
+        empty (B, 0, D) instead: the projection applied to no token, a zero-weighted use so that
+        every parameter takes part in every step (ZeRO stages then agree exactly).
+        One forward, so ZeRO-3 gathers this module's own parameters (the positions) around it."""
+        context = context.to(self.proj.weight.dtype)
+        pooled = self.pool(context.mean(dim=1))
+        if tokens:
+            return pooled, self.proj(context) + self.positions
+        if self.training:
+            return pooled, self.proj(context[:, :0]) + self.positions[:0]
+        return pooled, None
 
 
 class Conditioning:
@@ -113,12 +116,14 @@ class Conditioning:
         """Context tokens per sample (0 for a class-conditional model)."""
         return self.cfg.text_len if self.cfg.condition == "text" else 0
 
-    def adaln_input(self, cond: torch.Tensor) -> torch.Tensor:
-        """(B, D), through SiLU: every block's adaLN starts with it."""
+    def condition(self, cond: torch.Tensor, tokens: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (c, context tokens): c (B, D) through SiLU, every block's adaLN input; the context
+        tokens (B, L, D) of a text model (see TextEmbedder.forward for tokens=False), else None."""
         if self.cfg.condition == "class":
-            return F.silu(self.label_embed(cond.reshape(-1)))
+            return F.silu(self.label_embed(cond.reshape(-1))), None
         self.check_context(cond)
-        return F.silu(self.text_embed.pooled(cond))
+        pooled, text = self.text_embed(cond, tokens)
+        return F.silu(pooled), text
 
     def check_context(self, cond: torch.Tensor) -> None:
         L, C = self.cfg.text_len, self.cfg.text_dim

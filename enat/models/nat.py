@@ -37,10 +37,10 @@ class NAT(Conditioning, nn.Module):
         M = row_count(mask, "[MASK] tokens") if num_masked is None else num_masked
         order = sort_positions(mask)
         x = self.embed(ids)
-        c = self.adaln_input(cond)
+        c, text = self.condition(cond)
         L = self.text_len
         if L:
-            x = torch.cat([self.text_embed.tokens(cond).to(x.dtype), x], dim=1)
+            x = torch.cat([text.to(x.dtype), x], dim=1)
         x = run_blocks(self.blocks, x, c, None, self.activation_checkpointing)[:, L:]
         masked = take_rows(x, order[:, x.shape[1] - M:]) if logits == "masked" else None
         return Output(logits=head_logits(self.head, self.embed, x, masked, logits, self.cfg.codebook_size),
