@@ -280,6 +280,9 @@ class EvalConfig:
     save_npz: bool = True  # uint8 samples in the ADM layout (arr_0: N x H x W x 3)
     kid_subset_size: int = 1000
     prc: bool = True  # precision/recall (k-NN in the extractor's feature space)
+    # Text-conditioned models: a local CLIPModel directory (save_pretrained output; never a hub name)
+    # adds "clip_score" (100 x max(cos, 0), mean over samples and their captions) to the metrics.
+    clip_model: str | None = None
 
 
 @dataclass
@@ -428,6 +431,12 @@ def resolve(cfg: Config) -> Config:
         raise ConfigError(f"sample.steps must be >= 1, got {cfg.sample.steps}")
     if cfg.sample.batch_size < 1:
         raise ConfigError(f"sample.batch_size must be >= 1, got {cfg.sample.batch_size}")
+    if cfg.data.dataset == "coco" and cfg.data.flip:
+        raise ConfigError("data.flip=true with data.dataset=coco: a flipped image can contradict its caption "
+                          "('on the left'); set data.flip=false (U-ViT's COCO protocol has no flips)")
+    if cfg.model.condition == "text" and cfg.data.resampled:
+        raise ConfigError("data.resampled=true reads class shards only; text-conditioned training "
+                          "(model.condition=text) reads caption shards exactly: set data.resampled=false")
     t = cfg.train
     if t.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}")

@@ -17,6 +17,16 @@ state only re-seeds the stream.
 Labels are replaced by the null class with probability `cfg_drop` (classifier-free guidance), the
 draw derived from (seed, epoch, sample key), so it is the same whatever rank reads the sample.
 
+Caption shards (text-to-image): each read picks one of the sample's K captions,
+k = floor(hash_uniform(seed, CAPTION_TAG, epoch, uid) * K), and the same cfg_drop draw as labels
+(another counter) replaces it by the null caption ''. So the choice is the same on any number of
+ranks and exact on resume, with no state beyond the position. Only the chosen caption's bytes are
+read (one pread). The batch adds `caption` (B,) int64 (k, -1 when dropped) and `context`
+(B, L, C) float16 (storage embeddings; dropped rows hold the manifest's null context) or
+`caption_ids` (B, L) int64 (storage ids; dropped rows hold the ids of ''; the trainer encodes
+them). Labels are the source classes (the digit, or 0 for COCO), never dropped. Resampled mode
+is class-only.
+
 Every batch carries `tokens`, `labels` and `uid` (the sample keys' ids). A `transform(batch, j)`
 (j: the rank's micro-batch index) adds what the step needs from the host, in the workers: the
 trainer's mask order. On a GPU the batches come in pinned memory, so the step copies them to the
@@ -27,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -34,8 +45,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from enat.data.shards import Manifest, ShardError, read_index
+from enat.data.shards import Manifest, ShardError, file_sha256, read_index
 from enat.rng import derive_seed, hash_uniform
+
+CAPTION_TAG = 0xCA9  # the counter stream of the caption choice (the drop uses 0xCF6, as labels)
+DROP_TAG = 0xCF6
 
 
 def key_uid(keys: np.ndarray) -> np.ndarray:
@@ -45,18 +59,23 @@ def key_uid(keys: np.ndarray) -> np.ndarray:
 
 
 class ShardSet:
-    """All valid samples of a shard directory: where each one lies, its label and key id.
-    Corrupt shards and samples are skipped and counted (or raise, in strict mode), by name."""
+    """All valid samples of a shard directory: where each one lies, its label and key id (and for
+    caption shards: K and where the captions, ids and contexts lie). Corrupt shards and samples
+    are skipped and counted (or raise, in strict mode), by name."""
+
+    TEXT_FIELDS = ("num_captions", "ids_offset", "ctx_offset", "cap_offset", "cap_nbytes")
 
     def __init__(self, shard_dir: str | Path, strict: bool = False, log=print):
         self.dir = Path(shard_dir)
         self.manifest = Manifest.load(self.dir)
+        self.text = self.manifest.text_layout  # None for class shards
         seq_len = self.manifest.seq_len
         shard_ids, offsets, labels, uids = [], [], [], []
+        text_cols: dict[str, list] = {f: [] for f in self.TEXT_FIELDS}
         self.problems: list[str] = []
         self.skipped_samples = 0
         for s, entry in enumerate(self.manifest.shards):
-            index, problems = read_index(self.dir / entry["name"], seq_len, entry.get("bytes"))
+            index, problems = read_index(self.dir / entry["name"], seq_len, entry.get("bytes"), self.text)
             if problems:
                 if strict:
                     raise ShardError(f"corrupt input in {self.dir / entry['name']}: {problems[0]}"
@@ -71,12 +90,21 @@ class ShardSet:
             offsets.append(index["offset"])
             labels.append(index["label"].astype(np.int64))
             uids.append(key_uid(index["key"]))
+            if self.text is not None:
+                for f in self.TEXT_FIELDS:
+                    text_cols[f].append(index[f].astype(np.int64))
         self.shard = np.concatenate(shard_ids) if shard_ids else np.empty(0, np.int32)
         self.offset = np.concatenate(offsets) if offsets else np.empty(0, np.int64)
         self.label = np.concatenate(labels) if labels else np.empty(0, np.int64)
         self.uid = np.concatenate(uids) if uids else np.empty(0, np.int64)
         self.paths = [str(self.dir / e["name"]) for e in self.manifest.shards]
         self.seq_len = seq_len
+        if self.text is not None:
+            cat = {f: np.concatenate(v) if v else np.empty(0, np.int64) for f, v in text_cols.items()}
+            self.num_captions = cat["num_captions"]  # K per row
+            self.ids_offset, self.ctx_offset = cat["ids_offset"], cat["ctx_offset"]
+            self.cap_offset, self.cap_nbytes = cat["cap_offset"], cat["cap_nbytes"]
+        self._null_context: np.ndarray | None = None
         if self.skipped_samples:
             log(f"warning: {self.skipped_samples} of {self.manifest.num_samples} samples in {self.dir} skipped "
                 f"(corrupt input, listed above)")
@@ -91,6 +119,78 @@ class ShardSet:
         out = np.empty((len(rows), self.seq_len), dtype=np.int64)
         out[order] = reader.read(self.shard[rows][order], self.offset[rows][order], 2 * self.seq_len)
         return out
+
+    # --- caption shards ---------------------------------------------------------------------
+
+    def _need_text(self, what: str):
+        if self.text is None:
+            raise ShardError(f"{self.dir} holds class shards (no captions): {what} needs caption shards")
+        return self.text
+
+    def _chosen(self, rows, k) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.asarray(rows, dtype=np.int64)
+        k = np.broadcast_to(np.asarray(k, dtype=np.int64), rows.shape)
+        if len(rows) and ((k < 0).any() or (k >= self.num_captions[rows]).any()):
+            raise IndexError("caption index out of range [0, K) of its sample")
+        return rows, k
+
+    def _read_captions(self, rows, k, base: np.ndarray, nbytes: int, dtype, reader) -> np.ndarray:
+        rows, k = self._chosen(rows, k)
+        reader = reader or _Reader(self.paths)
+        offsets = base[rows] + k * nbytes
+        order = np.lexsort((offsets, self.shard[rows]))
+        out = np.empty((len(rows), nbytes // np.dtype(dtype).itemsize), dtype=dtype)
+        if len(rows):
+            out[order] = reader.read(self.shard[rows][order], offsets[order], nbytes, dtype)
+        return out
+
+    def contexts(self, rows, k, reader: "_Reader | None" = None) -> np.ndarray:
+        """(n, L, C) float16: caption k[i] of row rows[i] (k: one int or one per row)."""
+        t = self._need_text("contexts")
+        if not t.has_context:
+            raise ShardError(f"{self.dir} stores caption ids only (text.storage=ids): no contexts to read; "
+                             f"encode caption_ids with the text encoder")
+        return self._read_captions(rows, k, self.ctx_offset, t.context_bytes, "<f2", reader).reshape(
+            -1, t.length, t.dim)
+
+    def caption_ids(self, rows, k, reader: "_Reader | None" = None) -> np.ndarray:
+        """(n, L) int64 token ids of caption k[i] of row rows[i]."""
+        t = self._need_text("caption ids")
+        return self._read_captions(rows, k, self.ids_offset, t.ids_bytes, "<i4", reader).astype(np.int64)
+
+    def captions(self, row: int, reader: "_Reader | None" = None) -> list[str]:
+        """The K caption strings of a row."""
+        self._need_text("captions")
+        reader = reader or _Reader(self.paths)
+        n = int(self.cap_nbytes[row])
+        data = reader.read(self.shard[row:row + 1], self.cap_offset[row:row + 1], n, "u1")
+        return json.loads(data.tobytes().decode())
+
+    def null_context(self) -> np.ndarray:
+        """(L, C) float16: the encoding of '' recorded in the manifest (checked against its sha256)."""
+        t = self._need_text("the null context")
+        if self._null_context is None:
+            path = self.dir / self.manifest.text["null_context"]
+            if not path.is_file():
+                raise ShardError(f"{path} missing: the null context of these caption shards; re-run the merge "
+                                 f"(`enat tokenize --merge`) or tokenize again")
+            want = self.manifest.text.get("null_context_sha256")
+            if want and file_sha256(path) != want:
+                raise ShardError(f"{path} does not match the sha256 in {self.dir / 'manifest.json'} (replaced or "
+                                 f"corrupt); re-run the merge (`enat tokenize --merge`)")
+            arr = np.load(path, allow_pickle=False)
+            if arr.dtype != np.float16 or arr.shape != (t.length, t.dim):
+                raise ShardError(f"{path}: {arr.dtype}{list(arr.shape)}, expected float16[{t.length}, {t.dim}]")
+            self._null_context = arr
+        return self._null_context
+
+    def null_ids(self) -> np.ndarray:
+        """(L,) int64: the ids of the empty caption ''."""
+        t = self._need_text("the null ids")
+        ids = np.asarray(self.manifest.text["null_ids"], dtype=np.int64)
+        if ids.shape != (t.length,):
+            raise ShardError(f"{self.dir / 'manifest.json'}: null_ids has {ids.size} ids, expected L={t.length}")
+        return ids
 
 
 class _Reader:
@@ -110,14 +210,14 @@ class _Reader:
         fd = self.fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
         return fd
 
-    def read(self, shards: np.ndarray, offsets: np.ndarray, nbytes: int) -> np.ndarray:
+    def read(self, shards: np.ndarray, offsets: np.ndarray, nbytes: int, dtype="<u2") -> np.ndarray:
         chunks = []
         for s, off in zip(shards.tolist(), offsets.tolist()):
             data = os.pread(self.fd(s), nbytes, off)
             if len(data) != nbytes:
                 raise ShardError(f"{self.paths[s]}: short read at byte {off} (the shard changed on disk)")
             chunks.append(data)
-        return np.frombuffer(b"".join(chunks), dtype="<u2").reshape(len(chunks), nbytes // 2)
+        return np.frombuffer(b"".join(chunks), dtype=dtype).reshape(len(chunks), nbytes // np.dtype(dtype).itemsize)
 
     def __del__(self):
         for fd in self.fds.values():
@@ -155,8 +255,14 @@ class TokenLoader:
         self.manifest = self.data.manifest
         if model_cfg is not None:
             self.manifest.check_model(model_cfg, str(shard_dir))
-        if cfg_drop > 0 and null_class is None:
+        self.text = self.data.text  # caption shards: the layout; class shards: None
+        if cfg_drop > 0 and null_class is None and self.text is None:
             raise ValueError("cfg_drop > 0 needs the null class id (model.num_classes)")
+        if self.text is not None and resampled:
+            raise ShardError(f"{shard_dir} holds caption shards; resampled mode (data.resampled=true) reads class "
+                             f"shards only. Use the exact loader (data.resampled=false) for text-to-image")
+        if self.text is not None:  # checked here, once, not in the first batch of a worker
+            self.data.null_context() if self.text.has_context else self.data.null_ids()
         self.micro, self.rank, self.world, self.accum = micro_batch, rank, world_size, grad_accum
         self.seed, self.cfg_drop, self.null_class = seed, cfg_drop, null_class
         self.shuffle, self.num_workers, self.resampled, self.strict = shuffle, num_workers, resampled, strict
@@ -213,10 +319,36 @@ class TokenLoader:
         tokens = self.data.tokens(rows, reader)
         labels = self.data.label[rows].copy()
         uid = self.data.uid[rows]
+        if self.text is not None:
+            return {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
+                    "uid": torch.from_numpy(uid.copy()), "epoch": epoch, **self._captions(epoch, rows, uid, reader)}
         if self.cfg_drop > 0:
-            labels[hash_uniform(self.seed, 0xCF6, epoch, uid) < self.cfg_drop] = self.null_class
+            labels[hash_uniform(self.seed, DROP_TAG, epoch, uid) < self.cfg_drop] = self.null_class
         return {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
                 "uid": torch.from_numpy(uid.copy()), "epoch": epoch}
+
+    def caption_choice(self, epoch: int, rows: np.ndarray, uid: np.ndarray) -> np.ndarray:
+        """The caption index of each row this epoch, -1 where the caption is dropped."""
+        k = np.floor(hash_uniform(self.seed, CAPTION_TAG, epoch, uid) * self.data.num_captions[rows]).astype(np.int64)
+        if self.cfg_drop > 0:
+            k[hash_uniform(self.seed, DROP_TAG, epoch, uid) < self.cfg_drop] = -1
+        return k
+
+    def _captions(self, epoch: int, rows: np.ndarray, uid: np.ndarray, reader: _Reader) -> dict:
+        k = self.caption_choice(epoch, rows, uid)
+        kept = k >= 0
+        out = {"caption": torch.from_numpy(k)}
+        if self.text.has_context:
+            ctx = np.empty((len(rows), self.text.length, self.text.dim), dtype=np.float16)
+            ctx[kept] = self.data.contexts(rows[kept], k[kept], reader)
+            ctx[~kept] = self.data.null_context()
+            out["context"] = torch.from_numpy(ctx)
+        else:
+            ids = np.empty((len(rows), self.text.length), dtype=np.int64)
+            ids[kept] = self.data.caption_ids(rows[kept], k[kept], reader)
+            ids[~kept] = self.data.null_ids()
+            out["caption_ids"] = torch.from_numpy(ids)
+        return out
 
     def __iter__(self):
         if self.resampled:

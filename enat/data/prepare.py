@@ -1,5 +1,7 @@
 """Build what a config's data needs and is missing: for the embedded demo, the tokenizer (trained
-here) and the train/val token shards; for image folders, the shards (the tokenizer is given).
+here), with model.condition=text the demo text encoder (built here: a tiny random frozen CLIP text
+model and a word tokenizer), and the train/val token shards; for image folders and COCO, the
+shards (the tokenizer and text encoder are given by path).
 `check_data` is the trainer's side: it only checks the shards exist and names the command that
 makes them. (The demo's FID feature extractor is evaluation's: enat/eval/prepare.py.)"""
 
@@ -45,30 +47,88 @@ def tokenize_split(cfg: Config, split: str, input_: str | None = None, out: str 
         input_ = "digits" if d.dataset == "digits" else (d.image_dir if split == "train" else d.val_image_dir)
         if input_ is None:
             raise ShardError(f"no input for the {split} split: set data.{'image_dir' if split == 'train' else 'val_image_dir'}")
+    captions = None
+    if d.dataset == "coco":
+        captions = d.captions if split == "train" else d.val_captions
+        if captions is None:
+            raise ShardError(f"no captions for the COCO {split} split: set "
+                             f"data.{'captions' if split == 'train' else 'val_captions'} (captions_*2014.json)")
     out = out or split_dir(cfg, split)
     progress = sys.stderr.isatty() if progress is None else progress
     tokenizer = load_tokenizer(cfg.tokenizer)
-    source = make_source(input_, cfg.tokenizer.resolution, split)
+    source = make_source(input_, cfg.tokenizer.resolution, split, captions=captions,
+                         captioned=cfg.model.condition == "text")
+    text_encoder = None
+    if getattr(source, "captioned", False):
+        from enat.text import TextEncoderError, load_text_encoder
+
+        try:
+            text_encoder = load_text_encoder(cfg.text.encoder, device=device)
+        except TextEncoderError as e:  # the data commands report ShardErrors
+            raise ShardError(str(e)) from None
+        if (text_encoder.length, text_encoder.dim) != (cfg.model.text_len, cfg.model.text_dim):
+            raise ShardError(f"the text encoder {cfg.text.encoder} gives {text_encoder.length} x {text_encoder.dim} "
+                             f"contexts but the model expects model.text_len {cfg.model.text_len} x model.text_dim "
+                             f"{cfg.model.text_dim}; make them agree")
     tokenize_part(source, tokenizer, out, part=part, num_parts=num_parts, shard_size=d.shard_size, flip=d.flip,
                   batch_size=d.tokenize_batch_size, num_workers=d.num_workers, device=device, progress=progress,
-                  log=log)
+                  log=log, text_encoder=text_encoder, text_storage=cfg.text.storage,
+                  text_batch_size=cfg.text.batch_size)
     if merge if merge is not None else num_parts == 1:
         return merge_split(cfg, split, out, log=log)
     return None
 
 
+def text_encoder_missing(cfg: Config) -> bool:
+    """Whether the demo text encoder must be built first (`prepare_text_encoder` would build it)."""
+    enc = cfg.text.encoder
+    return (cfg.model.condition == "text" and cfg.data.dataset == "digits" and enc is not None
+            and not (Path(enc) / "config.json").is_file())
+
+
 def tokenizer_missing(cfg: Config) -> bool:
-    """Whether the demo tokenizer must be trained first (`prepare_tokenizer` would train it)."""
+    """Whether the demo tokenizer must be trained (or the demo text encoder built) first: what
+    `prepare_tokenizer` would do."""
     tok = cfg.tokenizer.checkpoint
-    return cfg.data.dataset == "digits" and tok is not None and not Path(tok).is_file()
+    return (cfg.data.dataset == "digits" and tok is not None and not Path(tok).is_file()) or text_encoder_missing(cfg)
+
+
+def prepare_text_encoder(cfg: Config, log=print) -> None:
+    """The text encoder captions are encoded with (model.condition=text): the demo's is built
+    here when missing (words: enat.data.captions.DEMO_WORDS, L x C = model.text_len x
+    model.text_dim, seed 0); any other must be given by local path (text.encoder)."""
+    if cfg.model.condition != "text":
+        return
+    enc = cfg.text.encoder
+    if enc is None:
+        raise ShardError("model.condition=text needs text.encoder: a local directory with a CLIP text encoder "
+                         "(save_pretrained output), or for the digits demo a path where `enat data prepare` "
+                         "builds the demo encoder")
+    if (Path(enc) / "config.json").is_file():
+        return
+    if cfg.data.dataset != "digits":
+        from enat.text import TextEncoderError, local_model_dir
+
+        try:
+            local_model_dir(enc)  # raises, naming the problem (a hub name, a missing folder) and the fix
+        except TextEncoderError as e:
+            raise ShardError(str(e)) from None
+    from enat.data.captions import DEMO_WORDS
+    from enat.text import build_demo_text_encoder
+
+    log(f"no text encoder at {enc}: building the demo text encoder ({len(DEMO_WORDS)} words, "
+        f"{cfg.model.text_len} x {cfg.model.text_dim})")
+    build_demo_text_encoder(enc, list(DEMO_WORDS), cfg.model.text_len, cfg.model.text_dim, seed=0)
 
 
 def prepare_tokenizer(cfg: Config, log=print) -> None:
-    """The tokenizer the data is tokenized with: the demo's is trained here when missing; any
-    other must be given by path (tokenizer.checkpoint)."""
+    """The tokenizers the data is tokenized with: the image tokenizer (the demo's is trained here
+    when missing; any other must be given by path, tokenizer.checkpoint) and, for text-to-image,
+    the text encoder (`prepare_text_encoder`)."""
     from enat.data.digits import load_digits
     from enat.tokenizer.train import train_tokenizer
 
+    prepare_text_encoder(cfg, log=log)
     tok = cfg.tokenizer
     if tok.checkpoint is None:
         raise ShardError("tokenizer.checkpoint is not set")

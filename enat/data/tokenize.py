@@ -1,6 +1,7 @@
 """Images -> token shards, partitioned and restartable.
 
-The input (an ImageFolder tree or the embedded digits) is listed in a fixed order; part i of K
+The input (an ImageFolder tree, the embedded digits, or COCO: an image folder + a captions JSON)
+is listed in a fixed order; part i of K
 takes a contiguous slice of it. Each part writes its shards one by one (temp file, index, then
 rename), recording finished shards in `part-IIII-of-KKKK.json`; a rerun skips shards recorded
 there whose file is intact. Unreadable images are counted and listed, never silently dropped.
@@ -10,10 +11,21 @@ Images are centre-cropped the ADM way (box-halve while the short side is >= 2x t
 bicubic resize of the short side to the target, centre crop), tokenized as-is and (optionally)
 horizontally flipped. Sample keys are `IIIIIIIII_V`: the image's index in the input order and
 V = 0 (as-is) or 1 (flipped).
+
+Captioned sources (COCO; the digits with model.condition=text) make caption shards
+(enat/data/shards.py): every caption goes through the frozen text encoder (`text_batch_size` at
+a time) and its ids, and with text.storage=embeddings its L x C context at float16, are stored
+beside the tokens; each part also writes the null context (the encoding of '') that the merge
+records. COCO images are centre-cropped as U-ViT does (the central square of the short side,
+resized to the target; no flips). Disk cost of the contexts: images x captions x L x C x 2 bytes,
+for COCO train2014 82,783 x ~5 x 77 x 768 x 2 B ~= 49 GB; text.storage=ids keeps only the ids,
+82,783 x ~5 x 77 x 4 B ~= 127 MB (the trainer then encodes on the fly). The estimate is logged.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import os
@@ -24,7 +36,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from enat.data.shards import Manifest, ShardError, file_sha256, scan_shard, write_atomic, write_index
+from enat.data.shards import (NULL_CONTEXT, Manifest, ShardError, TextLayout, file_sha256, scan_shard, write_atomic,
+                              write_index)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG"}
 
@@ -46,6 +59,19 @@ def adm_center_crop(image, size: int) -> np.ndarray:
     arr = np.asarray(image)
     top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
     return arr[top:top + size, left:left + size]
+
+
+def uvit_center_crop(image, size: int) -> np.ndarray:
+    """PIL image -> (size, size, 3) uint8, U-ViT's MS-COCO crop: the central square of the short
+    side, resized to size x size with Lanczos (the filter of U-ViT's `center_crop`, which its
+    COCO reference statistics were computed with)."""
+    from PIL import Image
+
+    arr = np.asarray(image.convert("RGB"))
+    crop = min(arr.shape[:2])
+    h, w = arr.shape[:2]
+    arr = arr[(h - crop) // 2:(h + crop) // 2, (w - crop) // 2:(w + crop) // 2]
+    return np.asarray(Image.fromarray(arr).resize((size, size), resample=Image.LANCZOS))
 
 
 class ImageFolderSource:
@@ -106,9 +132,87 @@ class DigitsSource:
         return self.images[i]
 
 
-def make_source(input_: str, resolution: int, split: str = "train"):
+class CaptionedDigitsSource(DigitsSource):
+    """The embedded digits with captions from enat/data/captions.py (K = 5 per image, true of its
+    pixels, flip-invariant); the class stays the digit (for evaluation)."""
+
+    captioned = True
+    flip_allowed = True  # thickness and width do not change under a horizontal flip
+
+    def __init__(self, split: str, resolution: int):
+        from enat.data.captions import digit_captions
+
+        super().__init__(split, resolution)
+        self._captions = digit_captions(self.images, self.labels.numpy())
+        self.description = {"dataset": "digits", "split": split, "captions": "enat.data.captions"}
+
+    def captions(self, i: int) -> list[str]:
+        return self._captions[i]
+
+
+class CocoSource:
+    """MS-COCO captions: `image_dir` + a captions JSON in COCO format (images [{id, file_name}],
+    annotations [{image_id, caption}]). Images in order of id, captions in the file's order;
+    images without any caption are left out (counted). Class 0 for all; no flips."""
+
+    captioned = True
+    flip_allowed = False
+
+    def __init__(self, image_dir: str | Path, captions_json: str | Path, resolution: int):
+        image_dir, captions_json = Path(image_dir), Path(captions_json)
+        if not image_dir.is_dir():
+            raise ShardError(f"COCO image folder {image_dir} not found (data.image_dir / data.val_image_dir)")
+        try:
+            data = json.loads(captions_json.read_text())
+            caps: dict[int, list[str]] = {}
+            for a in data["annotations"]:
+                caps.setdefault(int(a["image_id"]), []).append(str(a["caption"]))
+            images = sorted(data["images"], key=lambda im: int(im["id"]))
+            self.items = [(str(image_dir / im["file_name"]), caps[int(im["id"])]) for im in images
+                          if int(im["id"]) in caps]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ShardError(f"{captions_json} is not a readable COCO captions file "
+                             f"(images[{{id, file_name}}], annotations[{{image_id, caption}}]): "
+                             f"{type(e).__name__}: {e}") from None
+        if not self.items:
+            raise ShardError(f"{captions_json}: no image with a caption")
+        self.uncaptioned = len(images) - len(self.items)
+        self.num_classes = 1
+        self.resolution = resolution
+        self.description = {"dataset": "coco", "input": str(image_dir), "captions": str(captions_json),
+                            "crop": "uvit-center", "uncaptioned_images": self.uncaptioned}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def name(self, i: int) -> str:
+        return self.items[i][0]
+
+    def label(self, i: int) -> int:
+        return 0
+
+    def captions(self, i: int) -> list[str]:
+        return self.items[i][1]
+
+    def load(self, i: int) -> torch.Tensor:
+        from PIL import Image
+
+        with Image.open(self.items[i][0]) as im:
+            arr = uvit_center_crop(im, self.resolution)
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def make_source(input_: str, resolution: int, split: str = "train", captions: str | None = None,
+                captioned: bool = False):
+    """The source of a split: COCO when a captions JSON is given, the digits (captioned or not),
+    else an image folder."""
+    if captions is not None:
+        return CocoSource(input_, captions, resolution)
     if input_ == "digits":
-        return DigitsSource(split, resolution)
+        return CaptionedDigitsSource(split, resolution) if captioned else DigitsSource(split, resolution)
+    if captioned:
+        raise ShardError(f"{input_}: an image folder has no captions; for text-to-image give a COCO captions "
+                         f"JSON (data.dataset=coco, data.captions / data.val_captions)")
     return ImageFolderSource(input_, resolution)
 
 
@@ -162,14 +266,15 @@ def part_file(out_dir: Path, part: int, num_parts: int) -> Path:
     return out_dir / f"part-{part:04d}-of-{num_parts:04d}.json"
 
 
-def _write_shard(path: Path, samples: list[tuple[str, np.ndarray, int]], seq_len: int) -> int:
+def _write_shard(path: Path, samples: list[tuple], seq_len: int, text: TextLayout | None = None) -> int:
+    """samples: (key, tokens, label[, {"captions.json": [...], "ids.npy": ..., "context.npy": ...}])."""
     import webdataset as wds
 
     tmp = path.with_name(path.name + ".tmp")
     with wds.TarWriter(str(tmp)) as sink:
-        for key, tokens, label in samples:
-            sink.write({"__key__": key, "tokens.npy": tokens, "cls": label})
-    index, problems = scan_shard(tmp, seq_len)
+        for key, tokens, label, *extra in samples:
+            sink.write({"__key__": key, "tokens.npy": tokens, "cls": label, **(extra[0] if extra else {})})
+    index, problems = scan_shard(tmp, seq_len, text)
     if problems or len(index) != len(samples):
         raise ShardError(f"shard {path.name} did not read back ({problems[:3]})")
     write_index(path, index)
@@ -177,10 +282,57 @@ def _write_shard(path: Path, samples: list[tuple[str, np.ndarray, int]], seq_len
     return path.stat().st_size
 
 
+def _write_null_context(text_encoder, text: TextLayout, out_dir: Path, part: int) -> dict:
+    """Encode '' and write null_context.npy (every part writes the same bytes; a part-named temp
+    file keeps parallel parts from colliding); -> the part's text record."""
+    ids = text_encoder.tokenize([""])
+    ctx = text_encoder.encode_ids(ids)[0].cpu().numpy().astype(np.float16)
+    buf = io.BytesIO()
+    np.save(buf, ctx, allow_pickle=False)
+    tmp = out_dir / f"{NULL_CONTEXT}.part{part}.tmp"
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, out_dir / NULL_CONTEXT)
+    return {"encoder": text_encoder.describe(), "length": text.length, "dim": text.dim, "dtype": "float16",
+            "storage": text.storage, "null_context": NULL_CONTEXT,
+            "null_context_sha256": hashlib.sha256(buf.getvalue()).hexdigest(), "null_ids": ids[0].tolist()}
+
+
+def _add_captions(samples: list[tuple], source, text_encoder, text: TextLayout, batch_size: int) -> list[tuple]:
+    """Attach every sample's captions, ids and (embeddings storage) contexts; the views of one
+    image share its captions, encoded once."""
+    images = sorted({int(key[:9]) for key, *_ in samples})
+    caps = {i: list(source.captions(i)) for i in images}
+    flat = [(i, c) for i in images for c in caps[i]]
+    ids = np.empty((len(flat), text.length), dtype=np.int32)
+    ctx = np.empty((len(flat), text.length, text.dim), dtype=np.float16) if text.has_context else None
+    for a in range(0, len(flat), batch_size):
+        chunk = text_encoder.tokenize([c for _, c in flat[a:a + batch_size]])
+        ids[a:a + len(chunk)] = chunk.numpy()
+        if ctx is not None:
+            ctx[a:a + len(chunk)] = text_encoder.encode_ids(chunk).half().cpu().numpy()
+    if ctx is not None and not np.isfinite(ctx).all():  # beyond float16's range: say so, do not store inf
+        raise ShardError("the text encoder's hidden states overflow float16; use text.storage=ids")
+    start, pos = {}, 0
+    for i in images:
+        start[i] = pos
+        pos += len(caps[i])
+    out = []
+    for key, tokens, label in samples:
+        i = int(key[:9])
+        sl = slice(start[i], start[i] + len(caps[i]))
+        extra = {"captions.json": caps[i], "ids.npy": ids[sl]}
+        if ctx is not None:
+            extra["context.npy"] = ctx[sl]
+        out.append((key, tokens, label, extra))
+    return out
+
+
 def tokenize_part(source, tokenizer, out_dir: str | Path, part: int = 0, num_parts: int = 1,
                   shard_size: int = 10000, flip: bool = True, batch_size: int = 64, num_workers: int = 0,
-                  device: str | torch.device = "cpu", progress: bool = True, log=print) -> dict:
-    """Tokenize part `part` of `num_parts` of `source` into `out_dir`; returns the part record."""
+                  device: str | torch.device = "cpu", progress: bool = True, log=print, text_encoder=None,
+                  text_storage: str = "embeddings", text_batch_size: int = 256) -> dict:
+    """Tokenize part `part` of `num_parts` of `source` into `out_dir`; returns the part record.
+    A captioned source needs `text_encoder` (enat.text.TextEncoder) and makes caption shards."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not 0 <= part < num_parts:
@@ -194,9 +346,38 @@ def tokenize_part(source, tokenizer, out_dir: str | Path, part: int = 0, num_par
     if record.get("plan") not in (None, plan.__dict__):
         raise ShardError(f"{record_path} was written for another plan ({record['plan']}); "
                          f"use a fresh output folder or the same settings")
+    captioned = getattr(source, "captioned", False)
+    text, text_plan = None, None
+    if captioned != (text_encoder is not None):
+        raise ShardError("a captioned source (COCO, captioned digits) needs a text encoder (text.encoder) and "
+                         "only a captioned one takes it" if captioned else
+                         f"{source.description.get('dataset')} images have no captions: no text encoder wanted")
+    if captioned:
+        if flip and not source.flip_allowed:
+            raise ShardError(f"data.flip=true with {source.description['dataset']}: a flip can contradict the "
+                             f"caption ('on the left'); set data.flip=false")
+        if text_storage not in ("embeddings", "ids"):
+            raise ValueError(f"text.storage must be embeddings or ids, got {text_storage!r}")
+        text = TextLayout(text_encoder.length, text_encoder.dim, text_storage)
+        text_plan = {"storage": text_storage, "length": text.length, "dim": text.dim,
+                     "encoder_sha256": text_encoder.sha256()}
+    if record and record.get("text_plan") != text_plan:  # class vs caption shards, or another encoder
+        raise ShardError(f"{record_path} was written with other captions settings ({record.get('text_plan')}, "
+                         f"now {text_plan}); use a fresh output folder or the same text.encoder and text.storage")
     done = {s["name"]: s for s in record.get("shards", [])}
     record = {"part": part, "num_parts": num_parts, "plan": plan.__dict__, "complete": False,
               "shards": [], "num_samples": 0}
+    if captioned:
+        record["text_plan"] = text_plan
+        text_encoder = text_encoder.to(device)
+        record["text"] = _write_null_context(text_encoder, text, out_dir, part)
+        a, b = plan.part_range(part)
+        n_caps = sum(len(source.captions(i)) for i in range(a, b)) * plan.per_item
+        log(f"part {part}/{num_parts}: {n_caps} captions to store ({plan.per_item} view(s) per image) -> "
+            + (f"contexts {n_caps} x {text.length} x {text.dim} x 2 B = {n_caps * text.context_bytes / 1e9:.2f} GB "
+               f"at float16, plus ids {n_caps * text.ids_bytes / 1e6:.1f} MB" if text.has_context else
+               f"ids only (text.storage=ids): {n_caps * text.ids_bytes / 1e6:.1f} MB; contexts would take "
+               f"{n_caps * text.context_bytes / 1e9:.2f} GB"))
     tokenizer = tokenizer.to(device).eval()
     shards = plan.shards(part)
     skipped = 0
@@ -224,8 +405,13 @@ def tokenize_part(source, tokenizer, out_dir: str | Path, part: int = 0, num_par
                     for v in range(len(views)):
                         samples.append((f"{i:09d}_{v}", ids[v][k], source.label(i)))
             bar.update(len(batch))
-        nbytes = _write_shard(path, samples, seq_len)
-        record["shards"].append({"name": name, "num_samples": len(samples), "bytes": nbytes, "failed": failed})
+        if captioned:
+            samples = _add_captions(samples, source, text_encoder, text, text_batch_size)
+        nbytes = _write_shard(path, samples, seq_len, text)
+        entry = {"name": name, "num_samples": len(samples), "bytes": nbytes, "failed": failed}
+        if captioned:
+            entry["num_captions"] = sum(len(x[3]["captions.json"]) for x in samples)
+        record["shards"].append(entry)
         for f in failed:
             log(f"warning: could not read {f['path']}: {f['error']}")
         write_atomic(record_path, json.dumps(record, indent=1).encode())  # progress survives a crash
@@ -236,11 +422,38 @@ def tokenize_part(source, tokenizer, out_dir: str | Path, part: int = 0, num_par
     record["grid_size"] = tokenizer.cfg.grid_size
     record["codebook_size"] = tokenizer.cfg.codebook_size
     record["source"] = source.description
+    if captioned:
+        record["text"]["num_captions"] = sum(s.get("num_captions", 0) for s in record["shards"])
     write_atomic(record_path, json.dumps(record, indent=1).encode())
     n_failed = sum(len(s["failed"]) for s in record["shards"])
     log(f"part {part}/{num_parts}: {record['num_samples']} samples in {len(shards)} shards "
         f"({skipped} already done), {n_failed} unreadable images")
     return record
+
+
+def _merge_text(out_dir: Path, parts: list[dict]) -> dict:
+    """The manifest's text section from the part records (all the same encoder and storage) and
+    null_context.npy (checked: present, of the right shape, one of the parts' checksums)."""
+    texts = [r.get("text") for r in parts]
+    if not any(texts):
+        return {}
+    if not all(texts):
+        raise ShardError(f"{out_dir} mixes caption and class parts; tokenize into a fresh folder")
+    plans = {json.dumps(r["text_plan"], sort_keys=True) for r in parts}
+    if len(plans) != 1:
+        raise ShardError(f"{out_dir}: parts were tokenized with different text encoders or storage: {sorted(plans)}")
+    path = out_dir / NULL_CONTEXT
+    if not path.is_file():
+        raise ShardError(f"{path} missing (each part writes it): re-run one part")
+    first = texts[0]
+    arr = np.load(path, allow_pickle=False)
+    if arr.dtype != np.float16 or arr.shape != (first["length"], first["dim"]):
+        raise ShardError(f"{path}: {arr.dtype}{list(arr.shape)}, expected float16[{first['length']}, {first['dim']}]")
+    sha = file_sha256(path)
+    if sha not in {t["null_context_sha256"] for t in texts}:
+        raise ShardError(f"{path} matches no part's null context (replaced?); re-run one part")
+    return {**{k: v for k, v in first.items() if k != "num_captions"}, "null_context_sha256": sha,
+            "num_captions": sum(t.get("num_captions", 0) for t in texts)}
 
 
 def merge_parts(out_dir: str | Path, tokenizer_path: str | Path | None = None, extra: dict | None = None) -> Manifest:
@@ -263,11 +476,13 @@ def merge_parts(out_dir: str | Path, tokenizer_path: str | Path | None = None, e
     shards = [{k: s[k] for k in ("name", "num_samples", "bytes")} for r in parts for s in r["shards"]]
     failed = [f for r in parts for s in r["shards"] for f in s["failed"]]
     first = parts[0]
+    text = _merge_text(out_dir, parts)
     tok = {}
     if tokenizer_path is not None:
         tok = {"path": str(tokenizer_path), "sha256": file_sha256(tokenizer_path)}
     manifest = Manifest(num_samples=sum(s["num_samples"] for s in shards), grid_size=first["grid_size"],
                         codebook_size=first["codebook_size"], num_classes=first["num_classes"], shards=shards,
-                        tokenizer=tok, source={**first["source"], "num_parts": K, **(extra or {})}, failed=failed)
+                        tokenizer=tok, source={**first["source"], "num_parts": K, **(extra or {})}, failed=failed,
+                        text=text)
     manifest.save(out_dir)
     return manifest
