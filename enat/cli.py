@@ -3,6 +3,7 @@
     enat models                                   sizes, parameters, sampling FLOPs
     enat flops --model L                          per-step FLOPs with/without reuse and CFG, vs NAT
     enat sample --config C [--checkpoint W] --labels 1,2,3 --out DIR [key=value ...]
+    enat sample --config C --checkpoint W --prompts "a thick seven" [--prompts-file F] --out DIR
     enat convert official-enat IN OUT [--num-heads H --enc-depth E]
     enat tokenizer train --config C               the demo tokenizer, trained on the embedded digits
     enat tokenize --config C [--split val] [--num-parts K --part I | --merge]
@@ -13,6 +14,8 @@
     enat ckpt list RUN [--checksums]              tags, steps, sizes, state, `latest`, the writer lease
     enat ckpt verify RUN [--tag T]                read every byte; non-zero exit if `latest` is damaged
     enat eval --run RUN --checkpoint latest       FID & co. of a checkpoint (idempotent)
+    enat eval reference --config C [--out F.npz]  reference statistics of the real held-out images
+    enat eval control --config C --checkpoint W [--cfg-scales 0,1,2,4] [--num-samples N] [--no-reuse] [--out DIR]
     enat extractor train --config C               the demo's digit-classifier feature extractor
 """
 
@@ -34,6 +37,7 @@ from enat.train.lease import LeaseError, LeaseLost
 from enat.eval.job import EvalError
 from enat.train.trainer import NonFiniteError
 from enat.models.weights import WeightsError
+from enat.text import TextEncoderError
 
 
 def _table(rows: list[list], header: list[str]) -> str:
@@ -73,10 +77,13 @@ def cmd_flops(args) -> None:
     from enat.flops import expected_train_flops, sampling_flops
     from enat.models.zoo import model_config
 
-    cfg = model_config(args.model, grid_size=args.grid_size)
+    text = dict(condition="text", text_len=args.text_len, text_dim=args.text_dim) if args.text else {}
+    cfg = model_config(args.model, grid_size=args.grid_size, **text)
     nat = dataclasses.replace(cfg, arch="nat")
     variants = {"ENAT": (cfg, True), "ENAT no reuse": (cfg, False), "NAT": (nat, False)}
-    print(f"ENAT-{args.model}: grid {cfg.grid_size}x{cfg.grid_size}, {args.steps} steps, logits at [MASK] positions")
+    what = f", text-conditioned ({cfg.text_len} x {cfg.text_dim} context tokens)" if args.text else ""
+    print(f"ENAT-{args.model}: grid {cfg.grid_size}x{cfg.grid_size}, {args.steps} steps, logits at [MASK] "
+          f"positions{what}")
     for guided in (True, False):
         res = {k: sampling_flops(c, args.steps, reuse=r, guided=guided) for k, (c, r) in variants.items()}
         rows = [[s] + [f"{res[k].per_step[s] / 1e9:.2f}" for k in variants] for s in range(args.steps)]
@@ -100,6 +107,41 @@ def _parse_labels(text: str, num_classes: int) -> torch.Tensor:
     if not labels or bad:
         raise ConfigError(f"--labels must be class ids in [0, {num_classes}); got {text!r}")
     return torch.tensor(labels)
+
+
+def _read_prompts(args) -> list[str]:
+    prompts = [p for p in (args.prompts or [])]
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise ConfigError(f"--prompts-file {path} not found")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return prompts
+
+
+def text_condition(cfg, model, prompts: list[str], device="cpu") -> torch.Tensor:
+    """Prompts -> contexts through the configured encoder (text.encoder), checked to be the one
+    the model was trained with: its encoding of '' must be the model's null context."""
+    from enat.text import TextEncoderError, load_text_encoder
+
+    if not cfg.text.encoder:
+        raise ConfigError("sampling from prompts needs the text encoder the model was trained with: set "
+                          "text.encoder=/local/dir (the shards' manifest.json names it under text.encoder.path)")
+    try:
+        encoder = load_text_encoder(cfg.text.encoder, device)
+    except TextEncoderError as e:
+        raise ConfigError(str(e)) from None
+    m = model.cfg
+    if (encoder.length, encoder.dim) != (m.text_len, m.text_dim):
+        raise ConfigError(f"text encoder {cfg.text.encoder} gives {encoder.length} x {encoder.dim} contexts, the "
+                          f"model takes {m.text_len} x {m.text_dim} (model.text_len, model.text_dim)")
+    null = encoder.encode([""])[0].float().cpu()
+    ref = model.text_embed.null_context.float().cpu()
+    gap = float((null - ref).abs().max())
+    if gap > 1e-2 * max(1.0, float(ref.abs().max())):  # the null context was stored in fp16
+        raise ConfigError(f"text encoder {cfg.text.encoder} is not the encoder this model was trained with: its "
+                          f"encoding of '' differs from the model's null context by up to {gap:.3g}")
+    return torch.cat([encoder.encode(prompts[i:i + 256]).cpu() for i in range(0, len(prompts), 256)])
 
 
 def cmd_sample(args) -> None:
@@ -126,28 +168,49 @@ def cmd_sample(args) -> None:
         model = build_model(cfg.model)
         source = "random-init"
     model.eval()
-    labels = _parse_labels(args.labels, cfg.model.num_classes).repeat_interleave(args.per_label)
-    ids = generate_all(model, labels, cfg.sample, progress=sys.stderr.isatty())
+    prompts = _read_prompts(args)
+    text = cfg.model.condition == "text"
+    if text and (args.labels or not prompts):
+        raise ConfigError("a text-conditioned model samples from prompts: give --prompts \"...\" or --prompts-file F")
+    if not text and (prompts or not args.labels):
+        raise ConfigError("a class-conditional model samples from --labels (model.condition=class); "
+                          "--prompts need a text-conditioned model")
+    if text:
+        captions = [p for p in prompts for _ in range(args.per_label)]
+        cond = text_condition(cfg, model, captions)
+    else:
+        cond = _parse_labels(args.labels, cfg.model.num_classes).repeat_interleave(args.per_label)
+    ids = generate_all(model, cond, cfg.sample, progress=sys.stderr.isatty())
     g = cfg.model.grid_size
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "tokens.npy", ids.view(-1, g, g).numpy().astype(np.uint16))
-    np.save(out / "labels.npy", labels.numpy())
-    record = {"source": source, "num_samples": int(labels.shape[0]), "model": dataclasses.asdict(cfg.model),
+    if text:
+        (out / "prompts.json").write_text(json.dumps(captions, indent=1))
+    else:
+        np.save(out / "labels.npy", cond.numpy())
+    record = {"source": source, "num_samples": int(ids.shape[0]), "model": dataclasses.asdict(cfg.model),
               "sample": dataclasses.asdict(cfg.sample)}
+    if text:
+        record["text_encoder"] = cfg.text.encoder
     tok_path = cfg.tokenizer.checkpoint
     if not args.no_images and tok_path and Path(tok_path).is_file():
-        from enat.images import save_grid
+        from enat.images import save_captioned_grid, save_grid
         from enat.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.tokenizer)
         images = tokenizer.decode(ids, batch_size=64)
         record["tokenizer"] = str(tok_path)
-        print(f"wrote {save_grid(images, out / 'samples.png', nrow=args.per_label if args.per_label > 1 else None)}")
+        if text:
+            grid = save_captioned_grid(images, captions, out / "samples.png",
+                                       ncol=args.per_label if args.per_label > 1 else None)
+        else:
+            grid = save_grid(images, out / "samples.png", nrow=args.per_label if args.per_label > 1 else None)
+        print(f"wrote {grid}")
     elif not args.no_images:
         print(f"no tokenizer at {tok_path}: token ids only (build it with `enat data prepare`)", file=sys.stderr)
     (out / "sample.json").write_text(json.dumps(record, indent=2))
-    print(f"wrote {labels.shape[0]} samples ({g}x{g} token ids, uint16) to {out / 'tokens.npy'}")
+    print(f"wrote {ids.shape[0]} samples ({g}x{g} token ids, uint16) to {out / 'tokens.npy'}")
 
 
 def cmd_tokenizer_train(args) -> None:
@@ -271,12 +334,28 @@ def cmd_ckpt_verify(args) -> int:
 
 
 def cmd_eval(args) -> None:
-    from enat.eval.job import evaluate
+    from enat.eval.job import compute_reference, evaluate
 
+    # `enat eval reference|control ...`: the action is the first positional word (then overrides).
+    action = args.overrides[0] if args.overrides and args.overrides[0] in ("reference", "control") else None
+    overrides = args.overrides[1:] if action else args.overrides
     config = args.config or (Path(args.run) / "config.yaml" if args.run else None)
     if config is None or not Path(config).is_file():
         raise ConfigError(f"no config: give --config (or --run with a config.yaml inside); looked at {config}")
-    evaluate(load_config(config, args.overrides), args.run, args.checkpoint, args.num_samples, args.weights)
+    cfg = load_config(config, overrides)
+    if action == "reference":
+        compute_reference(cfg, args.out)
+    elif action == "control":
+        from enat.eval.text import evaluate_control, parse_scales
+
+        reuse = (False,) if args.no_reuse else (True,) if args.reuse_only else None
+        evaluate_control(cfg, args.run, args.checkpoint, parse_scales(args.cfg_scales), args.num_samples, reuse,
+                         args.out, args.weights, fid=not args.no_fid)
+    else:
+        if args.out or args.cfg_scales or args.no_reuse or args.reuse_only or args.no_fid:
+            raise ConfigError("--out, --cfg-scales, --no-reuse, --reuse-only, --no-fid belong to `enat eval control` "
+                              "(and --out to `enat eval reference`)")
+        evaluate(cfg, args.run, args.checkpoint, args.num_samples, args.weights)
 
 
 def cmd_extractor_train(args) -> None:
@@ -316,14 +395,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="L")
     s.add_argument("--grid-size", type=int, default=16)
     s.add_argument("--steps", type=int, default=8)
+    s.add_argument("--text", action="store_true", help="text-conditioned (context tokens of a text encoder)")
+    s.add_argument("--text-len", type=int, default=77, help="context tokens (CLIP: 77)")
+    s.add_argument("--text-dim", type=int, default=768, help="text encoder width (CLIP ViT-L/14: 768)")
     s.set_defaults(func=cmd_flops)
 
-    s = sub.add_parser("sample", help="sample token ids for given labels")
+    s = sub.add_parser("sample", help="sample token ids for given labels (or prompts, text-conditioned models)")
     _config_args(s, False, "YAML config (sample section; model section without --checkpoint)")
     s.add_argument("--checkpoint", help="enat-weights file; without it, a random-init model")
     s.add_argument("--weights", default="ema", choices=["ema", "online"])
-    s.add_argument("--labels", required=True, help="comma-separated class ids, e.g. 1,2,3")
-    s.add_argument("--per-label", type=int, default=1, help="samples per label")
+    s.add_argument("--labels", help="comma-separated class ids, e.g. 1,2,3 (class-conditional models)")
+    s.add_argument("--prompts", nargs="+", metavar="PROMPT", help="captions (text-conditioned models)")
+    s.add_argument("--prompts-file", help="a file of captions, one per line")
+    s.add_argument("--per-label", type=int, default=1, help="samples per label or prompt")
     s.add_argument("--out", required=True)
     s.add_argument("--no-images", action="store_true", help="token ids only, no decoding")
     s.set_defaults(func=cmd_sample)
@@ -388,6 +472,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", default="latest", help="latest, a step, a tag, or an enat-weights file")
     s.add_argument("--num-samples", type=int, help="default: eval.num_samples")
     s.add_argument("--weights", choices=["ema", "online"], help="default: eval.weights")
+    # `enat eval reference [key=value ...] --config C [--out FILE.npz]`: reference statistics of the real
+    # held-out images; `enat eval control [key=value ...] --config C --checkpoint W ...`: text control of
+    # the captioned demo by CFG scale (overrides directly after the word: argparse takes one positional run)
+    s.add_argument("--out", help="reference: FILE.npz (default: the cache in eval.cache_dir); control: DIR "
+                                 "(default RUN/eval/control/STEP, or next to the checkpoint)")
+    s.add_argument("--cfg-scales", help="control: comma-separated CFG scales (default 0,1,2,4)")
+    s.add_argument("--no-reuse", action="store_true", help="control: only without reuse (default: with and without)")
+    s.add_argument("--reuse-only", action="store_true", help="control: only with reuse")
+    s.add_argument("--no-fid", action="store_true", help="control: skip the FID against the held-out digits")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("extractor", help="the demo's FID feature extractor")
@@ -418,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = args.func(args)
     except (ConfigError, WeightsError, ShardError, CheckpointError, NonFiniteError, EvalError, LeaseError,
-            LeaseLost) as e:
+            LeaseLost, TextEncoderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if is_initialized() and not joined_before:  # a rank of a multi-process run: leave without interpreter teardown

@@ -29,3 +29,38 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, p
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(path)
     return path
+
+
+def save_captioned_grid(images: torch.Tensor, captions: list[str], path: str | Path, ncol: int | None = None,
+                        cell: int = 160, pad: int = 6) -> Path:
+    """Images with their captions written underneath (PIL's built-in font: nothing to download);
+    small images are enlarged (nearest) to the cell width. The captions also go to PATH.txt."""
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    arr = to_uint8(images)
+    B, H, W, _ = arr.shape
+    if len(captions) != B:
+        raise ValueError(f"{B} images but {len(captions)} captions")
+    scale = max(1, cell // max(H, W))
+    h, w = H * scale, W * scale
+    font = ImageFont.load_default()
+    chars = max(8, w // 6)  # the default bitmap font is ~6 px per character
+    wrapped = [textwrap.wrap(c, chars)[:4] or [""] for c in captions]
+    text_h = 12 * max(len(lines) for lines in wrapped) + 4
+    ncol = ncol or min(B, 4)
+    nrow = math.ceil(B / ncol)
+    canvas = Image.new("RGB", (ncol * (w + pad) + pad, nrow * (h + text_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i in range(B):
+        r, c = divmod(i, ncol)
+        x, y = pad + c * (w + pad), pad + r * (h + text_h + pad)
+        canvas.paste(Image.fromarray(arr[i]).resize((w, h), Image.NEAREST), (x, y))
+        for k, line in enumerate(wrapped[i]):
+            draw.text((x, y + h + 2 + 12 * k), line, fill="black", font=font)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    path.with_suffix(".txt").write_text("".join(f"{i}\t{c}\n" for i, c in enumerate(captions)))
+    return path

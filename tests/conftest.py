@@ -29,18 +29,24 @@ def _deterministic():
     yield
 
 
-def demo_shards(d: Path) -> list[str]:
+def demo_shards(d: Path, text: bool = False, storage: str = "embeddings") -> list[str]:
     """Demo token shards (train and val) from a random-weight tokenizer in folder `d` -> the config
-    overrides pointing at them. The trainer does not care what the ids mean."""
+    overrides pointing at them. The trainer does not care what the ids mean. `text`: caption shards
+    of the captioned demo (configs/experiments/demo_text.yaml), with its demo text encoder built in
+    `d` and `storage` (embeddings or ids) per caption."""
     from enat.config import load_config
-    from enat.data.prepare import tokenize_split
+    from enat.data.prepare import prepare_text_encoder, tokenize_split
     from enat.tokenizer import VQGAN
     from enat.tokenizer.train import save_tokenizer
 
     over = [f"tokenizer.checkpoint={d / 'tok.pt'}", f"data.shards={d / 'train'}", f"data.val_shards={d / 'val'}"]
-    cfg = load_config(ROOT / "configs/experiments/demo.yaml", over)
+    if text:
+        over += [f"text.encoder={d / 'text_encoder'}", f"text.storage={storage}"]
+    cfg = load_config(ROOT / f"configs/experiments/{'demo_text' if text else 'demo'}.yaml", over)
     torch.manual_seed(0)
     save_tokenizer(d / "tok.pt", VQGAN(cfg.tokenizer), {})
+    if text:
+        prepare_text_encoder(cfg, log=lambda *_: None)
     for split in ("train", "val"):
         tokenize_split(cfg, split, progress=False, log=lambda *_: None)
     return over

@@ -181,7 +181,7 @@ def test_eval_benchmark_prints_table_and_json(tmp_path):
                           "eval.batch_size=10"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads(res.stdout.strip().splitlines()[-1])
-    assert result["images_per_s"] > 0 and set(result["fractions"]) == {"sampling", "decoding", "features"}
+    assert result["images_per_s"] > 0 and set(result["fractions"]) == {"conditions", "sampling", "decoding", "features"}
 
 
 def test_data_prepare_builds_shards_and_the_demo_extractor_train_launcher_checks(tmp_path, monkeypatch, capsys):

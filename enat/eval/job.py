@@ -1,15 +1,23 @@
 """The evaluation job: checkpoint -> class-balanced samples -> features -> metrics -> result file.
 
     enat eval --run RUN --checkpoint STEP|latest|PATH [--num-samples N] [key=value ...]
+    enat eval reference --config C [--out FILE.npz]      reference statistics of the real images
 
-Sample i has class i mod C and noise from (eval.seed, i), so any number of ranks (each takes
+Sample i has class i mod C (a text-conditioned model: a caption of a held-out image chosen from
+counters, enat/eval/text.py) and noise from (eval.seed, i), so any number of ranks (each takes
 i = rank, rank + world, ...) produces the same images. Each rank extracts its samples' features;
 rank 0 gathers them and computes FID (float64), IS, KID and precision/recall against the
 reference statistics:
   - eval.reference_npz: ADM-style statistics (mu, sigma) (the ImageNet protocol);
-  - otherwise the held-out images: the digits' validation split for the demo, else
-    data.val_shards decoded once with the tokenizer; their features are cached on disk, keyed by
-    dataset, resolution, extractor and the shards' manifest.
+  - otherwise the held-out images: the digits' validation split for the demo; for COCO the real
+    images (data.val_image_dir, the images data.val_captions lists) at tokenizer.resolution with
+    the tokenizing centre crop ("images"); else data.val_shards decoded once with the tokenizer.
+    Their features are cached on disk (eval.cache_dir), keyed by dataset, resolution, extractor
+    and the shards' manifest or the image set. `enat eval reference` computes them ahead (an npz
+    of mu, sigma, resolution and a JSON sidecar naming images, crop, count and extractor).
+Text-conditioned models: the result records the captions' protocol (shards, manifest hash,
+selection rule, seed) and the captions used (PATH.captions.json); eval.clip_model (a local
+CLIPModel directory) adds the CLIP score.
 The result goes to RUN/eval/<step>/<eval-config-hash>.json (written atomically; a rerun with the
 same settings prints it instead of recomputing), is appended to RUN/eval.jsonl, and is logged to
 the training run's wandb run under eval/ against the checkpoint's step.
@@ -77,8 +85,15 @@ def load_checkpoint(cfg: Config, run_dir: Path | None, checkpoint: str, weights:
 
 
 def eval_settings(cfg: Config, weights: str, num_samples: int, reference: dict) -> dict:
-    return {"sample": dataclasses.asdict(cfg.sample), "num_samples": num_samples, "weights": weights,
-            "eval_seed": cfg.eval.seed, "extractor": cfg.eval.extractor, "reference": reference["id"]}
+    settings = {"sample": dataclasses.asdict(cfg.sample), "num_samples": num_samples, "weights": weights,
+                "eval_seed": cfg.eval.seed, "extractor": cfg.eval.extractor, "reference": reference["id"]}
+    if cfg.model.condition == "text":  # class settings (and their result paths) stay as they were
+        from enat.eval.text import caption_spec
+
+        settings["captions"] = caption_spec(cfg)["id"]
+        if cfg.eval.clip_model:
+            settings["clip_model"] = str(cfg.eval.clip_model)
+    return settings
 
 
 def settings_hash(settings: dict) -> str:
@@ -110,9 +125,24 @@ def reference_spec(cfg: Config) -> dict:
         path = Path(cfg.eval.reference_npz)
         if not path.is_file():
             raise EvalError(f"reference statistics {path} not found")
-        return {"kind": "npz", "path": str(path), "id": f"npz:{file_sha256(path)[:16]}", "resolution": res}
+        spec = {"kind": "npz", "path": str(path), "id": f"npz:{file_sha256(path)[:16]}", "resolution": res}
+        sidecar = path.with_suffix(".json")
+        if sidecar.is_file():  # written by `enat eval reference`: what the statistics are of
+            try:
+                recorded = json.loads(sidecar.read_text())
+            except ValueError:
+                recorded = None
+            if isinstance(recorded, dict):
+                made_with = (recorded.get("extractor") or {}).get("name")
+                if made_with and made_with != cfg.eval.extractor:
+                    raise EvalError(f"reference {path} holds {made_with} features ({sidecar}) but eval.extractor is "
+                                    f"{cfg.eval.extractor}")
+                spec["recorded"] = recorded
+        return spec
     if cfg.data.dataset == "digits":
         return {"kind": "digits-val", "id": f"digits-val-{res}px-{cfg.eval.extractor}", "resolution": res}
+    if cfg.data.dataset == "coco":
+        return images_spec(cfg)
     if cfg.data.val_shards is None:
         raise EvalError("no reference: set eval.reference_npz or data.val_shards")
     manifest = Path(cfg.data.val_shards) / "manifest.json"
@@ -120,6 +150,88 @@ def reference_spec(cfg: Config) -> dict:
         raise EvalError(f"no manifest at {manifest}: tokenize the validation split first")
     return {"kind": "shards", "path": str(cfg.data.val_shards), "resolution": res,
             "id": f"shards-{file_sha256(manifest)[:12]}-{res}px-{cfg.eval.extractor}"}
+
+
+def images_spec(cfg: Config) -> dict:
+    """The real held-out images as the reference: COCO's val images (those data.val_captions
+    lists, with a caption) with the tokenizing crop (U-ViT's: central square, Lanczos), or an
+    ImageFolder tree (data.val_image_dir) with
+    the ADM crop, at tokenizer.resolution."""
+    res = cfg.tokenizer.resolution
+    coco = cfg.data.dataset == "coco"
+    if not cfg.data.val_image_dir or (coco and not cfg.data.val_captions):
+        need = "data.val_image_dir and data.val_captions (val2014/ and captions_val2014.json)" if coco else \
+            "data.val_image_dir"
+        raise EvalError(f"no reference images: set {need}, or give statistics by path (eval.reference_npz)")
+    image_dir = Path(cfg.data.val_image_dir)
+    if not image_dir.is_dir():
+        raise EvalError(f"reference images: {image_dir} (data.val_image_dir) is not a directory")
+    captions, captions_sha = None, None
+    if coco:
+        captions = Path(cfg.data.val_captions)
+        if not captions.is_file():
+            raise EvalError(f"reference images: {captions} (data.val_captions) not found")
+        captions_sha = file_sha256(captions)
+    crop = "uvit-center" if coco else "adm"
+    key = json.dumps({"images": str(image_dir.resolve()), "captions_sha256": captions_sha, "crop": crop})
+    return {"kind": "images", "dataset": cfg.data.dataset, "path": str(image_dir),
+            "captions": str(captions) if captions else None, "captions_sha256": captions_sha, "crop": crop,
+            "resolution": res,
+            "id": f"images-{hashlib.sha256(key.encode()).hexdigest()[:12]}-{res}px-{cfg.eval.extractor}"}
+
+
+def _image_source(cfg: Config, spec: dict):
+    """The image source of an "images" reference (the data module's, so the crop is the tokenizer's)."""
+    from enat.data import tokenize
+
+    res = spec["resolution"]
+    if spec["crop"] == "adm":
+        return tokenize.ImageFolderSource(spec["path"], res)
+    return tokenize.CocoSource(spec["path"], spec["captions"], res)
+
+
+def image_features(cfg: Config, spec: dict, extractor, log=print) -> tuple[dict, dict]:
+    """Features of the reference images, loaded in DataLoader workers and extracted chunk by chunk
+    (never all images in memory) -> ({"pool", "logits", "labels"}, {"count", "skipped"})."""
+    from tqdm import tqdm
+
+    from enat.data.tokenize import _Loading
+    from enat.eval.fidelity import extract
+
+    source = _image_source(cfg, spec)
+    loader = torch.utils.data.DataLoader(_Loading(source, list(range(len(source)))), batch_size=250,
+                                         num_workers=cfg.data.num_workers, collate_fn=list)
+    pools, logits, labels, skipped = [], [], [], []
+    for batch in tqdm(loader, desc="reference images", unit="batch", disable=not sys.stderr.isatty()):
+        good = [(i, x) for i, x, err in batch if not err]
+        for i, _, err in batch:
+            if err:
+                skipped.append(f"{source.name(i)}: {err}")
+                log(f"warning: reference image skipped: {source.name(i)}: {err}")
+        if not good:
+            continue
+        u8 = torch.from_numpy(to_uint8(torch.stack([x for _, x in good]))).permute(0, 3, 1, 2).contiguous()
+        f = extract(extractor, u8)
+        pools.append(f["pool"])
+        logits.append(f["logits"])
+        labels += [source.label(i) for i, _ in good]
+    if not pools:
+        raise EvalError(f"no readable reference images under {spec['path']}")
+    return ({"pool": np.concatenate(pools), "logits": np.concatenate(logits), "labels": np.asarray(labels)},
+            {"count": len(labels), "skipped": len(skipped), "skipped_names": skipped[:100]})
+
+
+def _reference_record(cfg: Config, spec: dict, info: dict) -> dict:
+    """The JSON sidecar of reference statistics: what they are of and how they were made."""
+    w = cfg.eval.extractor_weights
+    return {"id": spec["id"], "kind": spec["kind"], "images": spec.get("path", "digits: validation split"),
+            "captions": spec.get("captions"), "captions_sha256": spec.get("captions_sha256"),
+            "crop": spec.get("crop", "none (the demo's 32 px digits)" if spec["kind"] == "digits-val"
+                             else "decoded shards"),
+            "resolution": spec["resolution"], **info,
+            "extractor": {"name": cfg.eval.extractor, "weights": w,
+                          "weights_sha256": file_sha256(w) if w and Path(w).is_file() else None},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
 def reference_stats(cfg: Config, spec: dict, extractor, tokenizer, log=print) -> dict:
@@ -142,28 +254,75 @@ def reference_stats(cfg: Config, spec: dict, extractor, tokenizer, log=print) ->
                                 f"{cfg.tokenizer.resolution} px")
             return {k: z[k] for k in ("mu", "sigma", "pool", "labels")}
     log(f"computing reference statistics ({spec['id']}), cached at {cache}")
-    if spec["kind"] == "digits-val":
-        from enat.data.digits import load_digits
-
-        images, labels, _ = load_digits("val", cfg.tokenizer.resolution)
-        u8 = torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2).contiguous()
+    info = {}
+    if spec["kind"] == "images":
+        feats, info = image_features(cfg, spec, extractor, log=log)
+        labels = torch.from_numpy(feats["labels"])
     else:
-        from enat.data.loader import ShardSet
+        if spec["kind"] == "digits-val":
+            from enat.data.digits import load_digits
 
-        data = ShardSet(spec["path"], log=log)
-        tokens = torch.from_numpy(data.tokens(np.arange(len(data))))
-        # uint8 chunk by chunk: a float copy of a large reference set would not fit in memory
-        u8 = torch.cat([torch.from_numpy(to_uint8(tokenizer.decode(chunk))).permute(0, 3, 1, 2)
-                        for chunk in tokens.split(64)])
-        labels = torch.from_numpy(data.label)
-    feats = extract(extractor, u8, progress=sys.stderr.isatty())
+            images, labels, _ = load_digits("val", cfg.tokenizer.resolution)
+            u8 = torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2).contiguous()
+        else:
+            from enat.data.loader import ShardSet
+
+            data = ShardSet(spec["path"], log=log)
+            tokens = torch.from_numpy(data.tokens(np.arange(len(data))))
+            # uint8 chunk by chunk: a float copy of a large reference set would not fit in memory
+            u8 = torch.cat([torch.from_numpy(to_uint8(tokenizer.decode(chunk))).permute(0, 3, 1, 2)
+                            for chunk in tokens.split(64)])
+            labels = torch.from_numpy(data.label)
+        feats = extract(extractor, u8, progress=sys.stderr.isatty())
+        info = {"count": len(u8), "skipped": 0}
     mu, sigma = statistics(feats["pool"])
     out = {"mu": mu, "sigma": sigma, "pool": feats["pool"], "labels": labels.numpy()}
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(cache.name + ".tmp.npz")
     np.savez(tmp, resolution=cfg.tokenizer.resolution, **out)
     os.replace(tmp, cache)
+    _write_json(cache.with_suffix(".json"), _reference_record(cfg, spec, info))
     return out
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def compute_reference(cfg: Config, out: str | Path | None = None, log=print) -> tuple[Path, dict]:
+    """`enat eval reference`: the statistics of the real held-out images (COCO val with the
+    tokenizing crop, an ImageFolder val tree, or the demo's validation digits), cached in
+    eval.cache_dir (the FID job uses them from there) and, with `out`, written to FILE.npz (mu,
+    sigma, resolution) + FILE.json (images, crop, count, extractor) for eval.reference_npz."""
+    from enat.eval.fidelity import build_extractor
+
+    if cfg.data.dataset == "digits":
+        spec = reference_spec(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, reference_npz=None)))
+    elif cfg.data.val_image_dir or cfg.data.dataset == "coco":
+        spec = images_spec(cfg)
+    else:
+        raise EvalError("reference images: set data.val_image_dir (the held-out images), or data.dataset=digits")
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    extractor = build_extractor(cfg.eval.extractor, cfg.eval.extractor_weights, device)
+    stats = reference_stats(cfg, spec, extractor, None, log=log)
+    cache = Path(cfg.eval.cache_dir) / f"{spec['id']}.npz"
+    sidecar = cache.with_suffix(".json")
+    record = json.loads(sidecar.read_text()) if sidecar.is_file() else _reference_record(cfg, spec, {})
+    target = cache
+    if out is not None:
+        target = Path(out)
+        if target.suffix != ".npz":
+            target = target.with_name(target.name + ".npz")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp.npz")
+        np.savez(tmp, mu=stats["mu"], sigma=stats["sigma"], resolution=cfg.tokenizer.resolution)
+        os.replace(tmp, target)
+        _write_json(target.with_suffix(".json"), {**record, "cache": str(cache)})
+    log(f"reference statistics of {record.get('count', '?')} images ({spec['id']}): {target} "
+        f"(+ {target.with_suffix('.json').name}); use them by path with eval.reference_npz={target}")
+    return target, record
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,28 +332,36 @@ def reference_stats(cfg: Config, spec: dict, extractor, tokenizer, log=print) ->
 
 @torch.no_grad()
 def generate_images(model, tokenizer, cfg: Config, indices: np.ndarray, progress: bool = False,
-                    timings: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 images (n, H, W, 3) and labels of the given global sample indices."""
+                    timings: dict | None = None, conditions=None) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (n, H, W, 3) and labels of the given global sample indices. `conditions`:
+    global indices -> (condition, labels) (text: the held-out captions' contexts); default the
+    class-balanced labels i mod C."""
     from tqdm import tqdm
 
     from enat.sampling import generate
 
     sc = dataclasses.replace(cfg.sample, seed=cfg.eval.seed)
     C = cfg.model.num_classes
-    labels = indices % C
-    out = []
+    if conditions is None:
+        conditions = lambda idx: (torch.from_numpy(idx % C), idx % C)  # noqa: E731
+    out, labels = [], []
     timings = timings if timings is not None else {}
     for s in tqdm(range(0, len(indices), cfg.eval.batch_size), desc="sampling", unit="batch", disable=not progress):
-        idx = torch.from_numpy(indices[s:s + cfg.eval.batch_size])
+        chunk = np.asarray(indices[s:s + cfg.eval.batch_size])
         t0 = time.perf_counter()
-        ids = generate(model, torch.from_numpy(labels[s:s + cfg.eval.batch_size]), sc, indices=idx)
+        cond, lab = conditions(chunk)
+        labels.append(np.asarray(lab, dtype=np.int64))
         t1 = time.perf_counter()
+        ids = generate(model, cond, sc, indices=torch.from_numpy(chunk))
+        t2 = time.perf_counter()
         images = tokenizer.decode(ids)
         out.append(to_uint8(images))
-        timings["sampling"] = timings.get("sampling", 0.0) + t1 - t0
-        timings["decoding"] = timings.get("decoding", 0.0) + time.perf_counter() - t1
+        timings["conditions"] = timings.get("conditions", 0.0) + t1 - t0
+        timings["sampling"] = timings.get("sampling", 0.0) + t2 - t1
+        timings["decoding"] = timings.get("decoding", 0.0) + time.perf_counter() - t2
     empty = np.empty((0, cfg.tokenizer.resolution, cfg.tokenizer.resolution, 3), np.uint8)
-    return (np.concatenate(out) if out else empty), labels
+    return ((np.concatenate(out) if out else empty),
+            (np.concatenate(labels) if labels else np.empty(0, np.int64)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,8 +397,16 @@ def evaluate(cfg: Config, run_dir: str | Path | None, checkpoint: str = "latest"
     weights = weights or cfg.eval.weights
     num_samples = num_samples or cfg.eval.num_samples
     C = cfg.model.num_classes
-    if num_samples % C:
+    text = cfg.model.condition == "text"
+    if not text and num_samples % C:
         raise EvalError(f"--num-samples {num_samples} is not a multiple of the {C} classes (class-balanced)")
+    if cfg.eval.clip_model:
+        from enat.eval.text import check_clip_model
+
+        if not text:
+            raise EvalError("eval.clip_model: the CLIP score needs captions, a text-conditioned model "
+                            "(model.condition=text)")
+        check_clip_model(cfg.eval.clip_model)  # a hub name or a missing directory fails before any sampling
 
     ck = load_checkpoint(cfg, run_dir, checkpoint, weights, log=log, rank=rank, world=world)
     spec = reference_spec(cfg)
@@ -248,14 +423,38 @@ def evaluate(cfg: Config, run_dir: str | Path | None, checkpoint: str = "latest"
     extractor = build_extractor(cfg.eval.extractor, cfg.eval.extractor_weights, device)
     timings: dict = {}
     indices = np.arange(num_samples)[rank::world]
+    conditions, chosen, cap_spec = None, None, None
+    if text:
+        from enat.eval.text import HeldOutCaptions, caption_spec
+
+        cap_spec = caption_spec(cfg)
+        held = HeldOutCaptions(cfg, device=device, log=log)
+        held.check_model(model)
+
+        def conditions(idx):
+            rows, ks = held.select(idx)
+            return held.contexts(rows, ks), held.labels[rows]
+
+        rows, ks = held.select(indices)
+        chosen = {"rows": rows, "ks": ks, "captions": held.captions(rows, ks)}
+        cap_spec = {**cap_spec, "num_rows": len(held), "storage": held.storage,
+                    "encoder": (held.text.get("encoder") or {}).get("path")}
     images, labels = generate_images(model, tokenizer, cfg, indices, progress=rank == 0 and sys.stderr.isatty(),
-                                     timings=timings)
+                                     timings=timings, conditions=conditions)
     t0 = time.perf_counter()
     feats = extract(extractor, torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
                     progress=rank == 0 and sys.stderr.isatty())
     timings["features"] = time.perf_counter() - t0
+    clip = None
+    if cfg.eval.clip_model:
+        from enat.eval.text import clip_score
+
+        t0 = time.perf_counter()
+        clip = clip_score(images, chosen["captions"], cfg.eval.clip_model, device=device)
+        timings["clip"] = time.perf_counter() - t0
     parts = _gather({"indices": indices, "labels": labels, "pool": feats["pool"], "logits": feats["logits"],
-                     "images": images if (cfg.eval.save_npz or cfg.eval.save_png) else None}, world)
+                     "images": images if (cfg.eval.save_npz or cfg.eval.save_png) else None,
+                     "chosen": chosen, "clip": clip}, world)
     record = None
     if rank == 0:
         order = np.argsort(np.concatenate([p["indices"] for p in parts]), kind="stable")
@@ -264,21 +463,40 @@ def evaluate(cfg: Config, run_dir: str | Path | None, checkpoint: str = "latest"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # sqrtm's warning on near-singular products; values stay accurate
             values = metrics(gen, ref, cfg.eval.kid_subset_size, cfg.eval.prc, cfg.eval.seed)
-            if "labels" in ref:
+            if "labels" in ref and len(np.unique(ref["labels"])) > 1:  # one class (COCO): class FID is FID
                 values["class_fid"] = class_fid(gen["pool"], gen["labels"], ref["pool"], ref["labels"])
+        if cfg.eval.clip_model:
+            n_clip = sum(p["clip"][1] for p in parts)
+            values["clip_score"] = float(sum(p["clip"][0] * p["clip"][1] for p in parts if p["clip"][1]) / n_clip)
         out.parent.mkdir(parents=True, exist_ok=True)
-        files = {}
+        files, extra = {}, {}
+        if text:  # the protocol's captions: which held-out row and caption each sample took
+            cat = {k: np.concatenate([np.asarray(p["chosen"][k], dtype=object if k == "captions" else np.int64)
+                                      for p in parts])[order] for k in ("rows", "ks", "captions")}
+            extra = {"caption_rows": cat["rows"].astype(np.int64), "caption_k": cat["ks"].astype(np.int64)}
+            files["captions"] = str(out.with_suffix(".captions.json"))
+            samples = [{"index": i, "row": int(r), "k": int(k), "caption": c}
+                       for i, (r, k, c) in enumerate(zip(cat["rows"], cat["ks"], cat["captions"]))]
+            _write_json(Path(files["captions"]), {
+                "rule": cap_spec["rule"], "shards": cap_spec["path"], "manifest_sha256": cap_spec["manifest_sha256"],
+                "seed": cfg.eval.seed, "samples": samples})
         if cfg.eval.save_npz or cfg.eval.save_png:
             arr = np.concatenate([p["images"] for p in parts])[order]
             if cfg.eval.save_npz:
                 files["npz"] = str(out.with_suffix(".npz"))
                 tmp = out.with_suffix(".tmp.npz")
-                np.savez(tmp, arr_0=arr, labels=gen["labels"])
+                np.savez(tmp, arr_0=arr, labels=gen["labels"], **extra)
                 os.replace(tmp, files["npz"])
-            from enat.images import save_grid
+            from enat.images import save_captioned_grid, save_grid
 
-            grid = torch.from_numpy(arr[: min(len(arr), 10 * C)]).permute(0, 3, 1, 2).float() / 255
-            files["grid"] = str(save_grid(grid, out.with_suffix(".png"), nrow=C))
+            if text:
+                k = min(len(arr), 40)
+                grid = torch.from_numpy(arr[:k]).permute(0, 3, 1, 2).float() / 255
+                files["grid"] = str(save_captioned_grid(grid, list(cat["captions"][:k]), out.with_suffix(".png"),
+                                                        ncol=8))
+            else:
+                grid = torch.from_numpy(arr[: min(len(arr), 10 * C)]).permute(0, 3, 1, 2).float() / 255
+                files["grid"] = str(save_grid(grid, out.with_suffix(".png"), nrow=C))
             if cfg.eval.save_png:
                 from PIL import Image
 
@@ -292,6 +510,11 @@ def evaluate(cfg: Config, run_dir: str | Path | None, checkpoint: str = "latest"
                                                                         "weights": cfg.eval.extractor_weights},
                   "num_samples": num_samples, "world_size": world, "wall_time_s": time.perf_counter() - t_start,
                   "timings_s_rank0": timings, "files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if text:
+            record["condition"] = "text"
+            record["captions"] = cap_spec
+            if cfg.eval.clip_model:
+                record["clip_model"] = str(cfg.eval.clip_model)
         tmp = out.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(record, indent=1))
         os.replace(tmp, out)  # a half-written result never looks done

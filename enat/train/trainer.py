@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -201,11 +202,20 @@ class Trainer:
         model = build_model(cfg.model)
         model.activation_checkpointing = t.activation_checkpointing
         self.n_params = count_parameters(model)
-        self.ema = EMA(model, t.ema_decay)
         self.loader = TokenLoader(cfg.data.shards, t.micro_batch, self.rank, self.world, t.grad_accum, cfg.seed,
                                   cfg.data.cfg_drop, cfg.model.null_class, cfg.data.shuffle, cfg.data.num_workers,
                                   cfg.data.strict, cfg.data.resampled, model_cfg=cfg.model,
                                   transform=MaskOrder(cfg.seed, cfg.model.seq_len, t.grad_accum), log=self.log)
+        self.text_encoder = None
+        if cfg.model.condition == "text":
+            # The shards' null context (the encoding of '') lives in the model from here on, so
+            # every checkpoint and export samples with CFG on its own.
+            model.set_null_context(torch.from_numpy(self.loader.data.null_context()).float())
+            if self.loader.manifest.text.get("storage") == "ids":  # contexts encoded here, on the fly
+                from enat.text import load_text_encoder
+
+                self.text_encoder = load_text_encoder(self.loader.manifest.text["encoder"]["path"], self.device)
+        self.ema = EMA(model, t.ema_decay)
 
         # Where to resume from, decided before the engine exists (universal loading is a config
         # flag): the checkpoint `latest` names if it verifies, else the newest earlier one that does.
@@ -309,6 +319,15 @@ class Trainer:
         self.log(f"saved checkpoint {tag}")
         return tag
 
+    def condition(self, batch: dict) -> torch.Tensor:
+        """The batch's condition on the device: labels, or caption contexts (read from the shards,
+        or encoded here from their ids with the frozen text encoder)."""
+        if self.cfg.model.condition == "class":
+            return batch["labels"].to(self.device, non_blocking=True)
+        if "context" in batch:
+            return batch["context"].to(self.device, non_blocking=True)
+        return self.text_encoder.encode_ids(batch["caption_ids"].to(self.device, non_blocking=True))
+
     def train_step(self, it, stop: bool = False) -> dict:
         """One optimizer step over grad_accum micro-batches. `stop`: this rank wants to stop after
         this step (OR-ed over ranks into `self.stop_requested`). Returns step statistics.
@@ -327,7 +346,8 @@ class Trainer:
             t0 = time.perf_counter()
             batch = next(it)
             data_wait += time.perf_counter() - t0
-            tokens, labels, order = (batch[k].to(self.device, non_blocking=True) for k in ("tokens", "labels", "order"))
+            tokens, order = (batch[k].to(self.device, non_blocking=True) for k in ("tokens", "order"))
+            cond = self.condition(batch)
             masked = order[:, :plan.masked]
             remasked = order[:, plan.masked:plan.masked + plan.remasked] if plan.reuse else None
             if t.compile:  # one graph for every mask count, not one per count ("maybe": the rare
@@ -336,7 +356,7 @@ class Trainer:
                 if remasked is not None:
                     torch._dynamo.maybe_mark_dynamic(remasked, 1)
             torch.manual_seed(derive_seed(cfg.seed, "dropout", self.step, a, self.rank))
-            loss = self.loss_fn(model, self.ema, tokens, labels, masked, remasked, cfg.model.mask_id,
+            loss = self.loss_fn(model, self.ema, tokens, cond, masked, remasked, cfg.model.mask_id,
                                 t.label_smoothing, self.prev_autocast)
             if self.step in t.inject_nan_steps:
                 loss = loss * float("nan")
@@ -401,9 +421,9 @@ class Trainer:
             n = min(t.val_samples, len(data)) // self.world * self.world
             rows = torch.arange(n)[self.rank::self.world].numpy()
             tokens, uid = torch.from_numpy(data.tokens(rows)), torch.from_numpy(data.uid[rows])
-            self._val_data = (tokens, torch.from_numpy(data.label[rows]),
+            self._val_data = (tokens, self.fixed_condition(data, rows),
                               validation_order(uid, cfg.seed, cfg.model.seq_len))
-        tokens, labels, order = (x.to(self.device) for x in self._val_data)
+        tokens, conds, order = (x.to(self.device) for x in self._val_data)
         N = cfg.model.seq_len
         self.module.eval()
         out = {}
@@ -413,7 +433,7 @@ class Trainer:
                     M = masked_count(N, ratio)
                     total = torch.zeros(2, device=self.device, dtype=torch.float64)
                     for s in range(0, len(tokens), t.micro_batch):
-                        tok, lab = tokens[s:s + t.micro_batch], labels[s:s + t.micro_batch]
+                        tok, lab = tokens[s:s + t.micro_batch], conds[s:s + t.micro_batch]
                         ids = tok.scatter(1, order[s:s + t.micro_batch, :M], cfg.model.mask_id)
                         res = model(ids, lab, logits="masked", num_masked=M)
                         target = tok.gather(1, res.masked_positions)
@@ -424,6 +444,16 @@ class Trainer:
                     out[f"{name}/loss_r{ratio:g}"] = float(total[0] / total[1])
         self.module.train()
         return out
+
+    def fixed_condition(self, data, rows) -> torch.Tensor:
+        """The condition of given held-out rows, the same at every evaluation: the label, or the
+        first caption's context."""
+        if self.cfg.model.condition == "class":
+            return torch.from_numpy(data.label[rows])
+        if data.manifest.text.get("storage") == "ids":
+            ids = torch.from_numpy(data.caption_ids(rows, 0)).to(self.device)
+            return torch.cat([self.text_encoder.encode_ids(ids[i:i + 256]).cpu() for i in range(0, len(ids), 256)])
+        return torch.from_numpy(data.contexts(rows, 0))
 
     @torch.no_grad()
     def sample_grid(self) -> Path | None:
@@ -445,11 +475,19 @@ class Trainer:
 
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(cfg.tokenizer).to(self.device)
-        labels = torch.tensor([c % cfg.model.num_classes for c in cfg.train.sample_labels])
         sc = dataclasses.replace(cfg.sample, seed=cfg.seed)
-        ids = generate(model, labels, sc)
-        images = self._tokenizer.decode(ids)
-        return save_grid(images, self.run_dir / "samples" / f"step{self.step:08d}.png")
+        path = self.run_dir / "samples" / f"step{self.step:08d}.png"
+        if cfg.model.condition == "class":
+            labels = torch.tensor([c % cfg.model.num_classes for c in cfg.train.sample_labels])
+            return save_grid(self._tokenizer.decode(generate(model, labels, sc)), path)
+        # Text: the first caption of the first held-out images (training images without a val set).
+        from enat.data.loader import ShardSet
+        from enat.images import save_captioned_grid
+
+        data = ShardSet(cfg.data.val_shards or cfg.data.shards, log=lambda *_: None)
+        rows = np.arange(min(len(cfg.train.sample_labels), len(data)))
+        ids = generate(model, self.fixed_condition(data, rows), sc)
+        return save_captioned_grid(self._tokenizer.decode(ids), [data.captions(r)[0] for r in rows], path)
 
     # ------------------------------------------------------------------------------------------
 

@@ -1,0 +1,457 @@
+"""Evaluation of text-conditioned models: which caption each sample gets, and text control.
+
+Captions of the FID job (COCO FID-30K and the captioned demo). Sample i takes a caption of one
+held-out image, a row of data.val_shards (R rows, K_r captions each):
+
+    row(i) = perm[i mod R],  perm = numpy's permutation of R seeded derive_seed(eval.seed, "eval-captions")
+    k(i)   = floor(hash_uniform(eval.seed, 0xCA9, i) * K_row(i))
+
+so N <= R samples take N distinct images (30,000 of val2014's 40,504, one caption each), N > R
+cycles through the rows again (another caption draw), and the condition of sample i is a pure
+function of (eval.seed, i, the shards): the same on 1 or N ranks, in any batch. The contexts
+come from the shards (text.storage=embeddings) or are encoded from the stored ids with the
+encoder the manifest names (text.storage=ids). The shards' null context must be the model's.
+
+Text control (`enat eval control`, the captioned digits demo): prompts from the caption
+templates, every digit x thickness (thin / unsaid / thick) x width (narrow / unsaid / wide),
+balanced; for each CFG scale (with and without reuse) the same sample indices, so the same noise:
+a paired comparison. Measured on the decoded images: digit accuracy (the demo classifier's argmax
+equals the prompt's digit), attribute agreement (among prompts that state an attribute, the
+fraction of images whose measured attribute, judged against the prompt digit's thresholds, is
+the one asked: enat/data/captions.py), and FID against the held-out digits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from enat.config import Config
+from enat.eval.fidelity import EvalError
+from enat.rng import derive_seed, hash_uniform
+
+CAPTION_STREAM = "eval-captions"
+CAPTION_TAG = 0xCA9
+SELECTION_RULE = ("sample i -> held-out row perm[i mod R] (perm: numpy permutation of the R rows of "
+                  "data.val_shards seeded derive_seed(eval.seed, 'eval-captions')), caption k = "
+                  "floor(hash_uniform(eval.seed, 0xCA9, i) * K_row)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Which caption each sample gets
+# ---------------------------------------------------------------------------------------------
+
+
+def caption_order(seed: int, num_rows: int) -> np.ndarray:
+    """The order in which samples visit the held-out rows (a permutation of range(num_rows))."""
+    return np.random.default_rng(derive_seed(seed, CAPTION_STREAM)).permutation(num_rows)
+
+
+def select_captions(seed: int, num_captions: np.ndarray, indices: np.ndarray,
+                    order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, caption indices) of the global sample indices `indices` (see the module docstring);
+    a pure function of (seed, index, captions per row): any split over ranks gives the same."""
+    num_captions = np.asarray(num_captions, dtype=np.int64)
+    if len(num_captions) == 0:
+        raise EvalError("no held-out captions to condition on (data.val_shards is empty)")
+    if (num_captions < 1).any():
+        raise EvalError(f"{int((num_captions < 1).sum())} held-out rows have no caption")
+    indices = np.asarray(indices, dtype=np.int64)
+    order = caption_order(seed, len(num_captions)) if order is None else order
+    rows = order[indices % len(num_captions)]
+    ks = np.floor(hash_uniform(seed, CAPTION_TAG, indices) * num_captions[rows]).astype(np.int64)
+    return rows, np.minimum(ks, num_captions[rows] - 1)
+
+
+def caption_spec(cfg: Config) -> dict:
+    """What the captions of a text FID are, without reading the shards (it keys the result)."""
+    from enat.data.shards import file_sha256
+
+    if cfg.data.val_shards is None:
+        raise EvalError("a text-conditioned FID takes its captions from held-out caption shards: set "
+                        "data.val_shards (tokenize the validation split: `enat tokenize --config C --split val`)")
+    manifest = Path(cfg.data.val_shards) / "manifest.json"
+    if not manifest.is_file():
+        raise EvalError(f"no manifest at {manifest}: tokenize the validation split first")
+    digest = file_sha256(manifest)
+    return {"source": "shards", "path": str(cfg.data.val_shards), "manifest_sha256": digest,
+            "rule": SELECTION_RULE, "seed": cfg.eval.seed, "id": f"captions-{digest[:12]}-seed{cfg.eval.seed}-v1"}
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, float]:
+    gap = float((a.float() - b.float()).abs().max())
+    return gap <= 1e-2 * max(1.0, float(b.float().abs().max())), gap  # stored in fp16
+
+
+class HeldOutCaptions:
+    """The held-out caption shards as the FID job uses them: captions per row, labels (the digit
+    for the demo, 0 for COCO), and the (n, L, C) contexts of chosen (row, caption) pairs."""
+
+    def __init__(self, cfg: Config, data=None, encoder=None, device="cpu", log=print):
+        if data is None:
+            from enat.data.loader import ShardSet
+
+            if cfg.data.val_shards is None:
+                caption_spec(cfg)  # raises, naming the fix
+            data = ShardSet(cfg.data.val_shards, strict=cfg.data.strict, log=log)
+        text = getattr(data.manifest, "text", None) or {}
+        if not text:
+            raise EvalError(f"{cfg.data.val_shards} holds class shards (no captions): a text-conditioned model "
+                            f"needs caption shards (tokenize the validation split with model.condition=text)")
+        self.cfg, self.data, self.text, self.device = cfg, data, text, device
+        self.num_captions = np.asarray(data.num_captions, dtype=np.int64)
+        self.labels = np.asarray(data.label, dtype=np.int64)
+        self.order = caption_order(cfg.eval.seed, len(self.num_captions)) if len(self.num_captions) else None
+        self._encoder = encoder
+
+    def __len__(self) -> int:
+        return len(self.num_captions)
+
+    def select(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return select_captions(self.cfg.eval.seed, self.num_captions, indices, self.order)
+
+    def captions(self, rows: np.ndarray, ks: np.ndarray) -> list[str]:
+        return [self.data.captions(int(r))[int(k)] for r, k in zip(rows, ks)]
+
+    @property
+    def storage(self) -> str:
+        return self.text.get("storage", "embeddings")
+
+    def encoder(self):
+        """The encoder the manifest names (ids-only shards): text.encoder if set, else the
+        manifest's path; its weights must be the ones the shards were made with."""
+        if self._encoder is None:
+            from enat.text import TextEncoderError, load_text_encoder
+
+            recorded = self.text.get("encoder") or {}
+            path = self.cfg.text.encoder or recorded.get("path")
+            try:
+                enc = load_text_encoder(path, self.device)
+            except TextEncoderError as e:
+                raise EvalError(f"the held-out shards store caption ids only; encoding them needs their text "
+                                f"encoder: {e}") from None
+            if recorded.get("sha256") and enc.sha256() and recorded["sha256"] != enc.sha256():
+                raise EvalError(f"text encoder {path} is not the one {self.cfg.data.val_shards} was tokenized with "
+                                f"(weights sha256 {enc.sha256()[:12]} vs the manifest's {recorded['sha256'][:12]})")
+            self._encoder = enc
+        return self._encoder
+
+    def contexts(self, rows: np.ndarray, ks: np.ndarray) -> torch.Tensor:
+        """(n, L, C) float32 contexts of the (row, caption) pairs, in their order."""
+        rows, ks = np.asarray(rows, np.int64), np.asarray(ks, np.int64)
+        if self.storage == "ids":
+            ids = torch.from_numpy(np.asarray(self.data.caption_ids(rows, ks), dtype=np.int64))
+            return self.encoder().encode_ids(ids).float().cpu()
+        return torch.from_numpy(np.asarray(self.data.contexts(rows, ks))).float()
+
+    def check_model(self, model) -> None:
+        """The shards' null context (the encoding of '') must be the model's: else the captions
+        were encoded by another encoder than the one the model was trained with."""
+        ours = torch.as_tensor(np.asarray(self.data.null_context())).float()
+        theirs = model.text_embed.null_context.detach().float().cpu()
+        if ours.shape != theirs.shape:
+            raise EvalError(f"held-out contexts are {tuple(ours.shape)} (L x C) but the model takes "
+                            f"{tuple(theirs.shape)}")
+        ok, gap = _close(ours, theirs)
+        if not ok:
+            raise EvalError(f"{self.cfg.data.val_shards} was encoded with another text encoder than the model was "
+                            f"trained with: the null contexts (encodings of '') differ by up to {gap:.3g}")
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP score
+# ---------------------------------------------------------------------------------------------
+
+
+def check_clip_model(path: str) -> None:
+    """Fail before any sampling when eval.clip_model is not a local CLIP directory."""
+    from enat import text
+
+    check = getattr(text, "_local_dir", None)
+    if check is None:  # the text module's checker under another name: the plain test
+        if not Path(str(path)).is_dir():
+            raise EvalError(f"eval.clip_model {path!r} is not a local directory (models load by local path only)")
+        return
+    try:
+        check(path, what="CLIP model", key="eval.clip_model")
+    except text.TextEncoderError as e:
+        raise EvalError(str(e)) from None
+
+
+def clip_score(images: np.ndarray, captions: list[str], clip_model: str, device="cpu") -> tuple[float, int]:
+    """(mean CLIP score, count) of uint8 images (n, H, W, 3) against their captions."""
+    from enat.text import TextEncoderError, clip_score as _clip_score
+
+    if len(captions) == 0:
+        return float("nan"), 0
+    try:
+        return float(_clip_score(images, captions, clip_model, device=device)), len(captions)
+    except TextEncoderError as e:
+        raise EvalError(str(e)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Text control (the captioned digits demo)
+# ---------------------------------------------------------------------------------------------
+
+
+THICKNESS = ("thin", "", "thick")
+WIDTH = ("narrow", "", "wide")
+
+
+def control_prompts(n: int) -> list[dict]:
+    """n prompts, balanced over digit x thickness x width (90 combinations, "" = unsaid): prompt i
+    is combination i mod 90, in a template stating exactly those words (cycling over the
+    templates that do, by i // 90)."""
+    from enat.data.captions import caption_attributes, captions_for
+
+    combos = [(d, t, w) for d in range(10) for t in THICKNESS for w in WIDTH]
+    out = []
+    for i in range(n):
+        d, t, w = combos[i % len(combos)]
+        wanted = {"digit": d, **({"thickness": t} if t else {}), **({"width": w} if w else {})}
+        fits = [c for c in captions_for(d, t, w) if caption_attributes(c) == wanted]
+        if not fits:
+            raise AssertionError(f"no caption template states exactly {wanted}")
+        out.append({"caption": fits[(i // len(combos)) % len(fits)], **wanted})
+    return out
+
+
+def prompt_encoder(cfg: Config, model, device="cpu"):
+    """The text encoder prompts go through: text.encoder, else the one the shards' manifest
+    names; checked to be the model's (its encoding of '' is the model's null context)."""
+    from enat.text import TextEncoderError, load_text_encoder
+
+    path = cfg.text.encoder
+    if not path:
+        for shards in (cfg.data.val_shards, cfg.data.shards):
+            manifest = Path(shards) / "manifest.json" if shards else None
+            if manifest is not None and manifest.is_file():
+                path = ((json.loads(manifest.read_text()).get("text") or {}).get("encoder") or {}).get("path")
+                if path:
+                    break
+    if not path:
+        raise EvalError("prompts need the text encoder the model was trained with: set text.encoder=/local/dir")
+    try:
+        enc = load_text_encoder(path, device)
+    except TextEncoderError as e:
+        raise EvalError(str(e)) from None
+    m = model.cfg
+    if (enc.length, enc.dim) != (m.text_len, m.text_dim):
+        raise EvalError(f"text encoder {path} gives {enc.length} x {enc.dim} contexts, the model takes "
+                        f"{m.text_len} x {m.text_dim} (model.text_len, model.text_dim)")
+    ok, gap = _close(enc.encode([""])[0].cpu(), model.text_embed.null_context.detach().cpu())
+    if not ok:
+        raise EvalError(f"text encoder {path} is not the encoder this model was trained with: its encoding of '' "
+                        f"differs from the model's null context by up to {gap:.3g}")
+    return enc
+
+
+@torch.no_grad()
+def sample_images(model, tokenizer, cond: torch.Tensor, sample_cfg, indices: np.ndarray, batch_size: int) -> np.ndarray:
+    """uint8 (n, H, W, 3) images of conditions `cond` with the noise of the global `indices`."""
+    from enat.images import to_uint8
+    from enat.sampling import generate
+
+    out = []
+    for s in range(0, len(indices), batch_size):
+        ids = generate(model, cond[s:s + batch_size], sample_cfg, indices=torch.from_numpy(indices[s:s + batch_size]))
+        out.append(to_uint8(tokenizer.decode(ids)))
+    return np.concatenate(out)
+
+
+@torch.no_grad()
+def reconstruct(tokenizer, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    """Real images (n, 3, H, W) in [0, 1] through the tokenizer (encode, decode) -> uint8 (n, H, W, 3)."""
+    from enat.images import to_uint8
+
+    device = next(tokenizer.parameters()).device
+    return np.concatenate([to_uint8(tokenizer.decode(tokenizer.encode(c.to(device))))
+                           for c in images.split(batch_size)])
+
+
+_RECONSTRUCTIONS: dict = {}
+
+
+def reconstructed_digits(tokenizer, split: str, key=None) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """(images, labels, reconstructions) of a digits split; cached per tokenizer file `key`."""
+    from enat.data.digits import load_digits
+
+    x, y, _ = load_digits(split)
+    if key is None or (key, split) not in _RECONSTRUCTIONS:
+        rec = reconstruct(tokenizer, x)
+        if key is None:
+            return x, y.numpy(), rec
+        if len(_RECONSTRUCTIONS) > 4:
+            _RECONSTRUCTIONS.clear()
+        _RECONSTRUCTIONS[(key, split)] = rec
+    return x, y.numpy(), _RECONSTRUCTIONS[(key, split)]
+
+
+def tokenizer_attributes(tokenizer, key=None):
+    """The attribute thresholds refitted on the tokenizer's reconstructions of the training
+    digits: what a decoded image can show (a tokenizer that evens out stroke width moves every
+    image towards the middle third of the real images' thresholds)."""
+    from enat.data.captions import AttributeModel
+
+    _, y, rec = reconstructed_digits(tokenizer, "train", key)
+    return AttributeModel.fit(rec, y)
+
+
+def reconstruction_ceiling(tokenizer, extractor, models: dict, key=None) -> dict:
+    """The same measures on the held-out digits encoded and decoded by the tokenizer, against
+    their own captions' words: what a perfect generator of these tokens would score."""
+    from enat.eval.fidelity import extract
+
+    x, y, rec = reconstructed_digits(tokenizer, "val", key)
+    said = models["pixels"].judge(x, y)  # the words the held-out images' captions state
+    logits = extract(extractor, torch.from_numpy(rec).permute(0, 3, 1, 2).contiguous())["logits"]
+    row = {"setting": "tokenizer reconstructions of the held-out digits (ceiling)", "cfg_scale": None, "reuse": None,
+           "digit_accuracy": float((logits.argmax(1) == y).mean())}
+    for name, model in models.items():
+        seen = model.judge(rec, y)
+        for attr in said:
+            stated = said[attr] != ""
+            key = attr if name == "pixels" else f"{attr}_tok"
+            row[key] = float((seen[attr][stated] == said[attr][stated]).mean())
+            row[f"{attr}_n"] = int(stated.sum())
+    return row
+
+
+def parse_scales(text: str | None) -> list[float]:
+    if text is None:
+        return [0.0, 1.0, 2.0, 4.0]
+    try:
+        scales = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise EvalError(f"--cfg-scales takes comma-separated numbers, e.g. 0,1,2,4; got {text!r}") from None
+    if not scales:
+        raise EvalError("--cfg-scales is empty")
+    return scales
+
+
+def control_table(rows: list[dict]) -> str:
+    def num(v, fmt=".3f"):
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+    head = ("| CFG | reuse | digit accuracy | thickness agreement | width agreement | thickness (tok.) | "
+            "width (tok.) | FID | sampling s |")
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        cfg = "recon." if r["cfg_scale"] is None else f"{r['cfg_scale']:g}"
+        reuse = "-" if r["reuse"] is None else ("yes" if r["reuse"] else "no")
+        lines.append(f"| {cfg} | {reuse} | {num(r['digit_accuracy'])} | {num(r['thickness'])} ({r['thickness_n']}) | "
+                     f"{num(r['width'])} ({r['width_n']}) | {num(r.get('thickness_tok'))} | {num(r.get('width_tok'))} | "
+                     f"{num(r.get('fid'), '.2f')} | {num(r.get('sampling_s'), '.1f')} |")
+    return "\n".join(lines)
+
+
+def evaluate_control(cfg: Config, run_dir: str | Path | None, checkpoint: str, cfg_scales: list[float] | None = None,
+                     num_samples: int | None = None, reuse: tuple[bool, ...] | None = None,
+                     out_dir: str | Path | None = None, weights: str | None = None, fid: bool = True,
+                     log=print) -> dict:
+    """Digit accuracy and attribute agreement (and FID) of a captioned-demo model by CFG scale,
+    with and without reuse; writes OUT/control.json and OUT/control.md, returns the record."""
+    from enat.data.captions import AttributeModel, attribute_agreement
+    from enat.eval.fidelity import build_extractor, extract, frechet_distance, statistics
+    from enat.eval.job import load_checkpoint, reference_stats
+    from enat.images import save_captioned_grid
+    from enat.tokenizer import load_tokenizer
+
+    if cfg.model.condition != "text" or cfg.data.dataset != "digits":
+        raise EvalError("the text-control evaluation is for the captioned digits demo (data.dataset=digits, "
+                        "model.condition=text)")
+    t_start = time.perf_counter()
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    scales = list(cfg_scales) if cfg_scales is not None else [0.0, 1.0, 2.0, 4.0]
+    n = int(num_samples or 900)
+    weights = weights or cfg.eval.weights
+    run_dir = Path(run_dir) if run_dir is not None else None
+    ck = load_checkpoint(cfg, run_dir, checkpoint, weights, log=log)
+    model = ck["model"].to(device)
+    modes = tuple(reuse) if reuse is not None else ((True, False) if model.supports_reuse else (False,))
+    if any(modes) and not model.supports_reuse:
+        raise EvalError(f"{type(model).__name__} has no reuse mode: evaluate with --no-reuse")
+    base = run_dir if run_dir is not None else Path(ck["id"]).parent
+    out = Path(out_dir) if out_dir is not None else base / "eval" / "control" / f"{ck['step']:08d}"
+    out.mkdir(parents=True, exist_ok=True)
+
+    prompts = control_prompts(n)
+    captions = [p["caption"] for p in prompts]
+    digits = np.array([p["digit"] for p in prompts])
+    enc = prompt_encoder(cfg, model, device)
+    cond = torch.cat([enc.encode(captions[i:i + 256]).float().cpu() for i in range(0, n, 256)])
+    del enc
+    tokenizer = load_tokenizer(cfg.tokenizer).to(device)
+    extractor = build_extractor("digits-cnn", cfg.eval.extractor_weights, device)
+    tok_file = Path(cfg.tokenizer.checkpoint) if cfg.tokenizer.checkpoint else None
+    tok_key = (str(tok_file.resolve()), tok_file.stat().st_mtime_ns) if tok_file and tok_file.is_file() else None
+    models = {"pixels": AttributeModel.default(), "tokenizer": tokenizer_attributes(tokenizer, tok_key)}
+    ref = None
+    if fid:
+        res = cfg.tokenizer.resolution
+        ref = reference_stats(cfg, {"kind": "digits-val", "id": f"digits-val-{res}px-digits-cnn", "resolution": res},
+                              extractor, tokenizer, log=log)
+    indices = np.arange(n)
+    results = []
+    for use_reuse in modes:
+        for scale in scales:
+            sc = dataclasses.replace(cfg.sample, seed=cfg.eval.seed, cfg_scale=float(scale), reuse=bool(use_reuse))
+            t0 = time.perf_counter()
+            images = sample_images(model, tokenizer, cond, sc, indices, cfg.eval.batch_size)
+            took = time.perf_counter() - t0
+            feats = extract(extractor, torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
+            pred = feats["logits"].argmax(1)
+            agree = attribute_agreement(images, captions, models["pixels"])
+            agree_tok = attribute_agreement(images, captions, models["tokenizer"])
+            row = {"cfg_scale": float(scale), "reuse": bool(use_reuse),
+                   "digit_accuracy": float((pred == digits).mean()),
+                   "per_digit_accuracy": [float((pred[digits == d] == d).mean()) if (digits == d).any() else None
+                                          for d in range(10)],
+                   **{k: (float(v) if isinstance(v, float) else int(v)) for k, v in agree.items()},
+                   **{f"{k}_tok": float(agree_tok[k]) for k in ("thickness", "width")},
+                   "fid": (frechet_distance(*statistics(feats["pool"]), ref["mu"], ref["sigma"])
+                           if ref is not None else None),
+                   "sampling_s": took}
+            grid = out / f"samples_cfg{scale:g}_{'reuse' if use_reuse else 'noreuse'}.png"
+            k = min(n, 30)
+            save_captioned_grid(torch.from_numpy(images[:k]).permute(0, 3, 1, 2).float() / 255, captions[:k], grid,
+                                ncol=10)
+            row["grid"] = str(grid)
+            results.append(row)
+            log(f"cfg {scale:g} reuse {use_reuse}: digit accuracy {row['digit_accuracy']:.3f}, thickness "
+                f"{row['thickness']:.3f}, width {row['width']:.3f}"
+                + (f", FID {row['fid']:.2f}" if row["fid"] is not None else ""))
+    ceiling = reconstruction_ceiling(tokenizer, extractor, models, tok_key)
+    table = control_table(results + [ceiling])
+    record = {"checkpoint": {"id": ck["id"], "sha256": ck["sha256"]}, "step": ck["step"], "weights": weights,
+              "num_samples": n, "prompts": "templates: digit x thickness {thin, -, thick} x width {narrow, -, wide}, "
+              "balanced (control_prompts)", "seed": cfg.eval.seed, "paired": "same sample indices (noise) per setting",
+              "sample": dataclasses.asdict(cfg.sample), "classifier": cfg.eval.extractor_weights,
+              "attribute_thresholds": {"pixels": "AttributeModel.default(): terciles of the real training digits",
+                                       "tokenizer": "terciles of the training digits encoded and decoded by the "
+                                                    "tokenizer (columns *_tok)"},
+              "fid_reference": "digits-val" if fid else None, "results": results, "ceiling": ceiling, "table": table,
+              "wall_time_s": time.perf_counter() - t_start, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    (out / "prompts.json").write_text(json.dumps(prompts, indent=0))
+    tmp = out / "control.json.tmp"
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, out / "control.json")
+    (out / "control.md").write_text(
+        f"# Text control: {ck['id']} (step {ck['step']})\n\n{n} prompts ({record['prompts']}), {cfg.sample.steps} "
+        f"steps, the same noise per sample in every row. Digit accuracy: the demo classifier's argmax is the "
+        f"prompt's digit. Agreement: among prompts stating the attribute (count in brackets), the fraction "
+        f"of images showing it (judged against the prompt digit's thresholds, the terciles of its training "
+        f"images: a real image of the digit drawn at random agrees 1/3 of the time; tok.: the terciles of the "
+        f"training digits after the tokenizer, what a decoded image can show). The last row is the ceiling: the "
+        f"held-out digits encoded and decoded by the tokenizer, against their own captions.\n\n{table}\n")
+    log(table)
+    log(f"wrote {out / 'control.json'} and {out / 'control.md'}")
+    return {**record, "path": str(out / "control.json")}
