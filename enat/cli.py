@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -109,6 +110,9 @@ def _parse_labels(text: str, num_classes: int) -> torch.Tensor:
     return torch.tensor(labels)
 
 
+OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.\w+)+=.*")
+
+
 def _read_prompts(args) -> list[str]:
     prompts = [p for p in (args.prompts or [])]
     if args.prompts_file:
@@ -121,26 +125,22 @@ def _read_prompts(args) -> list[str]:
 
 def text_condition(cfg, model, prompts: list[str], device="cpu") -> torch.Tensor:
     """Prompts -> contexts through the configured encoder (text.encoder), checked to be the one
-    the model was trained with: its encoding of '' must be the model's null context."""
-    from enat.text import TextEncoderError, load_text_encoder
+    the model was trained with. Words the demo vocabulary lacks fail; over-long prompts warn."""
+    from enat.text import encoder_for
 
     if not cfg.text.encoder:
         raise ConfigError("sampling from prompts needs the text encoder the model was trained with: set "
                           "text.encoder=/local/dir (the shards' manifest.json names it under text.encoder.path)")
-    try:
-        encoder = load_text_encoder(cfg.text.encoder, device)
-    except TextEncoderError as e:
-        raise ConfigError(str(e)) from None
     m = model.cfg
-    if (encoder.length, encoder.dim) != (m.text_len, m.text_dim):
-        raise ConfigError(f"text encoder {cfg.text.encoder} gives {encoder.length} x {encoder.dim} contexts, the "
-                          f"model takes {m.text_len} x {m.text_dim} (model.text_len, model.text_dim)")
-    null = encoder.encode([""])[0].float().cpu()
-    ref = model.text_embed.null_context.float().cpu()
-    gap = float((null - ref).abs().max())
-    if gap > 1e-2 * max(1.0, float(ref.abs().max())):  # the null context was stored in fp16
-        raise ConfigError(f"text encoder {cfg.text.encoder} is not the encoder this model was trained with: its "
-                          f"encoding of '' differs from the model's null context by up to {gap:.3g}")
+    encoder = encoder_for(cfg.text.encoder, device, length=m.text_len, dim=m.text_dim,
+                          null_context=model.text_embed.null_context, what="this checkpoint")
+    unknown, cut = encoder.prompt_problems(prompts)
+    if unknown:
+        raise ConfigError("words the text encoder does not know (they would become <unk>): "
+                          + "; ".join(f"{p!r}: {', '.join(w)}" for p, w in unknown.items())
+                          + f". Its vocabulary: {encoder.path}/vocab.json")
+    for p in cut:
+        print(f"warning: prompt longer than {encoder.length} tokens, cut: {p!r}", file=sys.stderr)
     return torch.cat([encoder.encode(prompts[i:i + 256]).cpu() for i in range(0, len(prompts), 256)])
 
 
@@ -169,6 +169,9 @@ def cmd_sample(args) -> None:
         source = "random-init"
     model.eval()
     prompts = _read_prompts(args)
+    if any(OVERRIDE.fullmatch(p) for p in prompts):  # argparse gave the overrides to --prompts
+        raise ConfigError(f"{[p for p in prompts if OVERRIDE.fullmatch(p)]} look like config overrides, not prompts: "
+                          "put overrides before --prompts (or use --prompts-file)")
     text = cfg.model.condition == "text"
     if text and (args.labels or not prompts):
         raise ConfigError("a text-conditioned model samples from prompts: give --prompts \"...\" or --prompts-file F")
@@ -472,9 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", default="latest", help="latest, a step, a tag, or an enat-weights file")
     s.add_argument("--num-samples", type=int, help="default: eval.num_samples")
     s.add_argument("--weights", choices=["ema", "online"], help="default: eval.weights")
-    # `enat eval reference [key=value ...] --config C [--out FILE.npz]`: reference statistics of the real
-    # held-out images; `enat eval control [key=value ...] --config C --checkpoint W ...`: text control of
-    # the captioned demo by CFG scale (overrides directly after the word: argparse takes one positional run)
+    # `enat eval reference --config C [--out FILE.npz] [key=value ...]`: reference statistics of the real
+    # held-out images; `enat eval control --config C --checkpoint W ... [key=value ...]`: text control of
+    # the captioned demo by CFG scale
     s.add_argument("--out", help="reference: FILE.npz (default: the cache in eval.cache_dir); control: DIR "
                                  "(default RUN/eval/control/STEP, or next to the checkpoint)")
     s.add_argument("--cfg-scales", help="control: comma-separated CFG scales (default 0,1,2,4)")
@@ -506,7 +509,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from enat.dist import close, is_initialized
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # overrides after options (argparse gives a positional list one run only)
+        if not hasattr(args, "overrides") or not all(OVERRIDE.fullmatch(x) for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     joined_before = is_initialized()  # a caller's process group (main() called from Python) is left alone
     try:
         rc = args.func(args)

@@ -434,6 +434,12 @@ def resolve(cfg: Config) -> Config:
     if cfg.data.dataset == "coco" and cfg.data.flip:
         raise ConfigError("data.flip=true with data.dataset=coco: a flipped image can contradict its caption "
                           "('on the left'); set data.flip=false (U-ViT's COCO protocol has no flips)")
+    if cfg.data.dataset == "coco" and cfg.model.condition != "text":
+        raise ConfigError("data.dataset=coco is captioned data: set model.condition=text (with model.text_len and "
+                          "model.text_dim of the text encoder, text.encoder)")
+    if cfg.model.condition == "text" and cfg.model.label_drop:
+        raise ConfigError("model.label_drop is the class model's in-model label drop; a text-conditioned model "
+                          "drops captions in the loader: set model.label_drop=0 and use data.cfg_drop")
     if cfg.model.condition == "text" and cfg.data.resampled:
         raise ConfigError("data.resampled=true reads class shards only; text-conditioned training "
                           "(model.condition=text) reads caption shards exactly: set data.resampled=false")

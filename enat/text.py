@@ -80,9 +80,6 @@ def local_model_dir(path, what: str = "text encoder", key: str = "text.encoder")
     return p
 
 
-_local_dir = local_model_dir  # the name enat/eval/text.py imports
-
-
 def words_of(text: str) -> list[str]:
     """The demo tokenizer's split: lower-case runs of letters and digits."""
     return re.findall(r"[a-z0-9]+", text.lower())
@@ -190,6 +187,23 @@ class TextEncoder:
     def encode(self, texts: list[str]) -> torch.Tensor:
         return self.encode_ids(self.tokenize(texts))
 
+    def prompt_problems(self, texts: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+        """What encoding would silently lose: ({prompt: words the demo vocabulary lacks (they
+        become <unk>)}, [prompts longer than L tokens (cut)])."""
+        unknown, cut = {}, []
+        for t in texts:
+            if isinstance(self._tokenize, WordTokenizer):
+                words = words_of(t)
+                missing = [w for w in words if w not in self._tokenize.vocab]
+                if missing:
+                    unknown[t] = missing
+                n = len(words) + 2
+            else:
+                n = len(self._tokenize.hf(t, truncation=False).input_ids)
+            if n > self.length:
+                cut.append(t)
+        return unknown, cut
+
     def sha256(self) -> str:
         if self._sha256 is None:
             from enat.data.shards import file_sha256
@@ -221,6 +235,38 @@ def load_text_encoder(path, device="cpu") -> TextEncoder:
     if length > max_pos:
         raise TextEncoderError(f"{d}: the tokenizer pads to {length} tokens but the model has {max_pos} positions")
     return TextEncoder(model, tokenizer, length, kind, d).to(device)
+
+
+def null_gap(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, float]:
+    """Whether two null contexts (encodings of '') are the same encoder's, and their largest
+    difference. Stored in fp16 (and bf16 in a bf16 engine's copy), so within 1e-2 of the scale."""
+    gap = float((a.detach().float().cpu() - b.detach().float().cpu()).abs().max())
+    return gap <= 1e-2 * max(1.0, float(b.detach().float().abs().max())), gap
+
+
+def encoder_for(path, device="cpu", *, length: int | None = None, dim: int | None = None,
+                sha256: str | None = None, null_context: torch.Tensor | None = None,
+                what: str = "the model") -> TextEncoder:
+    """The text encoder at `path`, checked to be the expected one: contexts of length x dim,
+    the weights checksum a shard manifest recorded, and an encoding of '' equal to
+    `null_context` (a model's or the shards'): an encoder with the same shapes but other weights
+    would otherwise condition on contexts the model never saw, silently."""
+    enc = load_text_encoder(path, device)
+    if (length, dim) != (None, None) and (enc.length, enc.dim) != (length, dim):
+        raise TextEncoderError(f"text encoder {path} gives {enc.length} x {enc.dim} contexts, {what} takes "
+                               f"{length} x {dim} (model.text_len x model.text_dim)")
+    if sha256 and enc.sha256() and enc.sha256() != sha256:
+        raise TextEncoderError(f"text encoder {path} is not the one {what} was made with (weights sha256 "
+                               f"{enc.sha256()[:12]} vs {sha256[:12]} recorded)")
+    if null_context is not None:
+        if not bool(null_context.detach().float().abs().sum()):
+            raise TextEncoderError(f"{what} has no null context (all zeros): it never saw caption shards "
+                                   f"(a randomly initialised model?); train it, or load a trained checkpoint")
+        ok, gap = null_gap(enc.encode([""])[0], null_context)
+        if not ok:
+            raise TextEncoderError(f"text encoder {path} is not the encoder {what} was trained with: its encoding of "
+                                   f"'' differs from the null context by up to {gap:.3g}")
+    return enc
 
 
 def _heads_for(dim: int) -> int:

@@ -88,7 +88,7 @@ def test_caption_selection_is_world_size_invariant_deterministic_and_follows_the
     assert np.array_equal(np.concatenate([c[1] for c in chunks]), ks)
     again = select_captions(seed, K, np.arange(N))
     assert np.array_equal(again[0], rows) and np.array_equal(again[1], ks)
-    # The recorded rule: row = perm[i mod R], k = floor(hash_uniform(seed, 0xCA9, i) * K_row).
+    # The recorded rule: row = perm[i mod R], k = floor(hash_uniform(seed, 0xE7C1, i) * K_row).
     perm = caption_order(seed, R)
     assert sorted(perm) == list(range(R)) and len(set(rows[:R])) == R  # first pass: R distinct images
     assert np.array_equal(rows, perm[np.arange(N) % R])
@@ -111,8 +111,10 @@ def test_held_out_contexts_from_embeddings_and_ids_agree(setup):
     rows, ks = emb.select(np.arange(40))
     data = ShardSet(d / "val", log=lambda *_: None)
     want = torch.from_numpy(np.stack([data.contexts([r], int(k))[0] for r, k in zip(rows, ks)])).float()
-    assert torch.equal(emb.contexts(rows, ks), want)  # the shard's caption k of row r, in sample order
-    torch.testing.assert_close(ids.contexts(rows, ks), want, atol=2e-2, rtol=2e-2)  # encoded now (fp32 vs fp16)
+    assert torch.equal(emb.contexts(rows, ks).float(), want)  # the shard's caption k of row r, in sample order
+    # Encoded now and rounded to fp16 as the stored ones were: equal up to the rounding of a last
+    # bit (the tokenize job encoded them in other batches).
+    torch.testing.assert_close(ids.contexts(rows, ks).float(), want, atol=2e-3, rtol=2e-3)
     assert emb.captions(rows[:3], ks[:3]) == [data.captions(int(r))[int(k)] for r, k in zip(rows[:3], ks[:3])]
 
 
@@ -272,7 +274,7 @@ def test_reference_from_imagefolder_and_coco_images_equals_by_hand(setup, tmp_pa
     coco = load_config(CONFIG, [f"eval.extractor_weights={d / 'fx.pt'}", "eval.extractor=digits-cnn",
                                 f"eval.cache_dir={tmp_path / 'cache'}", f"data.val_image_dir={tmp_path / 'val2014'}",
                                 f"data.val_captions={tmp_path / 'captions_val2014.json'}", "data.dataset=coco",
-                                "data.flip=false", "data.num_workers=0"])
+                                "data.flip=false", "data.num_workers=0", "model.condition=text"])
     spec = reference_spec(coco)  # the FID job's default for COCO: the real images
     assert spec["kind"] == "images" and spec["crop"] == "uvit-center"
     out, record = compute_reference(coco, None, **QUIET)  # into the cache the FID job reads

@@ -120,6 +120,9 @@ class Conditioning:
         """-> (c, context tokens): c (B, D) through SiLU, every block's adaLN input; the context
         tokens (B, L, D) of a text model (see TextEmbedder.forward for tokens=False), else None."""
         if self.cfg.condition == "class":
+            if cond.is_floating_point():
+                raise ValueError(f"a class-conditional model takes labels (B,) int64, got {tuple(cond.shape)} "
+                                 f"{cond.dtype} (caption contexts need model.condition=text)")
             return F.silu(self.label_embed(cond.reshape(-1))), None
         self.check_context(cond)
         pooled, text = self.text_embed(cond, tokens)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from enat.config import Config, dump_config, to_dict
 from enat.data.loader import TokenLoader
 from enat.data.prepare import check_data
+from enat.data.shards import ShardError
 from enat.dist import all_reduce, barrier, broadcast_object, device_for, init_deepspeed_comm, setup_env
 from enat.flops import expected_train_flops, masked_count, train_step_flops
 from enat.models import build_model, count_parameters
@@ -206,15 +207,11 @@ class Trainer:
                                   cfg.data.cfg_drop, cfg.model.null_class, cfg.data.shuffle, cfg.data.num_workers,
                                   cfg.data.strict, cfg.data.resampled, model_cfg=cfg.model,
                                   transform=MaskOrder(cfg.seed, cfg.model.seq_len, t.grad_accum), log=self.log)
-        self.text_encoder = None
+        self._text_encoder = None
         if cfg.model.condition == "text":
             # The shards' null context (the encoding of '') lives in the model from here on, so
             # every checkpoint and export samples with CFG on its own.
             model.set_null_context(torch.from_numpy(self.loader.data.null_context()).float())
-            if self.loader.manifest.text.get("storage") == "ids":  # contexts encoded here, on the fly
-                from enat.text import load_text_encoder
-
-                self.text_encoder = load_text_encoder(self.loader.manifest.text["encoder"]["path"], self.device)
         self.ema = EMA(model, t.ema_decay)
 
         # Where to resume from, decided before the engine exists (universal loading is a config
@@ -292,6 +289,10 @@ class Trainer:
         self.val_metrics.truncate_after(self.step)
         self.peak = peak_tflops(t.peak_tflops)
         self._val_data = None
+        self._grid_data = None
+        self._held = None
+        if cfg.model.condition == "text" and cfg.data.val_shards:
+            self.held_out(cfg.data.val_shards)  # on every rank, now: a mismatch stops the run before step 0
         self._tokenizer = None
         self._grad_norm = float("nan")
         self.stop_requested = False
@@ -326,7 +327,20 @@ class Trainer:
             return batch["labels"].to(self.device, non_blocking=True)
         if "context" in batch:
             return batch["context"].to(self.device, non_blocking=True)
-        return self.text_encoder.encode_ids(batch["caption_ids"].to(self.device, non_blocking=True))
+        return self.text_encoder().encode_ids(batch["caption_ids"].to(self.device, non_blocking=True)).half()
+
+    def text_encoder(self):
+        """The frozen encoder of ids-only caption shards (text.encoder, else the path the training
+        shards' manifest records), checked against the manifest's weights checksum and null
+        context; its outputs are rounded to fp16, as stored contexts are."""
+        if self._text_encoder is None:
+            from enat.text import encoder_for
+
+            text = self.loader.manifest.text
+            self._text_encoder = encoder_for(self.cfg.text.encoder or text["encoder"]["path"], self.device,
+                                             sha256=text["encoder"].get("sha256"), what=self.cfg.data.shards,
+                                             null_context=torch.from_numpy(self.loader.data.null_context()))
+        return self._text_encoder
 
     def train_step(self, it, stop: bool = False) -> dict:
         """One optimizer step over grad_accum micro-batches. `stop`: this rank wants to stop after
@@ -414,9 +428,7 @@ class Trainer:
         if cfg.data.val_shards is None:
             return {}
         if self._val_data is None:
-            from enat.data.loader import ShardSet
-
-            data = ShardSet(cfg.data.val_shards, log=self.log)
+            data = self.held_out(cfg.data.val_shards)
             # The same number of rows on every rank: under ZeRO-3 each forward is a collective.
             n = min(t.val_samples, len(data)) // self.world * self.world
             rows = torch.arange(n)[self.rank::self.world].numpy()
@@ -445,15 +457,36 @@ class Trainer:
         self.module.train()
         return out
 
-    def fixed_condition(self, data, rows) -> torch.Tensor:
+    def held_out(self, shard_dir):
+        """A held-out shard set, checked to fit the model (caption shards: encoded by the same
+        encoder, whose encoding of '' is the model's null context)."""
+        from enat.data.loader import ShardSet
+
+        if self._held is not None and self._held[0] == shard_dir:
+            return self._held[1]
+        data = ShardSet(shard_dir, log=self.log)
+        data.manifest.check_model(self.cfg.model, str(shard_dir))
+        if self.cfg.model.condition == "text":
+            from enat.text import null_gap
+
+            ok, gap = null_gap(torch.from_numpy(data.null_context()), self.module.text_embed.null_context)
+            if not ok:
+                raise ShardError(f"{shard_dir} was encoded with another text encoder than {self.cfg.data.shards} "
+                                 f"(their encodings of '' differ by up to {gap:.3g}): re-tokenize it with "
+                                 f"{self.loader.manifest.text['encoder']['path']}")
+        self._held = (shard_dir, data)
+        return data
+
+    def fixed_condition(self, data, rows, k=0) -> torch.Tensor:
         """The condition of given held-out rows, the same at every evaluation: the label, or the
-        first caption's context."""
+        context of caption k (an int, or one per row)."""
         if self.cfg.model.condition == "class":
             return torch.from_numpy(data.label[rows])
-        if data.manifest.text.get("storage") == "ids":
-            ids = torch.from_numpy(data.caption_ids(rows, 0)).to(self.device)
-            return torch.cat([self.text_encoder.encode_ids(ids[i:i + 256]).cpu() for i in range(0, len(ids), 256)])
-        return torch.from_numpy(data.contexts(rows, 0))
+        if data.manifest.text["storage"] == "ids":
+            ids = torch.from_numpy(data.caption_ids(rows, k)).to(self.device)
+            return torch.cat([self.text_encoder().encode_ids(ids[i:i + 256]).half().cpu()
+                              for i in range(0, len(ids), 256)])
+        return torch.from_numpy(data.contexts(rows, k))
 
     @torch.no_grad()
     def sample_grid(self) -> Path | None:
@@ -480,14 +513,17 @@ class Trainer:
         if cfg.model.condition == "class":
             labels = torch.tensor([c % cfg.model.num_classes for c in cfg.train.sample_labels])
             return save_grid(self._tokenizer.decode(generate(model, labels, sc)), path)
-        # Text: the first caption of the first held-out images (training images without a val set).
-        from enat.data.loader import ShardSet
+        # Text: the last caption (the demo's most detailed) of the first held-out images (training
+        # images without a held-out set).
         from enat.images import save_captioned_grid
 
-        data = ShardSet(cfg.data.val_shards or cfg.data.shards, log=lambda *_: None)
-        rows = np.arange(min(len(cfg.train.sample_labels), len(data)))
-        ids = generate(model, self.fixed_condition(data, rows), sc)
-        return save_captioned_grid(self._tokenizer.decode(ids), [data.captions(r)[0] for r in rows], path)
+        if self._grid_data is None:
+            data = self.held_out(cfg.data.val_shards) if cfg.data.val_shards else self.loader.data
+            rows = np.arange(min(len(cfg.train.sample_labels), len(data)))
+            ks = data.num_captions[rows] - 1
+            self._grid_data = (self.fixed_condition(data, rows, ks), [data.captions(r)[k] for r, k in zip(rows, ks)])
+        cond, captions = self._grid_data
+        return save_captioned_grid(self._tokenizer.decode(generate(model, cond, sc)), captions, path)
 
     # ------------------------------------------------------------------------------------------
 
