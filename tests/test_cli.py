@@ -85,6 +85,23 @@ def test_readme_states_setup_main_job_and_test_commands():
     assert tests in ci and "-c constraints.txt" in ci
 
 
+def test_readme_captioned_demo_command_parses():
+    """The README's second main job (run end to end, shortened, by test_text_demo.py): every
+    `enat` step parses, and its config and launcher exist."""
+    from enat.cli import build_parser
+
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    steps = [shlex.split(s.strip()) for s in blocks[2].split("&&")]
+    assert steps[0][:2] == [".venv/bin/python", "launch/pipeline.py"] and (ROOT / steps[0][1]).is_file()
+    assert (ROOT / steps[0][steps[0].index("--config") + 1]).is_file()
+    enat = [s[1:] for s in steps if s[0] == ".venv/bin/enat"]
+    assert [s[0] for s in enat] == ["export", "sample", "eval"]
+    for argv in enat:
+        args, extra = build_parser().parse_known_args(argv)
+        assert not extra, extra
+    assert "control" in enat[2]
+
+
 @pytest.mark.slow
 def test_readme_main_job_runs(tmp_path):
     """The README's main job (the part after installing) from nothing, with this environment's

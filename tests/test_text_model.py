@@ -229,3 +229,33 @@ def test_text_adds_what_the_context_tokens_cost():
     assert 1.1 < with_text / without < 2.0
     # Reuse still pays: no reuse re-encodes the text at every step.
     assert sampling_flops(txt, 8, reuse=False, guided=True).total > 1.3 * with_text
+
+
+# ------------------------------------------------------------------------------------------------
+# The GPU shape with text, counted on the CPU
+
+
+def test_no_host_sync_and_one_graph_per_mode_with_text():
+    from enat.profiling import SyncCounter, count_graphs
+    from enat.train.ema import EMA
+
+    model = text_model().train()
+    ema = EMA(model, 0.9)
+    N = model.cfg.seq_len
+    tokens = torch.randint(0, 32, (4, N))
+    order = torch.argsort(torch.rand(4, N, generator=torch.Generator().manual_seed(3)), dim=1)
+    for remasked in (None, order[:, 6:9]):
+        with SyncCounter() as c:  # forward, loss and backward of a step, fp16 contexts as from shards
+            compute_loss(model, ema, tokens, contexts(4), order[:, :6], remasked, 32, 0.1).backward()
+        assert c.total == 0, c.where
+        graphs, breaks, reasons = count_graphs(compute_loss, model, ema, tokens, contexts(4), order[:, :6], remasked,
+                                               32, 0.1)
+        assert (graphs, breaks) == (1, 0), reasons
+    model.eval()
+    for reuse in (True, False):  # the decoding loop, with CFG on the null context
+        with SyncCounter() as c:
+            generate(model, contexts(3), SampleConfig(steps=6, cfg_scale=2.0, reuse=reuse))
+        assert c.total == 0, c.where
+    with SyncCounter() as c:  # bf16 autocast, as a GPU sampler runs
+        generate(model, contexts(3), SampleConfig(steps=6, cfg_scale=2.0), autocast_dtype=torch.bfloat16)
+    assert c.total == 0, c.where
