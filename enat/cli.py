@@ -79,10 +79,12 @@ def cmd_flops(args) -> None:
     from enat.models.zoo import model_config
 
     text = dict(condition="text", text_len=args.text_len, text_dim=args.text_dim) if args.text else {}
-    cfg = model_config(args.model, grid_size=args.grid_size, **text)
-    nat = dataclasses.replace(cfg, arch="nat")
+    cfg = model_config(args.model, grid_size=args.grid_size, decoder_attention=args.decoder_attention, **text)
+    nat = dataclasses.replace(cfg, arch="nat", decoder_attention="sc")
     variants = {"ENAT": (cfg, True), "ENAT no reuse": (cfg, False), "NAT": (nat, False)}
     what = f", text-conditioned ({cfg.text_len} x {cfg.text_dim} context tokens)" if args.text else ""
+    if args.decoder_attention != "sc":
+        what += f", decoder attention {args.decoder_attention}"
     print(f"ENAT-{args.model}: grid {cfg.grid_size}x{cfg.grid_size}, {args.steps} steps, logits at [MASK] "
           f"positions{what}")
     for guided in (True, False):
@@ -399,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grid-size", type=int, default=16)
     s.add_argument("--steps", type=int, default=8)
     s.add_argument("--text", action="store_true", help="text-conditioned (context tokens of a text encoder)")
+    s.add_argument("--decoder-attention", default="sc", choices=["sc", "self", "cross"],
+                   help="ENAT's decoder: SC-attention (released), MAE-style self-attention, CrossMAE-style cross")
     s.add_argument("--text-len", type=int, default=77, help="context tokens (CLIP: 77)")
     s.add_argument("--text-dim", type=int, default=768, help="text encoder width (CLIP ViT-L/14: 768)")
     s.set_defaults(func=cmd_flops)

@@ -52,6 +52,10 @@ class ModelConfig:
     # text: a frozen text encoder's hidden states (text_len x text_dim, e.g. CLIP ViT-L/14's
     # 77 x 768), prepended as always-visible context tokens, and their mean through adaLN.
     condition: Literal["class", "text"] = "class"
+    # ENAT's decoder ([MASK] queries): "sc" SC-attention over [visible ; own] with two-way K/V (the
+    # released model); "self" plain self-attention over visible features and [MASK] tokens together
+    # (an MAE-style decoder); "cross" [MASK] tokens attend to the visible features only (CrossMAE).
+    decoder_attention: Literal["sc", "self", "cross"] = "sc"
     text_len: int = 77  # context tokens per caption (condition=text)
     text_dim: int = 768  # the text encoder's hidden width (condition=text)
     dropout: float = 0.1  # after the token embedding
@@ -106,6 +110,8 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
         raise ConfigError(f"model.width {cfg.width} is not divisible by model.num_heads {cfg.num_heads}")
     if cfg.arch == "enat" and (cfg.enc_depth < 1 or cfg.dec_depth < 1):
         raise ConfigError("ENAT needs model.enc_depth >= 1 and model.dec_depth >= 1")
+    if cfg.arch == "nat" and cfg.decoder_attention != "sc":
+        raise ConfigError("model.decoder_attention is ENAT's decoder; the NAT baseline has none: leave it at sc")
     if cfg.condition == "text" and (cfg.text_len < 1 or cfg.text_dim < 1):
         raise ConfigError(f"model.text_len and model.text_dim must be >= 1, got {cfg.text_len}, {cfg.text_dim}")
     if cfg.depth < 1 or cfg.grid_size < 1 or cfg.codebook_size < 2 or cfg.num_classes < 1:

@@ -26,14 +26,16 @@ def _linear(n: int, d_in: int, d_out: int) -> int:
     return 2 * n * d_in * d_out
 
 
-def block_flops(cfg: ModelConfig, n: int, m: int = 0, two_way: bool = True) -> int:
-    """One block, one sample: n own tokens, m context tokens. A block with no own tokens is skipped."""
+def block_flops(cfg: ModelConfig, n: int, m: int = 0, two_way: bool = True, own_kv: bool = True) -> int:
+    """One block, one sample: n own tokens, m context tokens. A block with no own tokens is skipped;
+    without own_kv (cross-attention) the keys are the m context tokens only."""
     if n == 0:
         return 0
     D = cfg.width
     hidden = int(D * cfg.mlp_ratio)
-    return (_linear(n, D, D) + _linear(n, D, 2 * D) + _linear(m, D, 2 * D)  # q, kv own, kv context
-            + 4 * n * (n + m) * D  # scores and weighted sum
+    keys = (n if own_kv else 0) + m
+    return (_linear(n, D, D) + (_linear(n, D, 2 * D) if own_kv else 0) + _linear(m, D, 2 * D)  # q, kv own, kv ctx
+            + 4 * n * keys * D  # scores and weighted sum
             + _linear(n, D, D)  # out projection
             + _linear(n, D, hidden) + _linear(n, hidden, D)  # MLP
             + _linear(1, D, (8 if two_way else 6) * D))  # adaLN, once per sample
@@ -81,8 +83,20 @@ def enat_forward_flops(cfg: ModelConfig, masked: int, prev_visible: int | None =
         new = visible - prev_visible
         enc = cfg.enc_depth * block_flops(cfg, new, L + prev_visible)
         extra = reuse_proj_flops(cfg, L + prev_visible) + text_flops(cfg, tokens=False)
-    dec = cfg.dec_depth * block_flops(cfg, masked, L + visible)
-    return extra + enc + dec + head_flops(cfg, head_positions(N, masked, logits))
+    return extra + enc + decoder_flops(cfg, masked, L + visible) + head_flops(cfg, head_positions(N, masked, logits))
+
+
+def decoder_flops(cfg: ModelConfig, masked: int, context: int) -> int:
+    """ENAT's decoder over `masked` [MASK] tokens with `context` visible (and text) tokens, by
+    model.decoder_attention: sc (SC-attention), self (one sequence of both, one-way blocks),
+    cross ([MASK] queries, context keys only)."""
+    if masked == 0:
+        return 0
+    if cfg.decoder_attention == "self":
+        return cfg.dec_depth * block_flops(cfg, context + masked, two_way=False)
+    if cfg.decoder_attention == "cross":  # with no context yet, the attention adds nothing (q and proj still run)
+        return cfg.dec_depth * block_flops(cfg, masked, context, own_kv=False)
+    return cfg.dec_depth * block_flops(cfg, masked, context)
 
 
 def nat_forward_flops(cfg: ModelConfig, masked: int, logits: str = "all") -> int:

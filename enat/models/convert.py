@@ -140,6 +140,9 @@ def from_official(sd: dict, cfg: ModelConfig) -> dict:
 
 def to_official(sd: dict, cfg: ModelConfig) -> dict:
     """This project's ENAT state dict -> official key names (without the unused prev_embedder)."""
+    if cfg.decoder_attention != "sc" or cfg.condition != "class":
+        raise WeightsError("the official format holds class-conditional ENAT with SC-attention only; this model has "
+                           f"model.condition={cfg.condition}, model.decoder_attention={cfg.decoder_attention}")
     top = {ours: theirs for theirs, ours in _TOP.items()}
     block = {ours: theirs for theirs, ours in _BLOCK.items()}
     out = {}

@@ -103,7 +103,12 @@ class ENAT(Conditioning, nn.Module):
         self._init_condition(cfg)
         self.reuse_proj = ReuseProjection(D)
         self.encoder = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.enc_depth))
-        self.decoder = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.dec_depth))
+        # The decoder's attention (model.decoder_attention): "self" blocks are one-way (no context
+        # K/V: visible features and [MASK] tokens are one sequence); "cross" blocks have no own K/V.
+        variant = cfg.decoder_attention
+        self.decoder = nn.ModuleList(
+            Block(D, cfg.num_heads, cfg.mlp_ratio, two_way=variant != "self", own_kv=variant != "cross")
+            for _ in range(cfg.dec_depth))
         self.head = TokenHead(D, cfg.codebook_size + 1)
         init_weights(self)
 
@@ -168,7 +173,12 @@ class ENAT(Conditioning, nn.Module):
         m = take_rows(x, masked_pos)
         if m.shape[1] > 0:
             context = torch.cat([text, visible], dim=1) if L else visible
-            m = run_blocks(self.decoder, m, c, context, self.activation_checkpointing)
+            if cfg.decoder_attention == "self":  # one sequence; the visible positions keep the encoder's features
+                n = context.shape[1]
+                m = run_blocks(self.decoder, torch.cat([context, m], dim=1), c, None,
+                               self.activation_checkpointing)[:, n:]
+            else:
+                m = run_blocks(self.decoder, m, c, context, self.activation_checkpointing)
 
         feat = put_rows(put_rows(torch.empty_like(x), visible_pos, visible), masked_pos, m)
         return Output(logits=head_logits(self.head, self.embed, feat, m, logits, cfg.codebook_size),

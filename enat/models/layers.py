@@ -153,15 +153,18 @@ class SCAttention(nn.Module):
     """Attention whose queries are the block's own tokens and whose keys/values are
     [context ; own tokens]. With `two_way`, context and own tokens have separate K/V projections
     (ENAT's two-way K/V); the own-token projection is used alone when there is no context.
+    Without `own_kv` the keys/values are the context's only (cross-attention: CrossMAE's decoder).
     """
 
-    def __init__(self, width: int, num_heads: int, two_way: bool = True):
+    def __init__(self, width: int, num_heads: int, two_way: bool = True, own_kv: bool = True):
         super().__init__()
         if width % num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+        if not (two_way or own_kv):
+            raise ValueError("attention needs keys: from the context (two_way) or from its own tokens (own_kv)")
         self.num_heads = num_heads
         self.q = nn.Linear(width, width)
-        self.kv = nn.Linear(width, 2 * width)  # own tokens
+        self.kv = nn.Linear(width, 2 * width) if own_kv else None  # own tokens
         self.kv_ctx = nn.Linear(width, 2 * width) if two_way else None  # context tokens
         self.proj = nn.Linear(width, width)
 
@@ -169,9 +172,14 @@ class SCAttention(nn.Module):
         B, N, D = x.shape
         H = self.num_heads
         q = self.q(x).view(B, N, H, D // H).transpose(1, 2)
-        kv = self.kv(x)
-        if ctx is not None:  # an empty context still runs kv_ctx: a zero-weighted use (see ENAT.forward)
-            kv = torch.cat([self.kv_ctx(ctx), kv], dim=1)
+        if self.kv is None:
+            if ctx.shape[1] == 0:  # nothing to attend to (no visible token yet): no message, on any backend
+                return self.proj(torch.zeros_like(x))
+            kv = self.kv_ctx(ctx)
+        else:
+            kv = self.kv(x)
+            if ctx is not None:  # an empty context still runs kv_ctx: a zero-weighted use (see ENAT.forward)
+                kv = torch.cat([self.kv_ctx(ctx), kv], dim=1)
         # K/V projections lay out their 2D outputs as (k|v, head, head_dim).
         k, v = kv.view(B, -1, 2, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v)
@@ -186,10 +194,10 @@ class Block(nn.Module):
     context chunks, which makes them plain DiT blocks.
     """
 
-    def __init__(self, width: int, num_heads: int, mlp_ratio: float, two_way: bool = True):
+    def __init__(self, width: int, num_heads: int, mlp_ratio: float, two_way: bool = True, own_kv: bool = True):
         super().__init__()
         self.two_way = two_way
-        self.attn = SCAttention(width, num_heads, two_way)
+        self.attn = SCAttention(width, num_heads, two_way, own_kv)
         self.mlp = Mlp(width, int(width * mlp_ratio))
         self.adaLN = nn.Linear(width, (8 if two_way else 6) * width)
 

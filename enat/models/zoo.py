@@ -17,7 +17,7 @@ __all__ = ["ZOO", "NETWORK_FIELDS", "build_model", "count_parameters", "model_co
 
 # The fields that make two configs different networks (dropout and label drop only affect training).
 NETWORK_FIELDS = ("arch", "width", "num_heads", "enc_depth", "dec_depth", "mlp_ratio", "grid_size", "codebook_size",
-                  "num_classes", "condition", "text_len", "text_dim")
+                  "num_classes", "condition", "text_len", "text_dim", "decoder_attention")
 TEXT_FIELDS = ("text_len", "text_dim")  # compared only between text-conditioned configs
 
 
