@@ -130,3 +130,20 @@ def test_variants_learn_and_sample_with_reuse(name):
     assert ids.shape == (2, 64) and (ids < 64).all()
     no_reuse = generate(model, torch.tensor([3, 3]), dataclasses.replace(sc, reuse=False))
     assert (ids == no_reuse).float().mean() > 0.3  # reuse approximates full encoding
+
+
+def test_the_ablation_sweep_differs_only_in_the_decoder():
+    from conftest import ROOT
+    from enat.config import to_dict
+    from enat.sweeps import load_sweep, run_configs, run_entry
+
+    runs = run_configs(load_sweep(ROOT / "configs/sweeps/decoder_attention.yaml"))
+    assert [cfg.model.decoder_attention for _, cfg in runs] == list(VARIANTS)
+    trees = [to_dict(cfg) for _, cfg in runs]
+    for tree in trees:
+        tree["model"].pop("decoder_attention")
+        tree["train"].pop("run_dir")
+        tree["train"]["wandb"].pop("tags")
+    assert trees[0] == trees[1] == trees[2]  # same steps, data, seed, recipe
+    flops = {cfg.model.decoder_attention: run_entry(run, cfg)["train_flops_per_sample"] for run, cfg in runs}
+    assert flops["cross"] < flops["sc"] < flops["self"]
