@@ -212,10 +212,28 @@ def cmd_sample(args) -> None:
         else:
             grid = save_grid(images, out / "samples.png", nrow=args.per_label if args.per_label > 1 else None)
         print(f"wrote {grid}")
+        if args.save_steps:
+            record["steps_grid"] = str(save_steps_grid(model, cond, cfg, tokenizer, ids, out / "steps.png"))
+            print(f"wrote {record['steps_grid']}")
     elif not args.no_images:
         print(f"no tokenizer at {tok_path}: token ids only (build it with `enat data prepare`)", file=sys.stderr)
     (out / "sample.json").write_text(json.dumps(record, indent=2))
     print(f"wrote {ids.shape[0]} samples ({g}x{g} token ids, uint16) to {out / 'tokens.npy'}")
+
+
+def save_steps_grid(model, cond, cfg, tokenizer, ids, path, rows: int = 8) -> Path:
+    """The first `rows` samples decoded after every step (undecided tokens grey), one row per
+    sample, one column per step: the progressive-decoding figure."""
+    from enat.images import decode_partial, save_grid
+    from enat.sampling import generate
+
+    k = min(rows, len(cond))
+    trace = []
+    final = generate(model, cond[:k], cfg.sample, indices=torch.arange(k), trace=trace)
+    if not torch.equal(final.cpu(), ids[:k]):  # the noise is per sample index: they must be the same
+        raise RuntimeError("the traced samples differ from the sampled ones")
+    steps = torch.stack([decode_partial(tokenizer, t.ids, cfg.model.mask_id) for t in trace], dim=1)
+    return save_grid(steps.flatten(0, 1), path, nrow=len(trace))
 
 
 def cmd_tokenizer_train(args) -> None:
@@ -417,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--per-label", type=int, default=1, help="samples per label or prompt")
     s.add_argument("--out", required=True)
     s.add_argument("--no-images", action="store_true", help="token ids only, no decoding")
+    s.add_argument("--save-steps", action="store_true",
+                   help="also steps.png: the first 8 samples after every step, undecided tokens grey")
     s.set_defaults(func=cmd_sample)
 
     s = sub.add_parser("tokenizer", help="the VQ tokenizer")

@@ -31,6 +31,18 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, p
     return path
 
 
+def decode_partial(tokenizer, ids: torch.Tensor, mask_id: int, grey: float = 0.5) -> torch.Tensor:
+    """(B, N) ids with [MASK] at undecided positions -> (B, 3, H, W) images with those positions'
+    patches painted grey (the progressive-decoding figure of MaskGIT-family papers)."""
+    B, N = ids.shape
+    g = int(round(N ** 0.5))
+    masked = ids == mask_id
+    images = tokenizer.decode(ids.masked_fill(masked, 0)).clamp(0, 1).cpu()
+    patch = images.shape[-1] // g
+    cover = masked.view(B, 1, g, g).repeat_interleave(patch, 2).repeat_interleave(patch, 3)
+    return images.masked_fill(cover, grey)
+
+
 def save_captioned_grid(images: torch.Tensor, captions: list[str], path: str | Path, ncol: int | None = None,
                         cell: int = 160, pad: int = 6) -> Path:
     """Images with their captions written underneath (PIL's built-in font: nothing to download);

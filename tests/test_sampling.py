@@ -2,6 +2,7 @@
 schedule, switches."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,3 +116,38 @@ def test_gumbel_noise_uses_float64_uniforms_safely(model):
         vis = t.input_ids != 1024
         assert torch.isfinite(t.confidence[~vis]).all()
         assert not math.isnan(float(t.confidence[~vis].sum()))
+
+
+def test_save_steps_grid_shows_each_step_with_undecided_tokens_grey(tmp_path):
+    """`enat sample --save-steps`: one row per sample, one column per step; the grey patches of
+    column s are exactly the tokens still [MASK] after step s (the schedule)."""
+    import numpy as np
+    from PIL import Image
+
+    from enat.cli import main
+    from enat.config import load_config
+    from enat.images import decode_partial
+    from enat.sampling import mask_schedule
+    from enat.tokenizer import VQGAN, load_tokenizer
+    from enat.tokenizer.train import save_tokenizer
+
+    config = str(Path(__file__).resolve().parents[1] / "configs/experiments/demo.yaml")
+    over = [f"tokenizer.checkpoint={tmp_path / 'tok.pt'}"]
+    cfg = load_config(config, over)
+    save_tokenizer(tmp_path / "tok.pt", VQGAN(cfg.tokenizer), {})
+    assert main(["sample", "--config", config, "--labels", "1,2", "--per-label", "2", "--save-steps",
+                 "--out", str(tmp_path / "s"), *over]) == 0
+    grid = np.asarray(Image.open(tmp_path / "s/steps.png"))
+    T, px = cfg.sample.steps, 32
+    assert grid.shape[:2] == (4 * (px + 2) + 2, T * (px + 2) + 2)
+    # decode_partial paints exactly the masked patches grey.
+    tok = load_tokenizer(cfg.tokenizer)
+    N, mask_id = cfg.model.seq_len, cfg.model.mask_id
+    counts = mask_schedule(N, T)[1:] + [0]  # [MASK] tokens left after each step
+    for left in counts:
+        ids = torch.randint(0, mask_id, (1, N))
+        ids[0, torch.randperm(N)[:left]] = mask_id
+        img = decode_partial(tok, ids, mask_id)
+        patches = img.unfold(2, 4, 4).unfold(3, 4, 4)  # (1, 3, 8, 8, 4, 4): 4x4 px per token
+        grey = (patches == 0.5).flatten(-2).all(-1).all(1)[0]
+        assert int(grey.sum()) == left and torch.equal(grey.flatten(), ids[0] == mask_id)
