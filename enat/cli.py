@@ -425,6 +425,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text-dim", type=int, default=768, help="text encoder width (CLIP ViT-L/14: 768)")
     s.set_defaults(func=cmd_flops)
 
+    s = sub.add_parser("cost", help="parameters, train/sampling FLOPs, GPU-hours and days of the zoo's recipes")
+    s.add_argument("--model", default="all", help="a zoo size, a comma-separated list, or all")
+    s.add_argument("--grid", type=int, choices=[16, 32], help="16 (256 px) or 32 (512 px); default both")
+    s.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 TFLOP/s per GPU (H100/H200: 989)")
+    s.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for the GPU-hours")
+    s.add_argument("--gpus", type=int, help="accelerators for the days column (default: the recipe's)")
+    s.add_argument("--bench", help="img/s from a `python -m enat.bench sample --json` result (one or a list)")
+    s.add_argument("--measure", action="store_true", help="measure img/s here (short CPU/GPU sampling run)")
+    s.add_argument("--json", help="also write the rows to this JSON file")
+    s.set_defaults(func=lambda args: __import__("enat.cost", fromlist=["main_cost"]).main_cost(args))
+
     s = sub.add_parser("sample", help="sample token ids for given labels (or prompts, text-conditioned models)")
     _config_args(s, False, "YAML config (sample section; model section without --checkpoint)")
     s.add_argument("--checkpoint", help="enat-weights file; without it, a random-init model")

@@ -1,0 +1,134 @@
+"""What a project costs before it asks for GPUs: `enat cost`.
+
+Per zoo size at a token grid (16: ImageNet 256, 32: ImageNet 512), from the size's recipe
+(configs/experiments/imagenet{256,512}_<size>.yaml; a size without one takes ENAT-L's recipe of that
+resolution, said so in the row):
+  - parameters (total and non-embedding);
+  - training FLOPs per image: the mean over the recipe's mask-ratio distribution, reuse-mode steps
+    (the no-grad z_prev forward included) at their probability (enat.flops.expected_train_flops);
+  - sampling TFLOPs per image at the recipe's steps and CFG, with and without reuse;
+  - images/s of sampling: measured here by a short run (--measure), or read from a result file
+    of `python -m enat.bench sample --json` recorded elsewhere (--bench, e.g. on a GPU);
+  - the recipe's training compute (steps x global batch x FLOPs per image) as GPU-hours at a
+    stated dense peak and MFU, and days on the recipe's number of GPUs (or --gpus).
+Every number is analytic except the measured images/s; the peak and MFU are the user's
+assumptions and are printed with the table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from enat.config import ZOO, Config, ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+RESOLUTION = {16: 256, 32: 512}
+
+
+def recipe(size: str, grid: int) -> tuple[Config, str]:
+    """(config, its source): the size's own ImageNet recipe, else ENAT-L's at that resolution."""
+    if grid not in RESOLUTION:
+        raise ConfigError(f"--grid must be 16 (256 px) or 32 (512 px), got {grid}")
+    own = ROOT / f"configs/experiments/imagenet{RESOLUTION[grid]}_{size}.yaml"
+    if own.is_file():
+        return load_config(own), own.name
+    base = ROOT / f"configs/experiments/imagenet{RESOLUTION[grid]}_L.yaml"
+    return load_config(base, [f"model.size={size}"]), f"{base.name} with model.size={size}"
+
+
+def measure_images_per_s(cfg: Config, batch: int = 4, device: str = "cpu") -> float:
+    """Sampling images/s of a randomly initialised model of this config (one warm-up, one timed run)."""
+    import torch
+
+    from enat.models import build_model
+    from enat.sampling import generate
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model).to(device).eval()
+    labels = torch.arange(batch) % cfg.model.num_classes
+    sc = dataclasses.replace(cfg.sample, batch_size=batch)
+    generate(model, labels, dataclasses.replace(sc, steps=1))
+    t0 = time.perf_counter()
+    generate(model, labels, sc)
+    return batch / (time.perf_counter() - t0)
+
+
+def bench_images_per_s(bench: dict, size: str, grid: int) -> float | None:
+    """ENAT's images/s from `python -m enat.bench sample --json` results (one object or a list)."""
+    for r in bench if isinstance(bench, list) else [bench]:
+        if r.get("model") == size and r.get("grid_size") == grid:
+            return float(r["variants"]["ENAT"]["images_per_s"])
+    return None
+
+
+def cost_row(size: str, grid: int, peak_tflops: float, mfu: float, gpus: int | None = None,
+             bench: dict | list | None = None, measure: bool = False) -> dict:
+    from enat.flops import expected_train_flops, sampling_flops
+    from enat.models.zoo import parameter_counts
+    from enat.sweeps import global_batch
+
+    cfg, source = recipe(size, grid)
+    m, t, s = cfg.model, cfg.train, cfg.sample
+    total, nonembed = parameter_counts(m)
+    per_image = expected_train_flops(m, tuple(t.mask_beta), t.reuse_prob)
+    batch = global_batch(cfg)
+    train_flops = t.steps * batch * per_image
+    gpu_hours = train_flops / (peak_tflops * 1e12 * mfu) / 3600
+    n = gpus or cfg.launch.nodes * cfg.launch.gpus_per_node
+    guided = s.cfg_scale != 0
+    images_per_s, measured = None, None
+    if bench is not None:
+        images_per_s, measured = bench_images_per_s(bench, size, grid), "bench file"
+    if images_per_s is None and measure:
+        images_per_s, measured = measure_images_per_s(cfg), "measured here (CPU, fp32, batch 4)"
+    return {"size": size, "grid": grid, "resolution": RESOLUTION[grid], "recipe": source,
+            "params": total, "params_nonembed": nonembed, "train_gflops_per_image": per_image / 1e9,
+            "sampling_tflops_per_image": sampling_flops(m, s.steps, reuse=s.reuse, guided=guided).total / 1e12,
+            "sampling_tflops_per_image_no_reuse": sampling_flops(m, s.steps, reuse=False, guided=guided).total / 1e12,
+            "sampling_steps": s.steps, "cfg": guided, "steps": t.steps, "global_batch": batch,
+            "train_exaflops": train_flops / 1e18, "gpu_hours": gpu_hours, "gpus": n, "days": gpu_hours / n / 24,
+            "images_per_s": images_per_s, "images_per_s_source": measured}
+
+
+def cost_table(sizes: list[str], grids: list[int], peak_tflops: float, mfu: float, gpus: int | None = None,
+               bench=None, measure: bool = False) -> list[dict]:
+    unknown = [s for s in sizes if s not in ZOO]
+    if unknown:
+        raise ConfigError(f"unknown model size(s) {unknown}; the zoo has {', '.join(ZOO)}")
+    return [cost_row(size, grid, peak_tflops, mfu, gpus, bench, measure) for grid in grids for size in sizes]
+
+
+def markdown(rows: list[dict], peak_tflops: float, mfu: float) -> str:
+    head = ("| size | px | params | train GFLOPs/img | sample TFLOPs/img (no reuse) | steps x batch | "
+            "train EFLOPs | GPU-hours | days on GPUs | img/s |")
+    lines = [head, "|" + " --- |" * 10]
+    for r in rows:
+        ips = f"{r['images_per_s']:.2f}" if r["images_per_s"] is not None else "-"
+        lines.append(f"| {r['size']} | {r['resolution']} | {r['params'] / 1e6:.1f}M | {r['train_gflops_per_image']:.1f} "
+                     f"| {r['sampling_tflops_per_image']:.3f} ({r['sampling_tflops_per_image_no_reuse']:.3f}) | "
+                     f"{r['steps'] // 1000}k x {r['global_batch']} | {r['train_exaflops']:.3g} | "
+                     f"{r['gpu_hours']:,.3g} | {r['days']:.2g} on {r['gpus']} | {ips} |")
+    notes = sorted({f"{r['size']}@{r['resolution']}: {r['recipe']}" for r in rows if "with model.size" in r["recipe"]})
+    lines.append("")
+    lines.append(f"GPU-hours at {peak_tflops:g} dense TFLOP/s per GPU and {mfu:.0%} MFU; sampling at each recipe's "
+                 f"steps with CFG.")
+    if notes:
+        lines.append("No recipe of their own (ENAT-L's is used): " + "; ".join(notes) + ".")
+    return "\n".join(lines)
+
+
+def main_cost(args) -> None:
+    sizes = list(ZOO) if args.model == "all" else args.model.split(",")
+    grids = [args.grid] if args.grid else [16, 32]
+    bench = json.loads(Path(args.bench).read_text()) if args.bench else None
+    rows = cost_table(sizes, grids, args.peak_tflops, args.mfu, args.gpus, bench, args.measure)
+    print(markdown(rows, args.peak_tflops, args.mfu))
+    if any(r["images_per_s"] is None for r in rows) and (args.bench or args.measure):
+        print("img/s: '-' where the bench file has no result for that size and grid")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"peak_tflops": args.peak_tflops, "mfu": args.mfu, "rows": rows},
+                                              indent=1))
+        print(f"wrote {args.json}")

@@ -1,0 +1,42 @@
+"""`enat cost`: the table users ask for before a project, checked against hand computation."""
+
+import json
+
+import pytest
+
+from enat.cli import main
+from enat.cost import cost_row, cost_table
+from enat.flops import expected_train_flops, sampling_flops
+from enat.models import model_config
+
+
+def test_L_256_row_is_the_recipe_computed_by_hand():
+    row = cost_row("L", 16, peak_tflops=989.0, mfu=0.4)
+    per_image = expected_train_flops(model_config("L"), (12.0, 3.0), 0.5)
+    assert row["global_batch"] == 2048 and row["steps"] == 500_000 and row["gpus"] == 16  # the released run
+    assert row["train_gflops_per_image"] == pytest.approx(per_image / 1e9)
+    hours = 500_000 * 2048 * per_image / (989e12 * 0.4) / 3600
+    assert row["gpu_hours"] == pytest.approx(hours) and row["days"] == pytest.approx(hours / 16 / 24)
+    assert row["sampling_tflops_per_image"] == pytest.approx(sampling_flops(model_config("L"), 8).total / 1e12)
+    assert row["params"] == 565_904_385 and row["recipe"] == "imagenet256_L.yaml"
+    # Twice the MFU, half the hours; a size without a 512 recipe says whose it takes.
+    assert cost_row("L", 16, 989.0, 0.8)["gpu_hours"] == pytest.approx(hours / 2)
+    assert cost_row("B", 32, 989.0, 0.4)["recipe"] == "imagenet512_L.yaml with model.size=B"
+
+
+def test_images_per_s_from_a_bench_file_or_measured(tmp_path):
+    bench = [{"model": "S", "grid_size": 16, "variants": {"ENAT": {"images_per_s": 12.5}}}]
+    rows = cost_table(["S", "B"], [16], 989.0, 0.4, bench=bench)
+    assert rows[0]["images_per_s"] == 12.5 and rows[0]["images_per_s_source"] == "bench file"
+    assert rows[1]["images_per_s"] is None  # no result for B in the file
+    assert cost_row("tiny", 16, 989.0, 0.4, measure=True)["images_per_s"] > 0
+
+
+def test_cli_prints_markdown_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "cost.json"
+    assert main(["cost", "--model", "L,XL", "--grid", "16", "--gpus", "64", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| L | 256 | 565.9M |" in text and "| XL | 256 |" in text and "on 64" in text
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["size"] for r in rows] == ["L", "XL"] and all(r["gpus"] == 64 for r in rows)
+    assert main(["cost", "--model", "M"]) == 2
