@@ -116,7 +116,7 @@ OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.\w+)+=.*")
 
 
 def _read_prompts(args) -> list[str]:
-    prompts = [p for p in (args.prompts or [])]
+    prompts = list(args.prompts or [])
     if args.prompts_file:
         path = Path(args.prompts_file)
         if not path.is_file():
@@ -144,6 +144,12 @@ def text_condition(cfg, model, prompts: list[str], device="cpu") -> torch.Tensor
     for p in cut:
         print(f"warning: prompt longer than {encoder.length} tokens, cut: {p!r}", file=sys.stderr)
     return torch.cat([encoder.encode(prompts[i:i + 256]).cpu() for i in range(0, len(prompts), 256)])
+
+
+def cmd_cost(args) -> None:
+    from enat.cost import main_cost
+
+    main_cost(args)
 
 
 def cmd_sample(args) -> None:
@@ -434,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bench", help="img/s from a `python -m enat.bench sample --json` result (one or a list)")
     s.add_argument("--measure", action="store_true", help="measure img/s here (short CPU/GPU sampling run)")
     s.add_argument("--json", help="also write the rows to this JSON file")
-    s.set_defaults(func=lambda args: __import__("enat.cost", fromlist=["main_cost"]).main_cost(args))
+    s.set_defaults(func=cmd_cost)
 
     s = sub.add_parser("sample", help="sample token ids for given labels (or prompts, text-conditioned models)")
     _config_args(s, False, "YAML config (sample section; model section without --checkpoint)")

@@ -66,6 +66,11 @@ class ModelConfig:
         return self.grid_size * self.grid_size
 
     @property
+    def context_len(self) -> int:
+        """Context tokens per sample: the caption's L for condition=text, none for a class."""
+        return self.text_len if self.condition == "text" else 0
+
+    @property
     def mask_id(self) -> int:
         return self.codebook_size
 

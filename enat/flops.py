@@ -62,10 +62,6 @@ def text_flops(cfg: ModelConfig, tokens: bool) -> int:
     return _linear(1, cfg.text_dim, cfg.width) + (_linear(cfg.text_len, cfg.text_dim, cfg.width) if tokens else 0)
 
 
-def text_len(cfg: ModelConfig) -> int:
-    return cfg.text_len if cfg.condition == "text" else 0
-
-
 def head_positions(seq_len: int, masked: int, logits: str) -> int:
     return {"all": seq_len, "masked": masked, "none": 0}[logits]
 
@@ -74,7 +70,7 @@ def enat_forward_flops(cfg: ModelConfig, masked: int, prev_visible: int | None =
                        logits: str = "all") -> int:
     """One ENAT forward, one sample, with `masked` [MASK] tokens. prev_visible=None: full mode;
     otherwise reuse mode with that many tokens carried over from the previous call."""
-    N, L = cfg.seq_len, text_len(cfg)
+    N, L = cfg.seq_len, cfg.context_len
     visible = N - masked
     if prev_visible is None:
         enc = cfg.enc_depth * block_flops(cfg, L + visible)
@@ -101,7 +97,7 @@ def decoder_flops(cfg: ModelConfig, masked: int, context: int) -> int:
 
 def nat_forward_flops(cfg: ModelConfig, masked: int, logits: str = "all") -> int:
     N = cfg.seq_len
-    return (text_flops(cfg, tokens=True) + cfg.depth * block_flops(cfg, text_len(cfg) + N, two_way=False)
+    return (text_flops(cfg, tokens=True) + cfg.depth * block_flops(cfg, cfg.context_len + N, two_way=False)
             + head_flops(cfg, head_positions(N, masked, logits)))
 
 

@@ -253,8 +253,8 @@ def encoder_for(path, device="cpu", *, length: int | None = None, dim: int | Non
     would otherwise condition on contexts the model never saw, silently."""
     enc = load_text_encoder(path, device)
     if (length, dim) != (None, None) and (enc.length, enc.dim) != (length, dim):
-        raise TextEncoderError(f"text encoder {path} gives {enc.length} x {enc.dim} contexts, {what} takes "
-                               f"{length} x {dim} (model.text_len x model.text_dim)")
+        raise TextEncoderError(f"the text encoder {path} gives {enc.length} x {enc.dim} contexts but {what} expects "
+                               f"model.text_len {length} x model.text_dim {dim}; make them agree")
     if sha256 and enc.sha256() and enc.sha256() != sha256:
         raise TextEncoderError(f"text encoder {path} is not the one {what} was made with (weights sha256 "
                                f"{enc.sha256()[:12]} vs {sha256[:12]} recorded)")

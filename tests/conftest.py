@@ -61,3 +61,30 @@ def train_losses(run_dir: Path) -> dict:
     steps = [r["step"] for r in train]
     assert steps == sorted(set(steps)), f"steps logged more than once or out of order: {steps}"
     return {r["step"]: r["loss"] for r in train}
+
+
+def tiny_clip_tokenizer(tf):
+    """A real (BPE) CLIP tokenizer over single letters, built without a download -> (tokenizer, vocab)."""
+    vocab = {}
+    for suffix in ("", "</w>"):
+        for ch in "abcdefghijklmnopqrstuvwxyz":
+            vocab[ch + suffix] = len(vocab)
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
+    return tf.CLIPTokenizer(vocab=vocab, merges=[]), vocab
+
+
+def tiny_clip(path, layers: int = 1):
+    """A tiny random CLIPModel (text and vision towers of `layers` blocks) with the letter-level
+    tokenizer, saved to `path` (no download) -> path."""
+    from enat.text import _transformers
+
+    tf = _transformers()
+    tok, vocab = tiny_clip_tokenizer(tf)
+    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                num_attention_heads=2, max_position_embeddings=77, eos_token_id=vocab["<|endoftext|>"])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    torch.manual_seed(0)
+    tf.CLIPModel(tf.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

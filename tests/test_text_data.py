@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, tiny_clip, tiny_clip_tokenizer
+from test_data import cfg, vq  # noqa: F401  (module fixtures: the demo config, a random tokenizer)
 from enat.config import ConfigError, load_config
 from enat.data.captions import (DEMO_WORDS, AttributeModel, attribute_agreement, caption_attributes, digit_attributes,
                                 digit_captions)
@@ -24,21 +25,9 @@ from enat.data.shards import NULL_CONTEXT, Manifest, ShardError, file_sha256, in
 from enat.data.tokenize import (CaptionedDigitsSource, CocoSource, DigitsSource, merge_parts, tokenize_part,
                                 uvit_center_crop)
 from enat.text import (TextEncoderError, build_demo_text_encoder, clip_score, load_text_encoder, words_of)
-from enat.tokenizer import VQGAN
 
 L, C = 16, 32  # a tiny demo encoder: hidden 32, 2 layers
 QUIET = dict(log=lambda *_: None)
-
-
-@pytest.fixture(scope="module")
-def cfg():
-    return load_config(ROOT / "configs/experiments/demo.yaml")
-
-
-@pytest.fixture(scope="module")
-def vq(cfg):
-    torch.manual_seed(0)  # a random-weight tokenizer: the pipeline does not care what ids mean
-    return VQGAN(cfg.tokenizer).eval()
 
 
 @pytest.fixture(scope="module")
@@ -149,16 +138,6 @@ def test_word_tokenizer(enc):
         enc.tokenize("one string")
 
 
-def tiny_clip_tokenizer(tf):
-    """A real (BPE) CLIP tokenizer over single letters, built without a download."""
-    vocab = {}
-    for suffix in ("", "</w>"):
-        for ch in "abcdefghijklmnopqrstuvwxyz":
-            vocab[ch + suffix] = len(vocab)
-    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
-    return tf.CLIPTokenizer(vocab=vocab, merges=[]), vocab
-
-
 def test_a_saved_clip_text_encoder_loads_offline(tmp_path, monkeypatch):
     from enat.text import _transformers
 
@@ -183,17 +162,7 @@ def test_a_saved_clip_text_encoder_loads_offline(tmp_path, monkeypatch):
 
 
 def test_clip_score_with_a_local_tiny_clip(tmp_path):
-    from enat.text import _transformers
-
-    tf = _transformers()
-    tok, vocab = tiny_clip_tokenizer(tf)
-    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                max_position_embeddings=77, eos_token_id=vocab["<|endoftext|>"])
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-                  patch_size=8)
-    torch.manual_seed(0)
-    tf.CLIPModel(tf.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
+    tiny_clip(tmp_path, layers=2)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (6, 40, 56, 3), dtype=np.uint8)  # not square: resized and cropped
     caps = ["a cat", "a dog", "the sea", "red", "blue sky", "x"]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, tiny_clip
 from enat.config import load_config
 from enat.eval.fidelity import DigitNet, EvalError, build_extractor, extract, statistics
 from enat.rng import hash_uniform
@@ -161,26 +161,6 @@ def test_shards_of_another_encoder_are_refused(setup, tmp_path):
 
 
 # --- CLIP score -------------------------------------------------------------------------------
-
-
-def tiny_clip(path):
-    """A tiny random CLIPModel with a letter-level BPE tokenizer, saved to `path` (no download)."""
-    from enat.text import _transformers
-
-    tf = _transformers()
-    vocab = {}
-    for suffix in ("", "</w>"):
-        for ch in "abcdefghijklmnopqrstuvwxyz":
-            vocab[ch + suffix] = len(vocab)
-    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
-    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                max_position_embeddings=77, eos_token_id=vocab["<|endoftext|>"])
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
-                  patch_size=8)
-    torch.manual_seed(0)
-    tf.CLIPModel(tf.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(path)
-    tf.CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(path)
-    return path
 
 
 def test_clip_score_in_the_job_and_a_hub_name_fails_cleanly(setup, tmp_path, monkeypatch):

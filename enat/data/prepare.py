@@ -60,16 +60,12 @@ def tokenize_split(cfg: Config, split: str, input_: str | None = None, out: str 
                          captioned=cfg.model.condition == "text")
     text_encoder = None
     if getattr(source, "captioned", False):
-        from enat.text import TextEncoderError, load_text_encoder
+        from enat.text import TextEncoderError, encoder_for
 
         try:
-            text_encoder = load_text_encoder(cfg.text.encoder, device=device)
+            text_encoder = encoder_for(cfg.text.encoder, device, length=cfg.model.text_len, dim=cfg.model.text_dim)
         except TextEncoderError as e:  # the data commands report ShardErrors
             raise ShardError(str(e)) from None
-        if (text_encoder.length, text_encoder.dim) != (cfg.model.text_len, cfg.model.text_dim):
-            raise ShardError(f"the text encoder {cfg.text.encoder} gives {text_encoder.length} x {text_encoder.dim} "
-                             f"contexts but the model expects model.text_len {cfg.model.text_len} x model.text_dim "
-                             f"{cfg.model.text_dim}; make them agree")
     tokenize_part(source, tokenizer, out, part=part, num_parts=num_parts, shard_size=d.shard_size, flip=d.flip,
                   batch_size=d.tokenize_batch_size, num_workers=d.num_workers, device=device, progress=progress,
                   log=log, text_encoder=text_encoder, text_storage=cfg.text.storage,

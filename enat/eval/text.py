@@ -112,7 +112,10 @@ class HeldOutCaptions:
         return select_captions(self.cfg.eval.seed, self.num_captions, indices, self.order)
 
     def captions(self, rows: np.ndarray, ks: np.ndarray) -> list[str]:
-        return [self.data.captions(int(r))[int(k)] for r, k in zip(rows, ks)]
+        from enat.data.loader import _Reader
+
+        reader = _Reader(self.data.paths)  # one set of open files for all rows, not one per sample
+        return [self.data.captions(int(r), reader)[int(k)] for r, k in zip(rows, ks)]
 
     @property
     def storage(self) -> str:

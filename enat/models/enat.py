@@ -136,7 +136,7 @@ class ENAT(Conditioning, nn.Module):
         visible_pos, masked_pos = order[:, :N - M], order[:, N - M:]
         x = self.embed(ids)
         c, text = self.condition(cond, tokens=prev is None)
-        L = self.text_len
+        L = cfg.context_len
 
         if prev is None:
             ctx, h = None, take_rows(x, visible_pos)

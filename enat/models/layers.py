@@ -111,11 +111,6 @@ class Conditioning:
         else:
             self.text_embed = TextEmbedder(cfg.text_dim, cfg.text_len, cfg.width)
 
-    @property
-    def text_len(self) -> int:
-        """Context tokens per sample (0 for a class-conditional model)."""
-        return self.cfg.text_len if self.cfg.condition == "text" else 0
-
     def condition(self, cond: torch.Tensor, tokens: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (c, context tokens): c (B, D) through SiLU, every block's adaLN input; the context
         tokens (B, L, D) of a text model (see TextEmbedder.forward for tokens=False), else None."""

@@ -38,7 +38,7 @@ class NAT(Conditioning, nn.Module):
         order = sort_positions(mask)
         x = self.embed(ids)
         c, text = self.condition(cond)
-        L = self.text_len
+        L = self.cfg.context_len
         if L:
             x = torch.cat([text.to(x.dtype), x], dim=1)
         x = run_blocks(self.blocks, x, c, None, self.activation_checkpointing)[:, L:]
