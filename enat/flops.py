@@ -34,7 +34,7 @@ def block_flops(cfg: ModelConfig, n: int, m: int = 0, two_way: bool = True, own_
     D = cfg.width
     hidden = int(D * cfg.mlp_ratio)
     keys = (n if own_kv else 0) + m
-    return (_linear(n, D, D) + (_linear(n, D, 2 * D) if own_kv else 0) + _linear(m, D, 2 * D)  # q, kv own, kv ctx
+    return (_linear(n, D, D) * (keys > 0) + (_linear(n, D, 2 * D) if own_kv else 0) + _linear(m, D, 2 * D)  # q, kv own, kv ctx
             + 4 * n * keys * D  # scores and weighted sum
             + _linear(n, D, D)  # out projection
             + _linear(n, D, hidden) + _linear(n, hidden, D)  # MLP
@@ -90,7 +90,7 @@ def decoder_flops(cfg: ModelConfig, masked: int, context: int) -> int:
         return 0
     if cfg.decoder_attention == "self":
         return cfg.dec_depth * block_flops(cfg, context + masked, two_way=False)
-    if cfg.decoder_attention == "cross":  # with no context yet, the attention adds nothing (q and proj still run)
+    if cfg.decoder_attention == "cross":  # with no context yet, the attention adds nothing (proj still runs)
         return cfg.dec_depth * block_flops(cfg, masked, context, own_kv=False)
     return cfg.dec_depth * block_flops(cfg, masked, context)
 

@@ -163,13 +163,13 @@ class SCAttention(nn.Module):
         self.kv_ctx = nn.Linear(width, 2 * width) if two_way else None  # context tokens
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor | None = None) -> torch.Tensor:
+    def qkv(self, x: torch.Tensor, ctx: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """-> q (B, H, N, d), k and v (B, H, K, d); the K keys are [context ; own tokens], or the
+        context's only without own K/V. `enat analyze attention` reads the attention through this."""
         B, N, D = x.shape
         H = self.num_heads
         q = self.q(x).view(B, N, H, D // H).transpose(1, 2)
         if self.kv is None:
-            if ctx.shape[1] == 0:  # nothing to attend to (no visible token yet): no message, on any backend
-                return self.proj(torch.zeros_like(x))
             kv = self.kv_ctx(ctx)
         else:
             kv = self.kv(x)
@@ -177,7 +177,13 @@ class SCAttention(nn.Module):
                 kv = torch.cat([self.kv_ctx(ctx), kv], dim=1)
         # K/V projections lay out their 2D outputs as (k|v, head, head_dim).
         k, v = kv.view(B, -1, 2, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor | None = None) -> torch.Tensor:
+        if self.kv is None and ctx.shape[1] == 0:  # nothing to attend to (no visible token yet): no message
+            return self.proj(torch.zeros_like(x))
+        B, N, D = x.shape
+        out = F.scaled_dot_product_attention(*self.qkv(x, ctx))
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
 
