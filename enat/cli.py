@@ -17,6 +17,8 @@
     enat eval reference --config C [--out F.npz]  reference statistics of the real held-out images
     enat eval control --config C --checkpoint W [--cfg-scales 0,1,2,4] [--num-samples N] [--no-reuse] [--out DIR]
     enat extractor train --config C               the demo's digit-classifier feature extractor
+    enat analyze attention|temporal|one-step|pareto --run RUN --checkpoint W [--baseline W2]
+                                                  the paper's analyses -> RUN/analysis/NAME.{json,md,png}
 """
 
 from __future__ import annotations
@@ -387,6 +389,17 @@ def cmd_eval(args) -> None:
         evaluate(cfg, args.run, args.checkpoint, args.num_samples, args.weights)
 
 
+def cmd_analyze(args) -> None:
+    from enat.analysis import run_analysis
+
+    config = args.config or (Path(args.run) / "config.yaml" if args.run else None)
+    if config is None or not Path(config).is_file():
+        raise ConfigError(f"no config: give --config (or --run with a config.yaml inside); looked at {config}")
+    run_analysis(args.what, load_config(config, args.overrides), args.run, args.checkpoint, baseline=args.baseline,
+                 weights=args.weights, ratios=args.ratios, steps=args.steps, cfg_scales=args.cfg_scales,
+                 num_samples=args.num_samples, out=args.out)
+
+
 def cmd_extractor_train(args) -> None:
     from enat.eval.fidelity import train_digit_classifier
 
@@ -434,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("cost", help="parameters, train/sampling FLOPs, GPU-hours and days of the zoo's recipes")
     s.add_argument("--model", default="all", help="a zoo size, a comma-separated list, or all")
     s.add_argument("--grid", type=int, choices=[16, 32], help="16 (256 px) or 32 (512 px); default both")
+    s.add_argument("--config", nargs="+", help="cost these experiment configs instead of the zoo's ImageNet recipes "
+                                               "(e.g. configs/experiments/coco256_B.yaml)")
     s.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 TFLOP/s per GPU (H100/H200: 989)")
     s.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for the GPU-hours")
     s.add_argument("--gpus", type=int, help="accelerators for the days column (default: the recipe's)")
@@ -526,6 +541,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reuse-only", action="store_true", help="control: only with reuse")
     s.add_argument("--no-fid", action="store_true", help="control: skip the FID against the held-out digits")
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("analyze", help="the paper's analyses: attention, temporal, one-step, pareto")
+    s.add_argument("what", choices=["attention", "temporal", "one-step", "pareto"],
+                   help="attention: where [MASK] and visible queries attend; temporal: feature similarity "
+                        "between sampling steps; one-step: FID of one-step decoding by mask ratio; pareto: FID "
+                        "against sampling TFLOPs and img/s over steps, CFG and reuse")
+    s.add_argument("--run", "--run-dir", dest="run", help="training run directory (output: RUN/analysis/)")
+    _config_args(s, False, "default: RUN/config.yaml")
+    s.add_argument("--checkpoint", default="latest", help="latest, a step, a tag, or an enat-weights file")
+    s.add_argument("--baseline", help="a second model on the same tokens (e.g. the vanilla NAT): an enat-weights "
+                                      "file or a run directory (its latest checkpoint)")
+    s.add_argument("--weights", choices=["ema", "online"], help="default: eval.weights")
+    s.add_argument("--ratios", help="attention (default 0.25,0.5,0.75), one-step (default 0.2,0.4,0.6,0.8)")
+    s.add_argument("--steps", help="pareto: sampling steps (default 4,8,12,16)")
+    s.add_argument("--cfg-scales", help="pareto: CFG scales (default 0 and sample.cfg_scale)")
+    s.add_argument("--num-samples", type=int, help="held-out maps or samples (default: eval.num_samples; "
+                                                    "temporal: at most 100)")
+    s.add_argument("--out", help="output folder (default RUN/analysis, or next to the checkpoint file)")
+    s.set_defaults(func=cmd_analyze)
 
     s = sub.add_parser("extractor", help="the demo's FID feature extractor")
     esub = s.add_subparsers(dest="action", required=True)

@@ -25,6 +25,7 @@ the training run's wandb run under eval/ against the checkpoint's step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -54,9 +55,10 @@ def check_model(expected: ModelConfig, found: ModelConfig, source: str) -> None:
 
 
 def load_checkpoint(cfg: Config, run_dir: Path | None, checkpoint: str, weights: str, log=print, rank: int = 0,
-                    world: int = 1) -> dict:
+                    world: int = 1, check=check_model) -> dict:
     """-> {"model", "step", "id", "sha256", "model_cfg"} from a weights file or a run checkpoint
-    (verified against its manifest first: a damaged checkpoint is named, never evaluated)."""
+    (verified against its manifest first: a damaged checkpoint is named, never evaluated).
+    check(cfg.model, checkpoint's model config, source) raises when they do not match."""
     from enat.models.weights import load_state, load_weights
     from enat.models.zoo import build_model
 
@@ -78,7 +80,7 @@ def load_checkpoint(cfg: Config, run_dir: Path | None, checkpoint: str, weights:
         mcfg, sd = from_dict(ModelConfig, state["config"]["model"]), sds[weights]
         states = sorted((ckpt_dir / tag).glob("*model_states.pt"))
         step, ident, digest = state["step"], str(ckpt_dir / tag), file_sha256(states[0])
-    check_model(cfg.model, mcfg, ident)
+    check(cfg.model, mcfg, ident)
     model = build_model(mcfg)
     load_state(model, {k: v.float() for k, v in sd.items()}, f"{ident} [{weights}]")
     return {"model": model.eval(), "step": step, "id": ident, "sha256": digest, "model_cfg": mcfg}
@@ -530,8 +532,20 @@ def evaluate(cfg: Config, run_dir: str | Path | None, checkpoint: str = "latest"
 
 def _log_wandb(cfg: Config, run_dir: Path, step: int, values: dict) -> None:
     """Into the training run's wandb run (same id), under eval/, against the checkpoint's step."""
-    rid_file = run_dir / "wandb_run_id"
-    if cfg.train.wandb.mode == "disabled" or not rid_file.is_file():
+    with training_wandb_run(cfg, run_dir) as run:
+        if run is not None:
+            run.define_metric("eval/step")
+            run.define_metric("eval/*", step_metric="eval/step")
+            run.log({"eval/step": step, **{f"eval/{k}": v for k, v in values.items()}})
+
+
+@contextlib.contextmanager
+def training_wandb_run(cfg: Config, run_dir: Path | None):
+    """The training run's wandb run resumed (same id), or None when the run has none (or wandb is
+    disabled). Eval jobs and analyses of one run (an array) take it in turn under a file lock."""
+    rid_file = run_dir / "wandb_run_id" if run_dir is not None else None
+    if cfg.train.wandb.mode == "disabled" or rid_file is None or not rid_file.is_file():
+        yield None
         return
     import wandb
 
@@ -540,10 +554,10 @@ def _log_wandb(cfg: Config, run_dir: Path, step: int, values: dict) -> None:
     lock = run_dir / "wandb" / ".eval.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)  # the eval jobs of one run (an array) resume its wandb run in turn
+        fcntl.flock(fh, fcntl.LOCK_EX)
         run = wandb.init(project=w.project, entity=w.entity, id=rid_file.read_text().strip(), resume="allow",
                          dir=str(run_dir), mode=w.mode)
-        run.define_metric("eval/step")
-        run.define_metric("eval/*", step_metric="eval/step")
-        run.log({"eval/step": step, **{f"eval/{k}": v for k, v in values.items()}})
-        run.finish()
+        try:
+            yield run
+        finally:
+            run.finish()
