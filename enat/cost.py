@@ -48,7 +48,10 @@ def measure_images_per_s(cfg: Config, batch: int = 4, device: str = "cpu") -> fl
 
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device).eval()
-    labels = torch.arange(batch) % cfg.model.num_classes
+    if cfg.model.condition == "text":  # random contexts: the cost does not depend on what they say
+        labels = torch.randn(batch, cfg.model.text_len, cfg.model.text_dim)
+    else:
+        labels = torch.arange(batch) % cfg.model.num_classes
     sc = dataclasses.replace(cfg.sample, batch_size=batch)
     generate(model, labels, dataclasses.replace(sc, steps=1))
     t0 = time.perf_counter()
@@ -66,12 +69,19 @@ def bench_images_per_s(bench: dict, size: str, grid: int) -> float | None:
 
 def cost_row(size: str, grid: int, peak_tflops: float, mfu: float, gpus: int | None = None,
              bench: dict | list | None = None, measure: bool = False) -> dict:
+    cfg, source = recipe(size, grid)
+    return config_cost(cfg, source, peak_tflops, mfu, gpus, bench, measure)
+
+
+def config_cost(cfg: Config, source: str, peak_tflops: float, mfu: float, gpus: int | None = None,
+                bench: dict | list | None = None, measure: bool = False) -> dict:
+    """The cost row of one experiment config (a text-conditioned one counts its context tokens)."""
     from enat.flops import expected_train_flops, sampling_flops
     from enat.models.zoo import parameter_counts
     from enat.sweeps import global_batch
 
-    cfg, source = recipe(size, grid)
     m, t, s = cfg.model, cfg.train, cfg.sample
+    size, grid = m.size or "custom", m.grid_size
     total, nonembed = parameter_counts(m)
     per_image = expected_train_flops(m, tuple(t.mask_beta), t.reuse_prob)
     batch = global_batch(cfg)
@@ -84,7 +94,8 @@ def cost_row(size: str, grid: int, peak_tflops: float, mfu: float, gpus: int | N
         images_per_s, measured = bench_images_per_s(bench, size, grid), "bench file"
     if images_per_s is None and measure:
         images_per_s, measured = measure_images_per_s(cfg), "measured here (CPU, fp32, batch 4)"
-    return {"size": size, "grid": grid, "resolution": RESOLUTION[grid], "recipe": source,
+    return {"size": size, "grid": grid, "resolution": cfg.tokenizer.resolution, "recipe": source,
+            "condition": m.condition + (f" ({m.text_len} x {m.text_dim} context)" if m.condition == "text" else ""),
             "params": total, "params_nonembed": nonembed, "train_gflops_per_image": per_image / 1e9,
             "sampling_tflops_per_image": sampling_flops(m, s.steps, reuse=s.reuse, guided=guided).total / 1e12,
             "sampling_tflops_per_image_no_reuse": sampling_flops(m, s.steps, reuse=False, guided=guided).total / 1e12,
@@ -107,24 +118,35 @@ def markdown(rows: list[dict], peak_tflops: float, mfu: float) -> str:
     lines = [head, "|" + " --- |" * 10]
     for r in rows:
         ips = f"{r['images_per_s']:.2f}" if r["images_per_s"] is not None else "-"
-        lines.append(f"| {r['size']} | {r['resolution']} | {r['params'] / 1e6:.1f}M | {r['train_gflops_per_image']:.1f} "
+        text = " text" if r["condition"].startswith("text") else ""
+        lines.append(f"| {r['size']}{text} | {r['resolution']} | {r['params'] / 1e6:.1f}M | {r['train_gflops_per_image']:.1f} "
                      f"| {r['sampling_tflops_per_image']:.3f} ({r['sampling_tflops_per_image_no_reuse']:.3f}) | "
                      f"{r['steps'] // 1000}k x {r['global_batch']} | {r['train_exaflops']:.3g} | "
                      f"{r['gpu_hours']:,.3g} | {r['days']:.2g} on {r['gpus']} | {ips} |")
     notes = sorted({f"{r['size']}@{r['resolution']}: {r['recipe']}" for r in rows if "with model.size" in r["recipe"]})
+    texts = sorted({f"{r['recipe']}: {r['condition']}" for r in rows if r["condition"].startswith("text")})
     lines.append("")
     lines.append(f"GPU-hours at {peak_tflops:g} dense TFLOP/s per GPU and {mfu:.0%} MFU; sampling at each recipe's "
                  f"steps with CFG.")
     if notes:
         lines.append("No recipe of their own (ENAT-L's is used): " + "; ".join(notes) + ".")
+    if texts:
+        lines.append("Text-conditioned (FLOPs count the caption tokens; the frozen text encoder is not counted): "
+                     + "; ".join(texts) + ".")
     return "\n".join(lines)
 
 
 def main_cost(args) -> None:
-    sizes = list(ZOO) if args.model == "all" else args.model.split(",")
-    grids = [args.grid] if args.grid else [16, 32]
     bench = json.loads(Path(args.bench).read_text()) if args.bench else None
-    rows = cost_table(sizes, grids, args.peak_tflops, args.mfu, args.gpus, bench, args.measure)
+    if args.config:  # any experiment config (COCO text-to-image, a custom recipe), in place of the zoo
+        if args.model != "all" or args.grid:
+            raise ConfigError("--config costs that experiment: drop --model/--grid (set model.* in the config)")
+        rows = [config_cost(load_config(c), Path(c).name, args.peak_tflops, args.mfu, args.gpus, bench, args.measure)
+                for c in args.config]
+    else:
+        sizes = list(ZOO) if args.model == "all" else args.model.split(",")
+        grids = [args.grid] if args.grid else [16, 32]
+        rows = cost_table(sizes, grids, args.peak_tflops, args.mfu, args.gpus, bench, args.measure)
     print(markdown(rows, args.peak_tflops, args.mfu))
     if any(r["images_per_s"] is None for r in rows) and (args.bench or args.measure):
         print("img/s: '-' where the bench file has no result for that size and grid")
