@@ -40,3 +40,23 @@ def test_cli_prints_markdown_and_writes_json(tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     assert [r["size"] for r in rows] == ["L", "XL"] and all(r["gpus"] == 64 for r in rows)
     assert main(["cost", "--model", "M"]) == 2
+
+
+def test_a_text_to_image_config_counts_its_caption_tokens(tmp_path, capsys):
+    from enat.config import load_config
+    from enat.cost import config_cost
+
+    from conftest import ROOT
+
+    cfg = load_config(ROOT / "configs/experiments/coco256_B.yaml")
+    row = config_cost(cfg, "coco256_B.yaml", 989.0, 0.4, measure=True)
+    text_model = model_config("B", condition="text", text_len=77, text_dim=768)
+    class_model = model_config("B")
+    per_image = expected_train_flops(text_model, tuple(cfg.train.mask_beta), cfg.train.reuse_prob)
+    assert row["train_gflops_per_image"] == pytest.approx(per_image / 1e9)
+    assert per_image > expected_train_flops(class_model) * 1.3  # 77 caption tokens on 256 image tokens
+    assert row["sampling_tflops_per_image"] == pytest.approx(sampling_flops(text_model, 8).total / 1e12)
+    assert row["condition"] == "text (77 x 768 context)" and row["images_per_s"] > 0
+    assert main(["cost", "--config", str(ROOT / "configs/experiments/coco256_B.yaml")]) == 0
+    assert "| B text | 256 | 163.4M |" in capsys.readouterr().out
+    assert main(["cost", "--config", str(ROOT / "configs/experiments/coco256_B.yaml"), "--model", "L"]) == 2
