@@ -43,7 +43,7 @@ def random_maps(n, N, seed=0):
 # --- spatial ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("grid", [8, 32])
+@pytest.mark.parametrize("grid", [16, 32])
 @pytest.mark.parametrize("variant", ["nat", "sc", "self", "cross"])
 def test_uniform_attention_splits_mass_by_key_counts(variant, grid):
     """With every logit equal, the share on a kind is that kind's fraction of the keys: the
@@ -120,7 +120,7 @@ def test_masks_are_nested_and_shared_across_models():
 # --- temporal ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("grid", [8, 32])
+@pytest.mark.parametrize("grid", [16, 32])
 @pytest.mark.parametrize("arch", ["nat", "enat"])
 def test_identity_blocks_give_similarity_one_and_the_embedding_cosine(arch, grid):
     """At init adaLN-Zero makes every block the identity: a visible token's features are its
