@@ -221,6 +221,7 @@ class WandbConfig:
     entity: str | None = None
     group: str | None = None
     tags: list[str] = field(default_factory=list)
+    sweep_point: dict[str, Any] = field(default_factory=dict)  # set by the sweep launcher: this run's grid values
 
 
 @dataclass

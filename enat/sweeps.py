@@ -97,7 +97,7 @@ def expand(sweep: Sweep) -> list[SweepRun]:
         overrides = ([f"{k}={json.dumps(v)}" for k, v in sweep.overrides.items()]
                      + [f"{k}={json.dumps(v)}" for k, v in p.items()]
                      + [f"train.run_dir={run_dir}", f"train.wandb.group={sweep.name}",
-                        f"train.wandb.tags={json.dumps(tags)}"])
+                        f"train.wandb.tags={json.dumps(tags)}", f"train.wandb.sweep_point={json.dumps(p)}"])
         out.append(SweepRun(name, p, overrides, run_dir))
     return out
 

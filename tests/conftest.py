@@ -88,3 +88,64 @@ def tiny_clip(path, layers: int = 1):
     tf.CLIPModel(tf.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def wandb_records(run_dir: Path) -> list:
+    """Every record (wandb's protobuf Record) of the offline runs under run_dir/wandb, oldest run
+    first: wandb 0.31 has no Python reader for its transaction log, a LevelDB-style log of 32 KiB
+    blocks (7-byte header: ':W&B', magic, version; per chunk: crc32c, length, type)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    out = []
+    for path in sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")):
+        data = path.read_bytes()
+        assert data[:4] == b":W&B", f"{path}: not a wandb transaction log"
+        block, pos, chunk = 32768, 7, b""
+        while pos + 7 <= len(data):
+            left = block - pos % block
+            if left < 7:  # too little room for a chunk header: the block's padding
+                pos += left
+                continue
+            _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            if kind == 0:  # zero padding to the block's end
+                pos += left
+                continue
+            chunk += data[pos + 7:pos + 7 + length]
+            pos += 7 + length
+            if kind in (1, 4):  # a FULL record, or the LAST chunk of one
+                rec = pb.Record()
+                rec.ParseFromString(chunk)
+                out.append(rec)
+                chunk = b""
+    return out
+
+
+def wandb_summary(records: list) -> dict:
+    """The run's summary after every update the records hold, as nested dicts."""
+    import json
+
+    summary: dict = {}
+    for rec in records:
+        if rec.WhichOneof("record_type") != "summary":
+            continue
+        for item in rec.summary.update:
+            keys = list(item.nested_key) or [item.key]
+            node = summary
+            for k in keys[:-1]:
+                node = node.setdefault(k, {})
+            node[keys[-1]] = json.loads(item.value_json)
+    return summary
+
+
+def wandb_history(records: list) -> list[dict]:
+    """The logged rows ({key: value}, top-level keys only) in order."""
+    import json
+
+    rows = []
+    for rec in records:
+        if rec.WhichOneof("record_type") == "history":
+            rows.append({(list(i.nested_key) or [i.key])[0]: json.loads(i.value_json) for i in rec.history.item
+                         if len(i.nested_key) <= 1})
+    return rows

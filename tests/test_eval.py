@@ -120,7 +120,7 @@ def setup(tmp_path_factory, extractor_path):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    save_weights(d / "w.pt", cfg.model, {"ema": model.state_dict()}, meta={"step": 7})
+    save_weights(d / "w.pt", cfg.model, {"ema": model.state_dict()}, meta={"step": 7, "flops_seen": 123456789})
     dump_config(cfg, d / "config.yaml")
     return d, cfg
 
@@ -142,7 +142,18 @@ def test_job_writes_result_is_idempotent_and_logs(setup, tmp_path):
     assert stored["checkpoint"]["sha256"] and np.load(stored["files"]["npz"])["arr_0"].shape == (20, 32, 32, 3)
     lines = (run / "eval.jsonl").read_text().splitlines()
     assert json.loads(lines[0])["step"] == 7 and "eval/fid" in json.loads(lines[0])
+    assert json.loads(lines[0])["flops_seen"] == 123456789
     assert list((run / "wandb").glob("offline-run-*abc123def456"))
+    # into the training run's wandb run, against the training FLOPs that made the checkpoint
+    from conftest import wandb_history, wandb_records
+
+    records = wandb_records(run)
+    axes = {(m.metric.name or m.metric.glob_name): m.metric.step_metric for m in records
+            if m.WhichOneof("record_type") == "metric"}
+    assert axes["eval/*"] == "eval/flops_seen"
+    logged = [h for h in wandb_history(records) if "eval/fid" in h]
+    assert logged == [{**logged[0], "eval/flops_seen": 123456789, "eval/step": 7}]
+    assert logged[0]["eval/fid"] == r1["metrics"]["fid"]
 
     mtime = results[0].stat().st_mtime_ns
     r2 = evaluate(cfg, run, str(d / "w.pt"), num_samples=20, log=lambda *_: None)

@@ -25,6 +25,7 @@ def test_grid_expands_to_named_runs_with_tags(tmp_path):
     assert (cfg.model.width, cfg.train.steps, cfg.seed, cfg.train.log_every) == (64, 10, 3, 7)
     assert cfg.train.run_dir == "out/width64-steps10" and cfg.train.wandb.group == "g"
     assert "sweep:g" in cfg.train.wandb.tags and "model.width=64" in cfg.train.wandb.tags
+    assert cfg.train.wandb.sweep_point == {"model.width": 64, "train.steps": 10, "seed": 3}  # the run's wandb config
     entry = run_entry(run, cfg)
     assert entry["global_batch"] == 32 * 2 * 2 and entry["compute_budget"] == pytest.approx(
         entry["train_flops_per_sample"] * 128 * 10)

@@ -56,6 +56,58 @@ def grad_norms(run_dir):
     return {r["step"]: r["grad_norm"] for r in recs if r.get("kind") == "train"}
 
 
+def check_compute_axis(run_dir, cfg):
+    """metrics.jsonl counts exact cumulative FLOPs, tokens and [MASK] tokens (every step's plan,
+    recomputed here; 2 ranks then 1 across the resume), and wandb holds the same values with
+    flops_seen declared as the losses' x-axis and N in the run's config."""
+    from conftest import wandb_history, wandb_records
+    from enat.flops import train_step_flops
+    from enat.models.zoo import parameter_counts
+
+    train = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    flops = masked = 0
+    for r in train:
+        plan = plan_step(r["step"] - 1, cfg.seed, cfg.model, cfg.train)
+        flops += 32 * train_step_flops(cfg.model, plan.masked, plan.reuse, plan.remasked)
+        masked += 32 * plan.masked
+        assert (r["flops_seen"], r["masked_tokens_seen"]) == (flops, masked)
+        assert r["tokens_seen"] == r["samples_seen"] * cfg.model.seq_len == r["step"] * 32 * 64
+
+    records = wandb_records(run_dir)
+    axes = {(m.metric.name or m.metric.glob_name): m.metric.step_metric for m in records
+            if m.WhichOneof("record_type") == "metric"}
+    assert axes["loss"] == axes["val/*"] == axes["val_ema/*"] == axes["loss_r*"] == "flops_seen"
+    assert {"flops_seen", "samples_seen", "tokens_seen", "masked_tokens_seen"} <= set(axes)
+    logged = [h for h in wandb_history(records) if "loss" in h]
+    assert [h["flops_seen"] for h in logged] == [r["flops_seen"] for r in train]
+    config = {}
+    for rec in records:
+        kind = rec.WhichOneof("record_type")
+        items = rec.run.config.update if kind == "run" else rec.config.update if kind == "config" else []
+        config.update({(list(i.nested_key) or [i.key])[0]: json.loads(i.value_json) for i in items})
+    total, nonembed = parameter_counts(cfg.model)
+    assert (config["n_params"], config["n_params_nonembed"], config["model_size"]) == (total, nonembed, "tiny")
+
+
+def test_step_counts_sum_every_ranks_plan():
+    """With per-rank plan draws the ranks mask different counts: the step's FLOPs sum them."""
+    from types import SimpleNamespace
+
+    from enat.flops import train_step_flops
+    from enat.train.trainer import Trainer
+
+    cfg = load_config(CONFIG, ["train.plan_draws=per_rank", "train.micro_batch=8", "train.grad_accum=2"])
+    fake = SimpleNamespace(cfg=cfg, world=3)
+    differ = 0
+    for step in range(6):
+        plans = [plan_step(step, cfg.seed, cfg.model, cfg.train, r) for r in range(3)]
+        differ += len({p.masked for p in plans}) > 1
+        expected = sum(16 * train_step_flops(cfg.model, p.masked, p.reuse, p.remasked) for p in plans)
+        assert Trainer.step_counts(fake, step) == (expected, sum(16 * p.masked for p in plans))
+    assert differ >= 3  # the case is not trivial: the ranks' counts do differ
+
+
 def test_plans_cover_both_modes():
     cfg = load_config(CONFIG)
     modes = {plan_step(s, cfg.seed, cfg.model, cfg.train).reuse for s in range(6)}
@@ -164,6 +216,7 @@ def test_exact_resume_world_size_change_nan_guard_and_run_id(tmp_path, data):
     assert (tmp_path / "wandb/wandb_run_id").read_text() == r3["wandb"]["run_id"]
     runs = list((tmp_path / "wandb/wandb").glob("offline-run-*"))
     assert runs and all(p.name.endswith(r3["wandb"]["run_id"]) for p in runs)
+    check_compute_axis(tmp_path / "wandb", load_config(CONFIG, base(data, tmp_path / "wandb", **{"train.steps": 4})))
 
     for name, run in (("nan_once", "nan1"), ("nan_z0", "nan_z0"), ("nan_z3", "nan_z3")):
         assert r3[name]["skipped"] == 1 and r3[name]["step"] == 5, name

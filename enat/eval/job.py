@@ -56,7 +56,7 @@ def check_model(expected: ModelConfig, found: ModelConfig, source: str) -> None:
 
 def load_checkpoint(cfg: Config, run_dir: Path | None, checkpoint: str, weights: str, log=print, rank: int = 0,
                     world: int = 1, check=check_model) -> dict:
-    """-> {"model", "step", "id", "sha256", "model_cfg"} from a weights file or a run checkpoint
+    """-> {"model", "step", "id", "sha256", "model_cfg", "flops_seen"} from a weights file or a run checkpoint
     (verified against its manifest first: a damaged checkpoint is named, never evaluated).
     check(cfg.model, checkpoint's model config, source) raises when they do not match."""
     from enat.models.weights import load_state, load_weights
@@ -68,6 +68,7 @@ def load_checkpoint(cfg: Config, run_dir: Path | None, checkpoint: str, weights:
             raise EvalError(f"checkpoint file {path} not found")
         mcfg, sd, meta = load_weights(path, weights)
         step, ident, digest = int(meta.get("step", 0)), str(path), file_sha256(path)
+        flops = meta.get("flops_seen")
     else:
         from enat.train.checkpoint import checkpoint_dir, checkpoint_weights, require_intact, resolve_tag
 
@@ -80,10 +81,11 @@ def load_checkpoint(cfg: Config, run_dir: Path | None, checkpoint: str, weights:
         mcfg, sd = from_dict(ModelConfig, state["config"]["model"]), sds[weights]
         states = sorted((ckpt_dir / tag).glob("*model_states.pt"))
         step, ident, digest = state["step"], str(ckpt_dir / tag), file_sha256(states[0])
+        flops = state.get("flops_seen")  # the training FLOPs that made these weights (exact, from the step plans)
     check(cfg.model, mcfg, ident)
     model = build_model(mcfg)
     load_state(model, {k: v.float() for k, v in sd.items()}, f"{ident} [{weights}]")
-    return {"model": model.eval(), "step": step, "id": ident, "sha256": digest, "model_cfg": mcfg}
+    return {"model": model.eval(), "step": step, "id": ident, "sha256": digest, "model_cfg": mcfg, "flops_seen": flops}
 
 
 def eval_settings(cfg: Config, weights: str, num_samples: int, reference: dict) -> dict:
@@ -522,21 +524,27 @@ def evaluate(cfg: Config, run_dir: str | Path | None, checkpoint: str = "latest"
         os.replace(tmp, out)  # a half-written result never looks done
         if run_dir is not None:
             with open(run_dir / "eval.jsonl", "a") as f:
-                f.write(json.dumps({"step": ck["step"], **{f"eval/{k}": v for k, v in values.items()},
+                f.write(json.dumps({"step": ck["step"], "flops_seen": ck["flops_seen"],
+                                    **{f"eval/{k}": v for k, v in values.items()},
                                     "settings_hash": out.stem, "num_samples": num_samples}) + "\n")
-            _log_wandb(cfg, run_dir, ck["step"], values)
+            _log_wandb(cfg, run_dir, ck["step"], values, ck["flops_seen"])
         log(f"wrote {out}\n" + json.dumps(values, indent=1))
     record = _gather(record, world)[0]
     return {**record, "cached": False, "path": str(out)}
 
 
-def _log_wandb(cfg: Config, run_dir: Path, step: int, values: dict) -> None:
-    """Into the training run's wandb run (same id), under eval/, against the checkpoint's step."""
+def _log_wandb(cfg: Config, run_dir: Path, step: int, values: dict, flops: int | None = None) -> None:
+    """Into the training run's wandb run (same id), under eval/: against the training FLOPs that
+    made the checkpoint (the axis the training losses use), or its step for a checkpoint older
+    than the exact count."""
     with training_wandb_run(cfg, run_dir) as run:
         if run is not None:
+            axis = "eval/flops_seen" if flops is not None else "eval/step"
             run.define_metric("eval/step")
-            run.define_metric("eval/*", step_metric="eval/step")
-            run.log({"eval/step": step, **{f"eval/{k}": v for k, v in values.items()}})
+            run.define_metric(axis)
+            run.define_metric("eval/*", step_metric=axis)
+            extra = {"eval/flops_seen": flops} if flops is not None else {}
+            run.log({"eval/step": step, **extra, **{f"eval/{k}": v for k, v in values.items()}})
 
 
 @contextlib.contextmanager

@@ -486,6 +486,7 @@ def export_weights(run_or_ckpt: str | Path, out: str | Path, which: str | None =
     model_cfg = from_dict(ModelConfig, enat_state["config"]["model"])
     save_weights(out, model_cfg, weights, meta={"step": enat_state["step"], "tag": tag, "run_dir": str(ckpt_dir.parent),
                                                 "git_commit": enat_state.get("git_commit"),
-                                                "samples_seen": enat_state["samples_seen"]})
+                                                "samples_seen": enat_state["samples_seen"],
+                                                "flops_seen": enat_state.get("flops_seen")})
     log(f"wrote {out}: EMA and online weights of {ckpt_dir / tag} (step {enat_state['step']})")
     return Path(out)

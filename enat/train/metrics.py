@@ -65,6 +65,17 @@ class MetricsWriter:
                                     tags=wandb_cfg.tags or None, id=rid, resume="allow", dir=str(run_dir),
                                     mode=wandb_cfg.mode, config=config, name=run_dir.name)
 
+    def define_axis(self, axis: str, metrics: list[str], also: list[str] = ()) -> None:
+        """Declare `axis` (and `also`, other cumulative counters) as wandb metrics and make `axis`
+        the default x-axis of `metrics` (names or globs), so the UI plots them against it. Every
+        record that logs one of `metrics` must carry `axis`."""
+        if self.wandb is None:
+            return
+        for name in (axis, *also):
+            self.wandb.define_metric(name)
+        for pattern in metrics:
+            self.wandb.define_metric(pattern, step_metric=axis)
+
     def truncate_after(self, step: int) -> int:
         """Drop lines of steps after `step` (written after the checkpoint a run resumes from), so
         every step appears exactly once, and lines cut short by a killed process. Returns how many

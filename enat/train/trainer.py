@@ -261,12 +261,18 @@ class Trainer:
 
         self.step = 0
         self.samples_seen = 0
+        self.flops_seen = 0  # exact: every step's plan on every rank (int, so sums are exact)
+        self.masked_tokens_seen = 0
         self.skipped = 0
         self.consecutive_skips = 0
         rid = None
         if tag is not None:
             state = self.checkpointer.load(self.engine, tag)
             self.step, self.samples_seen = state["step"], state["samples_seen"]
+            if "flops_seen" in state:
+                self.flops_seen, self.masked_tokens_seen = state["flops_seen"], state["masked_tokens_seen"]
+            else:  # a checkpoint from before the exact count: recount the plans of the steps so far
+                self.flops_seen, self.masked_tokens_seen = self.plans_so_far()
             self.skipped, self.consecutive_skips = state["skipped"], state["consecutive_skips"]
             self.loader.load_state_dict(state["data"])
             self.ema.load_state_dict(state["ema"])
@@ -279,9 +285,11 @@ class Trainer:
             dump_config(cfg, self.run_dir / "config.yaml")
         self.run_id = broadcast_object(rid)
         self.flops_per_sample = expected_train_flops(cfg.model, tuple(t.mask_beta), t.reuse_prob)
-        wandb_config = {**to_dict(cfg), "params": self.n_params, "train_flops_per_sample": self.flops_per_sample,
-                        "world_size": self.world}
-        self.metrics = MetricsWriter(self.run_dir, self.rank == 0, t.wandb, self.run_id, wandb_config, fence=fence)
+        self.metrics = MetricsWriter(self.run_dir, self.rank == 0, t.wandb, self.run_id, self.wandb_config(),
+                                     fence=fence)
+        # wandb plots the losses against compute by default (the x-axis a scaling study needs)
+        self.metrics.define_axis("flops_seen", ["loss", "loss_r*", "val/*", "val_ema/*"],
+                                 also=["samples_seen", "tokens_seen", "masked_tokens_seen"])
         dropped = self.metrics.truncate_after(self.step)
         if dropped:
             self.log(f"metrics.jsonl: dropped {dropped} lines logged after the checkpoint of step {self.step}")
@@ -303,6 +311,46 @@ class Trainer:
     def module(self):
         return self.engine.module
 
+    def wandb_config(self) -> dict:
+        """The run's wandb config: the whole config tree plus what a scaling dashboard groups by."""
+        from enat.models.zoo import parameter_counts
+
+        cfg = self.cfg
+        total, nonembed = parameter_counts(cfg.model)
+        w = cfg.train.wandb
+        return {**to_dict(cfg), "params": self.n_params, "n_params": total, "n_params_nonembed": nonembed,
+                "model_size": cfg.model.size, "train_flops_per_sample": self.flops_per_sample,
+                "world_size": self.world, "global_batch": self.global_batch,
+                "sweep": {"name": w.group, "point": w.sweep_point} if w.sweep_point else None}
+
+    @property
+    def global_batch(self) -> int:
+        t = self.cfg.train
+        return t.micro_batch * t.grad_accum * self.world
+
+    def step_counts(self, step: int) -> tuple[int, int]:
+        """(training FLOPs, [MASK] tokens) of one step over all ranks, from every rank's plan
+        (with train.plan_draws=per_rank the ranks' mask ratios differ): known on every rank
+        without communication."""
+        cfg, t = self.cfg, self.cfg.train
+        per_rank = t.micro_batch * t.grad_accum
+        ranks = range(self.world) if t.plan_draws == "per_rank" else [0] * self.world
+        flops = masked = 0
+        for r in ranks:
+            plan = plan_step(step, cfg.seed, cfg.model, t, r)
+            flops += per_rank * train_step_flops(cfg.model, plan.masked, plan.reuse, plan.remasked)
+            masked += per_rank * plan.masked
+        return flops, masked
+
+    def plans_so_far(self) -> tuple[int, int]:
+        counts = [self.step_counts(s) for s in range(self.step)]
+        return sum(c[0] for c in counts), sum(c[1] for c in counts)
+
+    def compute_seen(self) -> dict:
+        """What a scaling study plots against: exact cumulative FLOPs, samples, tokens, [MASK] tokens."""
+        return {"samples_seen": self.samples_seen, "flops_seen": self.flops_seen,
+                "tokens_seen": self.samples_seen * self.cfg.model.seq_len, "masked_tokens_seen": self.masked_tokens_seen}
+
     def client_state(self) -> dict:
         states = [None] * self.world
         mine = self.loader.state_dict()
@@ -310,7 +358,8 @@ class Trainer:
             dist.all_gather_object(states, mine)
             if any(s != mine for s in states):
                 raise RuntimeError(f"data loader states differ across ranks: {states}")
-        return {"step": self.step, "samples_seen": self.samples_seen, "data": mine, "ema": self.ema.state_dict(),
+        return {"step": self.step, "samples_seen": self.samples_seen, "flops_seen": self.flops_seen,
+                "masked_tokens_seen": self.masked_tokens_seen, "data": mine, "ema": self.ema.state_dict(),
                 "wandb_run_id": self.run_id, "config": to_dict(self.cfg), "git_commit": git_commit(),
                 "skipped": self.skipped, "consecutive_skips": self.consecutive_skips, "world_size": self.world}
 
@@ -411,12 +460,13 @@ class Trainer:
         else:
             self.consecutive_skips = 0
             self.ema.update()
-        n = t.micro_batch * t.grad_accum * self.world
-        self.samples_seen += n
+        flops, masked = self.step_counts(self.step)
+        self.samples_seen += self.global_batch
+        self.flops_seen += flops
+        self.masked_tokens_seen += masked
         self.step += 1
         return {"loss": loss_total / (t.grad_accum * self.world) if not bad else float("nan"), "plan": plan,
-                "data_wait": data_wait, "skipped": bad,
-                "flops": n * train_step_flops(cfg.model, plan.masked, plan.reuse, plan.remasked)}
+                "data_wait": data_wait, "skipped": bad, "flops": flops}
 
     # ------------------------------------------------------------------------------------------
 
@@ -563,8 +613,8 @@ class Trainer:
             if t.val_every and (self.step % t.val_every == 0 or self.step == end):
                 val = self.validate()
                 if val:
-                    self.val_metrics.log({"step": self.step, "samples_seen": self.samples_seen, **val})
-                    self.metrics.log({"kind": "val", "step": self.step, "samples_seen": self.samples_seen, **val})
+                    self.val_metrics.log({"step": self.step, **self.compute_seen(), **val})
+                    self.metrics.log({"kind": "val", "step": self.step, **self.compute_seen(), **val})
             if t.sample_every and (self.step % t.sample_every == 0 or self.step == end):
                 grid = self.sample_grid()
                 if grid is not None:
@@ -593,7 +643,7 @@ class Trainer:
         elapsed = time.perf_counter() - w["t0"]
         n = w["steps"] * t.micro_batch * t.grad_accum * self.world
         tokens = n * self.cfg.model.seq_len
-        rec = {"kind": "train", "step": self.step, "samples_seen": self.samples_seen,
+        rec = {"kind": "train", "step": self.step, **self.compute_seen(),
                "loss": sum(w["loss"]) / len(w["loss"]) if w["loss"] else float("nan"),
                "lr": self.scheduler.get_last_lr()[0],
                "grad_norm": float(self._grad_norm if self.cfg.train.zero_stage != 3
@@ -604,7 +654,7 @@ class Trainer:
                "tflops_per_s": w["flops"] / elapsed / 1e12,
                "tflops_per_s_per_rank": w["flops"] / elapsed / 1e12 / self.world,
                "data_wait_fraction": w["data_wait"] / elapsed, "peak_memory_gb": peak_memory_gb(),
-               "flops_seen": self.samples_seen * self.flops_per_sample, "window_s": elapsed}
+               "window_s": elapsed}
         if self.peak:
             rec["mfu"] = rec["tflops_per_s_per_rank"] / self.peak
         for b, values in sorted(w["buckets"].items()):
