@@ -1,17 +1,23 @@
 """Sweep -> fitted laws, plots and a Markdown report.
 
-    python -m scaling.report --sweep runs/sweeps/mini --out runs/sweeps/mini/report [--loss val/loss_r0.7]
+    python -m scaling.report --sweep runs/sweeps/mini --out runs/sweeps/mini/report [--loss val/loss_r0.7] [--wandb]
 
 Writes OUT/report.md (parameters with 95 % bootstrap intervals, the compute-optimal exponents,
 the hold-out check, excluded runs, the plots), OUT/fit.json, OUT/points.csv and the PNGs:
 loss_vs_compute.png (per size, with the fitted curves and frontier), isoflop.png, optimal_n.png,
 fid_vs_compute.png, loss_by_mask_ratio.png.
+
+--wandb publishes the report as a wandb run of its own in the sweep's group (job type
+scaling-report, project/entity/mode from the runs' configs): fit.json as the summary, the points
+as a table, the plots as images. Its id is derived from the sweep, so a re-run updates that run.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -162,8 +168,52 @@ def choose_points(rows: list[dict], which: str) -> tuple[list[dict], str]:
     return rows, "validation loss at every logged step (constant LR after warm-up)"
 
 
+def report_run_id(project: str, entity: str | None, sweep_name: str) -> str:
+    """The report's wandb run id: one per (entity, project, sweep), so re-running the report
+    updates that run instead of adding another."""
+    key = f"{entity or ''}/{project}/{sweep_name}"
+    return "scaling-report-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def publish_wandb(result: dict, col, points: list[dict], key: str, plots: list[Path], out: Path,
+                  mode: str | None = None) -> str:
+    """The report as a wandb run in the sweep's group -> its id. The summary is fit.json's
+    content (law with CIs, optimal allocation, hold-out, FID fits); the points go in a Table and
+    the plots in images."""
+    from enat.config import load_config
+
+    if not col.runs:
+        raise ScalingError("--wandb: no runs to take the wandb project from")
+    w = load_config(Path(col.runs[0]["run_dir"]) / "config.yaml").train.wandb
+    mode = mode or w.mode
+    if mode == "disabled":
+        raise ScalingError("--wandb: the sweep's runs have train.wandb.mode=disabled; give --wandb-mode offline "
+                           "(or online)")
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    name = col.name or Path(result["sweep"]).name
+    rid = report_run_id(w.project, w.entity, name)
+    run = wandb.init(project=w.project, entity=w.entity, group=w.group or name, job_type="scaling-report",
+                     id=rid, resume="allow", name=f"{name}: scaling report", dir=str(out), mode=mode,
+                     tags=[f"sweep:{name}", "scaling-report"],
+                     config={"sweep": result["sweep"], "loss": result["loss"], "points_used": result["points_used"],
+                             "runs": result["runs"], "points": result["points"]})
+    try:
+        columns = ["run", "n_params_nonembed", "step", "samples", "compute", key]
+        table = wandb.Table(columns=columns, data=[[p.get(c) for c in columns] for p in points])
+        run.log({"points": table, **{f"plots/{p.stem}": wandb.Image(str(p)) for p in plots}})
+        run.summary.update(json.loads(json.dumps({k: result[k] for k in ("law", "optimal", "holdout", "fid",
+                                                                          "k_flops_per_param_sample")},
+                                                 default=float)))
+    finally:
+        run.finish()
+    return rid
+
+
 def report(sweep: str | Path, out: str | Path, loss: str = "val/loss_r0.7", bootstrap: int = 200,
-           hold: str | None = None, points: str = "auto") -> Path:
+           hold: str | None = None, points: str = "auto", wandb_mode: str | bool | None = None) -> Path:
+    """wandb_mode: publish to wandb (True: the runs' mode; or "offline"/"online")."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     col = collect(sweep)
@@ -237,6 +287,9 @@ def report(sweep: str | Path, out: str | Path, loss: str = "val/loss_r0.7", boot
     if col.excluded:
         lines += ["", "## Excluded runs", ""] + [f"- `{e['run']}`: {e['reason']}" for e in col.excluded]
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    if wandb_mode:
+        rid = publish_wandb(result, col, points, key, plots, out, None if wandb_mode is True else wandb_mode)
+        lines += ["", f"Published to wandb as run `{rid}` (job type scaling-report, group `{col.name}`)."]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -251,9 +304,12 @@ def main(argv=None) -> int:
     p.add_argument("--hold", help="the run to hold out (default: the largest)")
     p.add_argument("--points", choices=["auto", "all", "final"], default="auto",
                    help="fit every logged validation point or each run's last (auto: last under a decaying LR)")
+    p.add_argument("--wandb", action="store_true", help="publish the report as a wandb run in the sweep's group")
+    p.add_argument("--wandb-mode", choices=["offline", "online"], help="default: the runs' train.wandb.mode")
     args = p.parse_args(argv)
     try:
-        path = report(args.sweep, args.out, args.loss, args.bootstrap, args.hold, args.points)
+        path = report(args.sweep, args.out, args.loss, args.bootstrap, args.hold, args.points,
+                      wandb_mode=(args.wandb_mode or True) if args.wandb else None)
     except ScalingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

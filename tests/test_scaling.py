@@ -146,6 +146,34 @@ def test_report_writes_fit_plots_and_markdown(sweep_dir, tmp_path):
     assert (tmp_path / "out/points.csv").read_text().count("\n") == 1 + 120
 
 
+def test_report_publishes_to_wandb_as_one_run(sweep_dir, tmp_path):
+    """--wandb: a run of its own in the sweep's group (job type scaling-report) whose summary is
+    fit.json; the points as a table and the plots as images; a re-run reuses the id."""
+    from conftest import wandb_records, wandb_summary
+    from scaling.report import report, report_run_id
+
+    out = tmp_path / "out"
+    report(sweep_dir, out, bootstrap=20, wandb_mode="offline")
+    result = json.loads((out / "fit.json").read_text())
+    records = wandb_records(out)
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert (run.run_group, run.job_type, run.run_id) == ("fake", "scaling-report", report_run_id("enat", None, "fake"))
+    summary = wandb_summary(records)
+    for part in ("law", "optimal", "holdout", "k_flops_per_param_sample"):
+        assert summary[part] == result[part], part
+    assert summary["law"]["alpha"] == result["law"]["alpha"] and summary["holdout"]["rel_error"] == result["holdout"]["rel_error"]
+    media = list(out.glob("wandb/offline-run-*/files/media"))[0]
+    table = json.loads(next(media.glob("table/points_*.table.json")).read_text())
+    assert len(table["data"]) == result["points"] and table["columns"][-1] == "val_loss_r0.7"
+    assert {p.name.split("_")[0] for p in media.glob("images/plots/*.png")} >= {"isoflop", "optimal", "loss"}
+    assert "Published to wandb as run" in (out / "report.md").read_text()
+
+    report(sweep_dir, out, bootstrap=20, wandb_mode="offline")  # the sweep grew, say: same run, updated
+    dirs = list(out.glob("wandb/offline-run-*"))
+    assert len(dirs) == 2 and all(d.name.endswith("-" + run.run_id) for d in dirs)
+    assert {r.run.run_id for r in wandb_records(out) if r.WhichOneof("record_type") == "run"} == {run.run_id}
+
+
 def test_report_command_errors_cleanly_on_a_missing_sweep(tmp_path):
     import subprocess
     import sys
