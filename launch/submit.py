@@ -111,6 +111,7 @@ def executor(cfg: Config, folder: str | Path, name: str, tasks_per_node: int = 1
                              slurm_array_parallelism=ln.array_parallelism)
     ex.enat_cluster = kind  # what was chosen, for the record
     ex.enat_additional = dict(ln.additional)
+    ex.enat_array_parallelism = ln.array_parallelism
     return ex
 
 
@@ -135,9 +136,27 @@ def submit(ex, fn, *args, after=None) -> submitit.Job:
     return ex.submit(fn, *args)
 
 
-def submit_array(ex, fn, *arg_lists, after=None) -> list[submitit.Job]:
+def submit_array(ex, fn, *arg_lists, after=None, poll_s: float = 2.0) -> list[submitit.Job]:
+    """One task per argument tuple, at most launch.array_parallelism running at once: SLURM holds
+    the rest back itself; local processes have no scheduler, so the launcher starts the next task
+    as one finishes and returns once the last ones are running."""
     _dependency(ex, after)
-    return ex.map_array(fn, *arg_lists)
+    limit = getattr(ex, "enat_array_parallelism", None)
+    tasks = list(zip(*arg_lists))
+    if ex.enat_cluster == "slurm" or not limit or len(tasks) <= limit:
+        return ex.map_array(fn, *arg_lists)
+    print(f"{len(tasks)} tasks as local processes, {limit} at a time (launch.array_parallelism): this launcher "
+          f"starts each as a slot frees", flush=True)
+    jobs, running = [], []
+    for args in tasks:
+        while len(running) >= limit:
+            running = [j for j in running if not j.done()]
+            if len(running) >= limit:
+                time.sleep(poll_s)
+        job = ex.submit(fn, *args)
+        jobs.append(job)
+        running.append(job)
+    return jobs
 
 
 def wait(jobs) -> list:

@@ -1,9 +1,13 @@
-"""Sweep specs: grid expansion, run names and overrides, and clear errors."""
+"""Sweep specs: grid expansion, run names and overrides, clear errors, and the local executor's
+array parallelism."""
+
+import os
+from pathlib import Path
 
 import pytest
 
 from conftest import ROOT
-from enat.config import ConfigError
+from enat.config import ConfigError, load_config
 from enat.sweeps import expand, load_sweep, run_configs, run_entry
 
 
@@ -40,3 +44,27 @@ def test_bad_specs_fail_before_submitting(tmp_path):
         run_configs(load_sweep(write(tmp_path, "name: g\nout_dir: o\ngrid: {model.width: [32, 33]}\n")))
     with pytest.raises(ConfigError, match="two runs would be named"):
         expand(load_sweep(write(tmp_path, "name: g\nout_dir: o\nruns: [{seed: 1}, {seed: 1}]\n")))
+
+
+def record_interval(path: str, seconds: float) -> None:
+    """A task of the local-array test: its start and end time, written to `path`."""
+    import time
+
+    start = time.time()
+    time.sleep(seconds)
+    Path(path).write_text(f"{start} {time.time()}")
+
+
+def test_local_arrays_honour_array_parallelism(tmp_path, monkeypatch):
+    """Without SLURM the launcher itself keeps at most launch.array_parallelism tasks running."""
+    from launch.submit import executor, submit_array, wait
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
+    cfg = load_config(ROOT / "configs/experiments/demo.yaml", ["launch.cluster=local", "launch.array_parallelism=2"])
+    ex = executor(cfg, tmp_path / "logs", "par", gpus=False)
+    outs = [str(tmp_path / f"t{i}") for i in range(5)]
+    jobs = submit_array(ex, record_interval, outs, [1.5] * 5, poll_s=0.2)
+    wait(jobs)
+    spans = [tuple(map(float, Path(o).read_text().split())) for o in outs]
+    most = max(sum(a <= t < b for a, b in spans) for t, _ in spans)
+    assert most == 2 and len(jobs) == 5
