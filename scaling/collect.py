@@ -2,7 +2,8 @@
 trainer, and writes one row per (run, logged validation step):
 
     run, size, width, n_params, n_params_nonembed, flops_per_sample, step, samples (D),
-    compute (C = flops_per_sample * D, FLOPs), val_loss_r<ratio> (online and EMA), fid / is at
+    compute (C: the exact FLOPs the trainer logs as flops_seen; flops_per_sample * D for runs from
+    before that count), val_loss_r<ratio> (online and EMA), fid / is at
     that step when evaluated, wall_s (training time so far)
 
     python -m scaling.collect --sweep runs/sweeps/mini [--out DIR]     (or --runs RUN [RUN ...])
@@ -42,6 +43,13 @@ def _jsonl(path: Path) -> list[dict]:
     return out
 
 
+def _compute(record: dict, per_sample: float) -> float:
+    """The training FLOPs behind a record: exact (the trainer sums every step's plan) when the
+    record carries them, else samples x the mean FLOPs per sample (runs from before the count)."""
+    exact = record.get("flops_seen")
+    return float(exact) if exact is not None else per_sample * record["samples_seen"]
+
+
 def read_run(run_dir: Path, name: str | None = None) -> tuple[dict | None, list[dict], str | None]:
     """(run summary, rows, None) or (None, [], reason to exclude it)."""
     from enat.config import ConfigError, load_config
@@ -77,22 +85,31 @@ def read_run(run_dir: Path, name: str | None = None) -> tuple[dict | None, list[
     for r in train:
         wall += r.get("window_s", 0.0)
         wall_at[r["step"]] = wall
+    from enat.flops import sampling_flops
+
+    guided = cfg.sample.cfg_scale != 0
+    sampling = {"sample_flops_plain": sampling_flops(cfg.model, cfg.sample.steps, reuse=False, guided=guided).total,
+                "sample_flops_reuse": (sampling_flops(cfg.model, cfg.sample.steps, reuse=True, guided=guided).total
+                                       if cfg.model.arch == "enat" else None),
+                "sample_steps": cfg.sample.steps, "seq_len": cfg.model.seq_len,
+                "mask_fraction": cfg.train.mask_beta[0] / sum(cfg.train.mask_beta)}  # mean of Beta(a, b)
     summary = {"run": name, "run_dir": str(run_dir), "size": cfg.model.size, "width": cfg.model.width,
                "depth": cfg.model.enc_depth + cfg.model.dec_depth, "n_params": n_total,
                "n_params_nonembed": n_nonembed, "flops_per_sample": per_sample, "steps": cfg.train.steps,
-               "samples": val[-1]["samples_seen"], "compute": per_sample * val[-1]["samples_seen"],
-               "wall_s": wall, "seed": cfg.seed, "schedule": cfg.train.schedule}
+               "samples": val[-1]["samples_seen"], "compute": _compute(val[-1], per_sample),
+               "wall_s": wall, "seed": cfg.seed, "schedule": cfg.train.schedule, **sampling}
     rows = []
     for r in val:
         row = {k: summary[k] for k in ("run", "size", "width", "n_params", "n_params_nonembed", "flops_per_sample",
                                        "seed")}
-        row.update(step=r["step"], samples=r["samples_seen"], compute=per_sample * r["samples_seen"],
+        row.update(step=r["step"], samples=r["samples_seen"], compute=_compute(r, per_sample),
                    wall_s=wall_at.get(r["step"], float("nan")), final=r is val[-1], schedule=cfg.train.schedule)
         row.update({k.replace("/", "_"): v for k, v in r.items() if k.startswith(("val/", "val_ema/"))})
         ev = evals.get(r["step"], {})
         row.update({k.replace("/", "_"): v for k, v in ev.items() if k.startswith("eval/")})
         rows.append(row)
-    summary["evals"] = [{"step": s, "compute": per_sample * s * (val[-1]["samples_seen"] / val[-1]["step"]),
+    per_step = val[-1]["samples_seen"] / val[-1]["step"]
+    summary["evals"] = [{"step": s, "compute": e.get("flops_seen") or per_sample * s * per_step,
                          **{k: v for k, v in e.items() if k.startswith("eval/")}} for s, e in sorted(evals.items())]
     return summary, rows, None
 

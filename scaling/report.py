@@ -25,6 +25,8 @@ import numpy as np
 
 from scaling.collect import ScalingError, collect, write
 from scaling.fit import compute_optimal, fit_fid, fit_law, flops_per_param, holdout
+from scaling.baselines import gate_markdown, regime_gate, sweep_baselines
+from scaling.frontier import frontier_markdown, sweep_frontiers
 
 
 def _key(loss: str) -> str:
@@ -203,22 +205,62 @@ def publish_wandb(result: dict, col, points: list[dict], key: str, plots: list[P
         columns = ["run", "n_params_nonembed", "step", "samples", "compute", key]
         table = wandb.Table(columns=columns, data=[[p.get(c) for c in columns] for p in points])
         run.log({"points": table, **{f"plots/{p.stem}": wandb.Image(str(p)) for p in plots}})
-        run.summary.update(json.loads(json.dumps({k: result[k] for k in ("law", "optimal", "holdout", "fid",
-                                                                          "k_flops_per_param_sample")},
-                                                 default=float)))
+        parts = ("law", "optimal", "frontier", "holdout", "fid", "k_flops_per_param_sample", "gate")
+        run.summary.update(json.loads(json.dumps({k: result[k] for k in parts if k in result}, default=float)))
     finally:
         run.finish()
     return rid
 
 
+def check_regime(col, loss: str) -> dict:
+    """The regime gate on the runs' final points, against the frequency tables of the sweep's own
+    token shards (the first run's data.shards / data.val_shards); shards that cannot be read fail
+    the gate, saying why."""
+    from enat.config import load_config
+
+    try:
+        baselines = sweep_baselines(load_config(Path(col.runs[0]["run_dir"]) / "config.yaml"))
+    except ScalingError as e:
+        return {"passed": False, "reasons": [f"The frequency-table baselines could not be computed ({e}), so the "
+                                             f"runs' regime is unknown."], "per_run": [], "baselines": None}
+    return regime_gate([r for r in col.rows if r["final"]], baselines, loss)
+
+
+def gated_report(out: Path, col, loss: str, gate: dict, sweep, wandb_mode=None) -> Path:
+    """What the report says when the runs are not in the regime a law describes: why, and no law."""
+    result = {"sweep": str(sweep), "loss": loss, "gate": gate, "law": None, "runs": len(col.runs),
+              "excluded": col.excluded}
+    (out / "fit.json").write_text(json.dumps(result, indent=1, default=float))
+    lines = [f"# Scaling report: {col.name or sweep}", "", f"{len(col.runs)} runs, `{loss}`. No law is stated: the "
+             f"runs fail the regime gate (`--ignore-gate` fits one anyway, marked as such).", ""]
+    lines += gate_markdown(gate) if gate.get("baselines") else ["## Regime gate", ""] + [f"- {r}" for r in gate["reasons"]]
+    if col.excluded:
+        lines += ["", "## Excluded runs", ""] + [f"- `{e['run']}`: {e['reason']}" for e in col.excluded]
+    if wandb_mode:  # the dashboard shows the failed gate (summary "gate", "law": null)
+        rid = publish_wandb({**result, "points_used": "none", "points": 0}, col, [], _key(loss), [], out,
+                            None if wandb_mode is True else wandb_mode)
+        lines += ["", f"Published to wandb as run `{rid}`."]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def report(sweep: str | Path, out: str | Path, loss: str = "val/loss_r0.7", bootstrap: int = 200,
-           hold: str | None = None, points: str = "auto", wandb_mode: str | bool | None = None) -> Path:
-    """wandb_mode: publish to wandb (True: the runs' mode; or "offline"/"online")."""
+           hold: str | None = None, points: str = "auto", wandb_mode: str | bool | None = None,
+           ignore_gate: bool = False) -> Path:
+    """wandb_mode: publish to wandb (True: the runs' mode; or "offline"/"online"). ignore_gate:
+    state the law even when the runs fail the regime gate (the report says so at the top)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     col = collect(sweep)
     write(col, out)
     key = _key(loss)
+    if not col.runs:
+        raise ScalingError("no finished runs to report on: " + "; ".join(f"{e['run']}: {e['reason']}"
+                                                                        for e in col.excluded))
+    gate = check_regime(col, loss)
+    if not gate["passed"] and not ignore_gate:
+        return gated_report(out, col, loss, gate, sweep, wandb_mode)
     rows, which = choose_points(col.rows, points)
     points = [p for p in rows if key in p and np.isfinite(p[key])]
     if not points:
@@ -230,6 +272,7 @@ def report(sweep: str | Path, out: str | Path, loss: str = "val/loss_r0.7", boot
     k = flops_per_param(col.runs)
     cs = np.array([p["compute"] for p in points])
     opt = compute_optimal(fit, k, [cs.max(), cs.max() * 10, cs.max() * 100])
+    frontiers = sweep_frontiers(fit, col.runs, cs.max())
     try:
         ho = holdout(points, key, hold)
     except ScalingError as e:
@@ -244,11 +287,14 @@ def report(sweep: str | Path, out: str | Path, loss: str = "val/loss_r0.7", boot
               "optimal": {"a": opt["a"], "b": opt["b"], "a_ci": opt.get("a_ci"), "b_ci": opt.get("b_ci"),
                           "at": [{"C": float(c), "N": float(n), "D": float(d), "L": float(lv)}
                                  for c, n, d, lv in zip(opt["C"], opt["N"], opt["D"], opt["L"])]},
-              "holdout": ho, "fid": fid_fits, "excluded": col.excluded, "runs": len(col.runs), "points": len(points)}
+              "frontier": frontiers, "holdout": ho, "fid": fid_fits, "gate": gate, "excluded": col.excluded, "runs": len(col.runs), "points": len(points)}
     (out / "fit.json").write_text(json.dumps(result, indent=1, default=float))
 
-    lines = [f"# Scaling report: {col.name or sweep}", "",
-             f"{len(col.runs)} runs, {len(points)} points: `{loss}`, {which}; "
+    lines = [f"# Scaling report: {col.name or sweep}", ""]
+    if not gate["passed"]:
+        lines += ["**The runs fail the regime gate (below); this law was fitted anyway (--ignore-gate) and describes "
+                  "optimisation progress, not capacity.**", ""]
+    lines += [f"{len(col.runs)} runs, {len(points)} points: `{loss}`, {which}; "
              f"{fit.n_sizes} model sizes. Fit: L(N, D) = E + A/N^alpha + B/D^beta, N = non-embedding "
              f"parameters, D = training samples; Huber (delta 1e-3) on log-loss, L-BFGS from a grid of starts; "
              f"95 % intervals from {fit.bootstrap} bootstrap resamples of runs.", "",
@@ -263,12 +309,15 @@ def report(sweep: str | Path, out: str | Path, loss: str = "val/loss_r0.7", boot
                      if "E" in fit.at_bounds else "Those parameters are not identified by this sweep.")]
     a_ci = f" [{opt['a_ci'][0]:.3f}, {opt['a_ci'][1]:.3f}]" if opt.get("a_ci") else ""
     b_ci = f" [{opt['b_ci'][0]:.3f}, {opt['b_ci'][1]:.3f}]" if opt.get("b_ci") else ""
+    lines += [""] + (gate_markdown(gate) if gate.get("baselines") else
+                     ["## Regime gate", ""] + [f"- {r}" for r in gate["reasons"]])
     lines += ["", "## Compute-optimal allocation", "",
               f"C = k N D with k = {k:.3g} FLOPs per non-embedding parameter and sample (median over runs, from "
               f"the exact per-sample FLOPs). N*(C) ~ C^a with a = {opt['a']:.3f}{a_ci}; D*(C) ~ C^b with "
               f"b = {opt['b']:.3f}{b_ci}.", "", "| C (FLOPs) | N* | D* (samples) | L* |", "|---|---|---|---|"]
     for c, n, d, lv in zip(opt["C"], opt["N"], opt["D"], opt["L"]):
         lines.append(f"| {c:.3g} | {n:.3g} | {d:.3g} | {lv:.4f} |")
+    lines += [""] + frontier_markdown(frontiers, col.runs[0].get("sample_steps"))
     lines += ["", "## Hold-out check", ""]
     if "error" in ho:
         lines.append(f"Not possible: {ho['error']}")
@@ -304,17 +353,23 @@ def main(argv=None) -> int:
     p.add_argument("--hold", help="the run to hold out (default: the largest)")
     p.add_argument("--points", choices=["auto", "all", "final"], default="auto",
                    help="fit every logged validation point or each run's last (auto: last under a decaying LR)")
+    p.add_argument("--ignore-gate", action="store_true",
+                   help="state a law even when the runs fail the regime gate (the report says so)")
     p.add_argument("--wandb", action="store_true", help="publish the report as a wandb run in the sweep's group")
     p.add_argument("--wandb-mode", choices=["offline", "online"], help="default: the runs' train.wandb.mode")
     args = p.parse_args(argv)
     try:
         path = report(args.sweep, args.out, args.loss, args.bootstrap, args.hold, args.points,
-                      wandb_mode=(args.wandb_mode or True) if args.wandb else None)
+                      wandb_mode=(args.wandb_mode or True) if args.wandb else None, ignore_gate=args.ignore_gate)
     except ScalingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}")
-    print(json.dumps(json.loads((Path(args.out) / "fit.json").read_text())["law"], indent=1))
+    result = json.loads((Path(args.out) / "fit.json").read_text())
+    if result["law"] is None:
+        print("no law stated: the runs fail the regime gate\n" + "\n".join(f"- {r}" for r in result["gate"]["reasons"]))
+    else:
+        print(json.dumps(result["law"], indent=1))
     return 0
 
 

@@ -90,35 +90,52 @@ def tiny_clip(path, layers: int = 1):
     return path
 
 
-def wandb_records(run_dir: Path) -> list:
+def wandb_records(run_dir: Path, timeout_s: float = 30.0) -> list:
     """Every record (wandb's protobuf Record) of the offline runs under run_dir/wandb, oldest run
     first: wandb 0.31 has no Python reader for its transaction log, a LevelDB-style log of 32 KiB
-    blocks (7-byte header: ':W&B', magic, version; per chunk: crc32c, length, type)."""
+    blocks (7-byte header: ':W&B', magic, version; per chunk: crc32c, length, type). wandb's
+    service process may still be writing a log when finish() has returned: each is read until it
+    holds its exit record (or timeout_s passes)."""
+    import time
+
+    out = []
+    for path in sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")):
+        deadline = time.monotonic() + timeout_s
+        records = _wandb_log(path)
+        while not any(r.WhichOneof("record_type") == "exit" for r in records) and time.monotonic() < deadline:
+            time.sleep(0.2)
+            records = _wandb_log(path)
+        out += records
+    return out
+
+
+def _wandb_log(path: Path) -> list:
+    """The records of one transaction log, as far as it is written (a partial last record: none)."""
     import struct
 
     from wandb.proto import wandb_internal_pb2 as pb
 
-    out = []
-    for path in sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")):
-        data = path.read_bytes()
-        assert data[:4] == b":W&B", f"{path}: not a wandb transaction log"
-        block, pos, chunk = 32768, 7, b""
-        while pos + 7 <= len(data):
-            left = block - pos % block
-            if left < 7:  # too little room for a chunk header: the block's padding
-                pos += left
-                continue
-            _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-            if kind == 0:  # zero padding to the block's end
-                pos += left
-                continue
-            chunk += data[pos + 7:pos + 7 + length]
-            pos += 7 + length
-            if kind in (1, 4):  # a FULL record, or the LAST chunk of one
-                rec = pb.Record()
-                rec.ParseFromString(chunk)
-                out.append(rec)
-                chunk = b""
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path}: not a wandb transaction log"
+    out, block, pos, chunk = [], 32768, 7, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # too little room for a chunk header: the block's padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:  # zero padding to the block's end
+            pos += left
+            continue
+        if pos + 7 + length > len(data):  # still being written
+            break
+        chunk += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a FULL record, or the LAST chunk of one
+            rec = pb.Record()
+            rec.ParseFromString(chunk)
+            out.append(rec)
+            chunk = b""
     return out
 
 

@@ -141,9 +141,9 @@ def test_the_ablation_sweep_differs_only_in_the_decoder():
     assert [cfg.model.decoder_attention for _, cfg in runs] == list(VARIANTS)
     trees = [to_dict(cfg) for _, cfg in runs]
     for tree in trees:
-        tree["model"].pop("decoder_attention")
         tree["train"].pop("run_dir")
         tree["train"]["wandb"].pop("tags")
+        assert tree["train"]["wandb"].pop("sweep_point") == {"model.decoder_attention": tree["model"].pop("decoder_attention")}
     assert trees[0] == trees[1] == trees[2]  # same steps, data, seed, recipe
     flops = {cfg.model.decoder_attention: run_entry(run, cfg)["train_flops_per_sample"] for run, cfg in runs}
     assert flops["cross"] < flops["sc"] < flops["self"]

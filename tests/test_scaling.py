@@ -81,11 +81,15 @@ def test_fid_law_fitted_only_when_justified():
 # --- collect and report on run directories ----------------------------------------------------
 
 
-def fake_run(root, name, width, steps, val_every=20, batch=64, done=True, metrics=True):
-    """A run directory as the trainer leaves it, with losses from the known law."""
+def fake_run(root, name, width, steps, val_every=20, batch=64, done=True, metrics=True, data=None, context=None,
+             scale=1.0):
+    """A run directory as the trainer leaves it, with losses from the known law (times `scale`).
+    data: overrides naming token shards (default: shards that do not exist); context: loss at mask
+    0.9 / loss at 0.7."""
     run = root / name
     run.mkdir(parents=True)
-    cfg = load_config(CONFIG, [f"model.width={width}", f"train.steps={steps}", f"train.run_dir={run}"])
+    data = data or [f"data.shards={root / 'no-shards'}", f"data.val_shards={root / 'no-val-shards'}"]
+    cfg = load_config(CONFIG, [f"model.width={width}", f"train.steps={steps}", f"train.run_dir={run}"] + data)
     dump_config(cfg, run / "config.yaml")
     if not metrics:
         return run, cfg
@@ -94,8 +98,9 @@ def fake_run(root, name, width, steps, val_every=20, batch=64, done=True, metric
     lines = []
     for s in range(val_every, last + 1, val_every):
         lines.append({"kind": "train", "step": s, "samples_seen": s * batch, "loss": 5.0, "window_s": 1.5})
-        lines.append({"kind": "val", "step": s, "samples_seen": s * batch, "val/loss_r0.7": float(law(n, s * batch)),
-                      "val/loss_r0.5": float(law(n, s * batch)) * 0.9})
+        loss = scale * float(law(n, s * batch))
+        lines.append({"kind": "val", "step": s, "samples_seen": s * batch, "val/loss_r0.7": loss,
+                      "val/loss_r0.5": loss * 0.9, **({"val/loss_r0.9": loss * context} if context else {})})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     (run / "eval.jsonl").write_text(json.dumps({"step": last, "eval/fid": 10.0 + 1000 / width}) + "\n")
     return run, cfg
@@ -132,7 +137,7 @@ def test_collect_builds_the_table_and_lists_excluded_runs(sweep_dir):
 def test_report_writes_fit_plots_and_markdown(sweep_dir, tmp_path):
     from scaling.report import report
 
-    path = report(sweep_dir, tmp_path / "out", bootstrap=30)
+    path = report(sweep_dir, tmp_path / "out", bootstrap=30, ignore_gate=True)
     text = path.read_text()
     result = json.loads((tmp_path / "out/fit.json").read_text())
     # The losses follow the law exactly (N = non-embedding parameters of each width).
@@ -153,7 +158,7 @@ def test_report_publishes_to_wandb_as_one_run(sweep_dir, tmp_path):
     from scaling.report import report, report_run_id
 
     out = tmp_path / "out"
-    report(sweep_dir, out, bootstrap=20, wandb_mode="offline")
+    report(sweep_dir, out, bootstrap=20, wandb_mode="offline", ignore_gate=True)
     result = json.loads((out / "fit.json").read_text())
     records = wandb_records(out)
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
@@ -168,10 +173,55 @@ def test_report_publishes_to_wandb_as_one_run(sweep_dir, tmp_path):
     assert {p.name.split("_")[0] for p in media.glob("images/plots/*.png")} >= {"isoflop", "optimal", "loss"}
     assert "Published to wandb as run" in (out / "report.md").read_text()
 
-    report(sweep_dir, out, bootstrap=20, wandb_mode="offline")  # the sweep grew, say: same run, updated
+    report(sweep_dir, out, bootstrap=20, wandb_mode="offline", ignore_gate=True)  # the sweep grew, say: same run, updated
     dirs = list(out.glob("wandb/offline-run-*"))
     assert len(dirs) == 2 and all(d.name.endswith("-" + run.run_id) for d in dirs)
     assert {r.run.run_id for r in wandb_records(out) if r.WhichOneof("record_type") == "run"} == {run.run_id}
+
+
+def test_report_states_no_law_for_runs_outside_the_regime(sweep_dir, tmp_path):
+    """The fake sweep has no readable shards and no loss at mask 0.9: the gate fails, saying why,
+    and the report states no law."""
+    from scaling.report import report
+
+    text = report(sweep_dir, tmp_path / "out").read_text()
+    result = json.loads((tmp_path / "out/fit.json").read_text())
+    assert result["law"] is None and not result["gate"]["passed"]
+    assert "No law is stated" in text and "could not be computed" in text and "no-shards" in text
+    assert not (tmp_path / "out/loss_vs_compute.png").exists()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from conftest import demo_shards
+
+    over = demo_shards(tmp_path_factory.mktemp("shards"))
+    return [o for o in over if o.startswith("data.")]
+
+
+def test_gate_passes_runs_that_beat_the_tables_and_use_context(shards, tmp_path):
+    """Runs below the per-position table (the law's losses / 100) whose mask-0.9 loss is 10% above: the
+    law is stated, and the gate is in the report; the same runs ignoring context (0.9 = 0.5) fail."""
+    from scaling.report import report
+
+    for ctx, name in ((1.1, "uses"), (0.9, "ignores")):  # fake_run's loss at mask 0.5 is 0.9 x that at 0.7
+        root = tmp_path / name
+        runs = []
+        for w in (32, 48, 64):
+            for steps in (200, 400):
+                fake_run(root, f"w{w}-s{steps}", w, steps, data=shards, context=ctx, scale=0.01)
+                runs.append({"name": f"w{w}-s{steps}", "run_dir": str(root / f"w{w}-s{steps}")})
+        (root / "sweep.json").write_text(json.dumps({"name": name, "runs": runs}))
+        report(root, root / "out", bootstrap=10)
+        result = json.loads((root / "out/fit.json").read_text())
+        gate = result["gate"]
+        assert gate["baselines"]["per_position"] > max(r["loss"] for r in gate["per_run"])
+        if ctx > 1:
+            assert gate["passed"] and result["law"]["alpha"] > 0
+            assert "## Regime gate" in (root / "out/report.md").read_text()
+        else:
+            assert not gate["passed"] and result["law"] is None
+            assert "do not use context" in " ".join(gate["reasons"])
 
 
 def test_report_command_errors_cleanly_on_a_missing_sweep(tmp_path):

@@ -266,11 +266,19 @@ def test_sweep_array_manifest_and_scaling_report(cluster, work):
         assert "_" in r["job_id"], "submitted as one job array"
         assert (d / r["run_dir"] / "checkpoints/latest").read_text().strip() == f"step{r['steps']:08d}"
     assert "4 runs, 4 submitted" in out
+    # 20-40 steps learn token statistics only: the regime gate refuses a law, saying why ...
     res = subprocess.run([sys.executable, "-m", "scaling.report", "--sweep", "runs/sweeps/smoke", "--out", "report"],
                          cwd=d, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     text = (d / "report/report.md").read_text()
+    assert "No law is stated" in text and "per-position frequency table" in text
+    # ... and --ignore-gate fits one anyway, marked as such
+    res = subprocess.run([sys.executable, "-m", "scaling.report", "--sweep", "runs/sweeps/smoke", "--out", "report",
+                          "--ignore-gate"], cwd=d, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = (d / "report/report.md").read_text()
     assert "alpha" in text and "beta" in text and list((d / "report").glob("*.png"))
+    assert "fitted anyway (--ignore-gate)" in text
 
 
 def test_tokenize_array_and_merge_match_one_part(cluster, work):
