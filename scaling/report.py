@@ -25,6 +25,7 @@ import numpy as np
 
 from scaling.collect import ScalingError, collect, write
 from scaling.fit import compute_optimal, fit_fid, fit_law, flops_per_param, holdout
+from scaling.approaches import approaches_markdown, cross_check, envelope_exponent, huber_exponent, isoflop_exponent
 from scaling.baselines import gate_markdown, regime_gate, sweep_baselines
 from scaling.frontier import frontier_markdown, sweep_frontiers
 
@@ -205,7 +206,7 @@ def publish_wandb(result: dict, col, points: list[dict], key: str, plots: list[P
         columns = ["run", "n_params_nonembed", "step", "samples", "compute", key]
         table = wandb.Table(columns=columns, data=[[p.get(c) for c in columns] for p in points])
         run.log({"points": table, **{f"plots/{p.stem}": wandb.Image(str(p)) for p in plots}})
-        parts = ("law", "optimal", "frontier", "holdout", "fid", "k_flops_per_param_sample", "gate")
+        parts = ("law", "optimal", "approaches", "frontier", "holdout", "fid", "k_flops_per_param_sample", "gate")
         run.summary.update(json.loads(json.dumps({k: result[k] for k in parts if k in result}, default=float)))
     finally:
         run.finish()
@@ -245,9 +246,19 @@ def gated_report(out: Path, col, loss: str, gate: dict, sweep, wandb_mode=None) 
     return path
 
 
+def three_approaches(rows: list[dict], points: list[dict], key: str, bootstrap: int) -> dict:
+    """N*(C) ~ C^a three ways (scaling/approaches.py): the envelope of every logged point, isoFLOP
+    parabolas through each run's final point, the Huber fit of the points the law is fitted on."""
+    curve = [r for r in rows if key in r and np.isfinite(r[key])]
+    final = [r for r in curve if r["final"]]
+    results = [envelope_exponent(curve, key, bootstrap), isoflop_exponent(final, key, bootstrap),
+               huber_exponent(points, key, bootstrap)]
+    return {**cross_check(results), "results": results}
+
+
 def report(sweep: str | Path, out: str | Path, loss: str = "val/loss_r0.7", bootstrap: int = 200,
            hold: str | None = None, points: str = "auto", wandb_mode: str | bool | None = None,
-           ignore_gate: bool = False) -> Path:
+           ignore_gate: bool = False, approach_bootstrap: int = 1000) -> Path:
     """wandb_mode: publish to wandb (True: the runs' mode; or "offline"/"online"). ignore_gate:
     state the law even when the runs fail the regime gate (the report says so at the top)."""
     out = Path(out)
@@ -273,6 +284,7 @@ def report(sweep: str | Path, out: str | Path, loss: str = "val/loss_r0.7", boot
     cs = np.array([p["compute"] for p in points])
     opt = compute_optimal(fit, k, [cs.max(), cs.max() * 10, cs.max() * 100])
     frontiers = sweep_frontiers(fit, col.runs, cs.max())
+    approaches = three_approaches(col.rows, points, key, approach_bootstrap)
     try:
         ho = holdout(points, key, hold)
     except ScalingError as e:
@@ -287,7 +299,7 @@ def report(sweep: str | Path, out: str | Path, loss: str = "val/loss_r0.7", boot
               "optimal": {"a": opt["a"], "b": opt["b"], "a_ci": opt.get("a_ci"), "b_ci": opt.get("b_ci"),
                           "at": [{"C": float(c), "N": float(n), "D": float(d), "L": float(lv)}
                                  for c, n, d, lv in zip(opt["C"], opt["N"], opt["D"], opt["L"])]},
-              "frontier": frontiers, "holdout": ho, "fid": fid_fits, "gate": gate, "excluded": col.excluded, "runs": len(col.runs), "points": len(points)}
+              "frontier": frontiers, "approaches": approaches, "holdout": ho, "fid": fid_fits, "gate": gate, "excluded": col.excluded, "runs": len(col.runs), "points": len(points)}
     (out / "fit.json").write_text(json.dumps(result, indent=1, default=float))
 
     lines = [f"# Scaling report: {col.name or sweep}", ""]
@@ -317,6 +329,7 @@ def report(sweep: str | Path, out: str | Path, loss: str = "val/loss_r0.7", boot
               f"b = {opt['b']:.3f}{b_ci}.", "", "| C (FLOPs) | N* | D* (samples) | L* |", "|---|---|---|---|"]
     for c, n, d, lv in zip(opt["C"], opt["N"], opt["D"], opt["L"]):
         lines.append(f"| {c:.3g} | {n:.3g} | {d:.3g} | {lv:.4f} |")
+    lines += [""] + approaches_markdown(approaches)
     lines += [""] + frontier_markdown(frontiers, col.runs[0].get("sample_steps"))
     lines += ["", "## Hold-out check", ""]
     if "error" in ho:
@@ -349,7 +362,9 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", required=True, help="sweep folder (with sweep.json) or the manifest")
     p.add_argument("--out", required=True)
     p.add_argument("--loss", default="val/loss_r0.7", help="which validation loss to fit (val/ or val_ema/)")
-    p.add_argument("--bootstrap", type=int, default=200)
+    p.add_argument("--bootstrap", type=int, default=200, help="resamples of the law's intervals")
+    p.add_argument("--approach-bootstrap", type=int, default=1000,
+                   help="resamples of each of the three approaches to N*(C)")
     p.add_argument("--hold", help="the run to hold out (default: the largest)")
     p.add_argument("--points", choices=["auto", "all", "final"], default="auto",
                    help="fit every logged validation point or each run's last (auto: last under a decaying LR)")
@@ -360,6 +375,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         path = report(args.sweep, args.out, args.loss, args.bootstrap, args.hold, args.points,
+                      approach_bootstrap=args.approach_bootstrap,
                       wandb_mode=(args.wandb_mode or True) if args.wandb else None, ignore_gate=args.ignore_gate)
     except ScalingError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -137,13 +137,17 @@ def test_collect_builds_the_table_and_lists_excluded_runs(sweep_dir):
 def test_report_writes_fit_plots_and_markdown(sweep_dir, tmp_path):
     from scaling.report import report
 
-    path = report(sweep_dir, tmp_path / "out", bootstrap=30, ignore_gate=True)
+    path = report(sweep_dir, tmp_path / "out", bootstrap=30, ignore_gate=True, approach_bootstrap=50)
     text = path.read_text()
     result = json.loads((tmp_path / "out/fit.json").read_text())
     # The losses follow the law exactly (N = non-embedding parameters of each width).
     assert result["law"]["alpha"] == pytest.approx(TRUE["alpha"], rel=0.05)
     assert result["law"]["beta"] == pytest.approx(TRUE["beta"], rel=0.05)
     assert abs(result["holdout"]["rel_error"]) < 0.01 and result["holdout"]["run"] == "width96-steps400"
+    # the three approaches: the Huber fit recovers a = beta / (alpha + beta); the others say why not
+    huber = result["approaches"]["results"][2]
+    assert huber["a"] == pytest.approx(TRUE["beta"] / (TRUE["alpha"] + TRUE["beta"]), rel=0.05)
+    assert "## Three approaches to N*(C)" in text and "## Inference-aware frontier" in text
     for png in ("loss_vs_compute", "isoflop", "optimal_n", "fid_vs_compute", "loss_by_mask_ratio"):
         assert (tmp_path / "out" / f"{png}.png").stat().st_size > 1000
         assert f"({png}.png)" in text
@@ -158,7 +162,7 @@ def test_report_publishes_to_wandb_as_one_run(sweep_dir, tmp_path):
     from scaling.report import report, report_run_id
 
     out = tmp_path / "out"
-    report(sweep_dir, out, bootstrap=20, wandb_mode="offline", ignore_gate=True)
+    report(sweep_dir, out, bootstrap=20, wandb_mode="offline", ignore_gate=True, approach_bootstrap=20)
     result = json.loads((out / "fit.json").read_text())
     records = wandb_records(out)
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
@@ -173,7 +177,7 @@ def test_report_publishes_to_wandb_as_one_run(sweep_dir, tmp_path):
     assert {p.name.split("_")[0] for p in media.glob("images/plots/*.png")} >= {"isoflop", "optimal", "loss"}
     assert "Published to wandb as run" in (out / "report.md").read_text()
 
-    report(sweep_dir, out, bootstrap=20, wandb_mode="offline", ignore_gate=True)  # the sweep grew, say: same run, updated
+    report(sweep_dir, out, bootstrap=20, wandb_mode="offline", ignore_gate=True, approach_bootstrap=20)  # the sweep grew, say: same run, updated
     dirs = list(out.glob("wandb/offline-run-*"))
     assert len(dirs) == 2 and all(d.name.endswith("-" + run.run_id) for d in dirs)
     assert {r.run.run_id for r in wandb_records(out) if r.WhichOneof("record_type") == "run"} == {run.run_id}
@@ -212,7 +216,7 @@ def test_gate_passes_runs_that_beat_the_tables_and_use_context(shards, tmp_path)
                 fake_run(root, f"w{w}-s{steps}", w, steps, data=shards, context=ctx, scale=0.01)
                 runs.append({"name": f"w{w}-s{steps}", "run_dir": str(root / f"w{w}-s{steps}")})
         (root / "sweep.json").write_text(json.dumps({"name": name, "runs": runs}))
-        report(root, root / "out", bootstrap=10)
+        report(root, root / "out", bootstrap=10, approach_bootstrap=20)
         result = json.loads((root / "out/fit.json").read_text())
         gate = result["gate"]
         assert gate["baselines"]["per_position"] > max(r["loss"] for r in gate["per_run"])

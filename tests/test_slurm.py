@@ -274,7 +274,7 @@ def test_sweep_array_manifest_and_scaling_report(cluster, work):
     assert "No law is stated" in text and "per-position frequency table" in text
     # ... and --ignore-gate fits one anyway, marked as such
     res = subprocess.run([sys.executable, "-m", "scaling.report", "--sweep", "runs/sweeps/smoke", "--out", "report",
-                          "--ignore-gate"], cwd=d, capture_output=True, text=True, timeout=300)
+                          "--ignore-gate", "--approach-bootstrap", "50"], cwd=d, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     text = (d / "report/report.md").read_text()
     assert "alpha" in text and "beta" in text and list((d / "report").glob("*.png"))
