@@ -259,8 +259,9 @@ def attention_shares(model: nn.Module, ids: torch.Tensor, cond: torch.Tensor, ro
     device = next(model.parameters()).device
     N = ids.shape[1]
     M = masked_count(N, ratio)
-    if M in (0, N) and model.cfg.arch == "enat":
-        raise EvalError(f"ratio {ratio}: ENAT's attention split needs both [MASK] and visible tokens")
+    if M in (0, N):
+        raise EvalError(f"mask ratio {ratio} leaves {'no [MASK]' if M == 0 else 'no visible'} token in a "
+                        f"{N}-token map: the attention split needs both kinds (use ratios in (0, 1))")
     pos = mask_positions(rows, N, M, seed)
     masked = ids.scatter(1, pos, model.cfg.mask_id)
     rec = AttentionRecorder()
@@ -410,42 +411,52 @@ def cosine_at(a: torch.Tensor, b: torch.Tensor, where: torch.Tensor) -> tuple[fl
     return float(F.cosine_similarity(a[ok].double(), b[ok].double(), dim=-1).mean()), n
 
 
-def temporal_similarity(model: nn.Module, cond: torch.Tensor, sample_cfg, batch_size: int) -> tuple[dict, list]:
+def temporal_similarity(model: nn.Module, cond: torch.Tensor, sample_cfg, batch_size: int) -> tuple[dict, torch.Tensor]:
     """Sample for `cond`, then run a full forward on every step's input and compare features step
     to step -> ({"layers", "steps": [{"step", "visible": {layer: (cos, n)}, "new": {...}}]}, the
-    trajectory (input ids per step))."""
+    trajectory (T, n, N): input ids per step). One batch goes through its whole trajectory at a
+    time, so only two steps' features of one batch are ever held (an L-size model at 32x32 holds
+    GBs per step for a hundred samples)."""
     from enat.sampling import StepTrace, generate
 
     device = next(model.parameters()).device
-    trajectory: list[torch.Tensor] = []
-    for s in range(0, len(cond), batch_size):
-        trace: list[StepTrace] = []
-        generate(model, cond[s:s + batch_size], sample_cfg, indices=torch.arange(s, s + len(cond[s:s + batch_size])),
-                 trace=trace)
-        trajectory.append(torch.stack([t.input_ids for t in trace]))  # (T, b, N)
-    traj = torch.cat(trajectory, dim=1)
-    T = traj.shape[0]
     mask_id = model.cfg.mask_id
-    sums: dict = {}
-    prev = None
-    for s in range(T):
-        ids = traj[s]
-        M = int((ids[0] == mask_id).sum())
-        feats = [position_features(model, ids[i:i + batch_size].to(device), cond[i:i + batch_size].to(device), M)
-                 for i in range(0, len(ids), batch_size)]
-        feats = {k: torch.cat([f[k] for f in feats]).cpu() for k in feats[0]}
-        if prev is not None:
-            before, ids_before = prev
-            was_masked = ids_before == mask_id
-            visible = ~was_masked  # visible at both steps (never re-masked)
-            new = was_masked & (ids != mask_id)  # decoded by step s - 1
-            for layer in feats:
-                for kind, where in (("visible", visible), ("new", new)):
-                    c, n = cosine_at(before[layer], feats[layer], where)
-                    sums.setdefault(s, {}).setdefault(kind, {})[layer] = (c, n)
-        prev = (feats, ids)
-    layers = list(prev[0]) if prev else []
-    return {"layers": layers, "steps": [{"step": s, **v} for s, v in sorted(sums.items())]}, traj
+    totals: dict = {}  # (step, kind, layer) -> [sum of cosines, count]
+    layers: list[str] = []
+    trajectory = []
+    for start in range(0, len(cond), batch_size):
+        c = cond[start:start + batch_size]
+        trace: list[StepTrace] = []
+        generate(model, c, sample_cfg, indices=torch.arange(start, start + len(c)), trace=trace)
+        traj = torch.stack([t.input_ids for t in trace])  # (T, b, N)
+        trajectory.append(traj)
+        prev = None
+        for s, ids in enumerate(traj):
+            masked = (ids == mask_id).to(device)
+            feats = position_features(model, ids.to(device), c.to(device), int(masked[0].sum()))
+            layers = list(feats)
+            if prev is not None:
+                before, was_masked = prev
+                # visible at both steps (the sampler never re-masks one); decoded in between
+                for kind, where in (("visible", ~was_masked), ("new", was_masked & ~masked)):
+                    for layer in layers:
+                        mean, n = cosine_at(before[layer], feats[layer], where)
+                        total = totals.setdefault((s, kind, layer), [0.0, 0])
+                        if n:
+                            total[0] += mean * n
+                            total[1] += n
+            prev = (feats, masked)
+    traj = torch.cat(trajectory, dim=1)
+    steps = []
+    for s in range(1, traj.shape[0]):
+        step = {"step": s}
+        for kind in ("visible", "new"):
+            step[kind] = {}
+            for layer in layers:
+                total, n = totals.get((s, kind, layer), (0.0, 0))
+                step[kind][layer] = (total / n if n else math.nan, n)
+        steps.append(step)
+    return {"layers": layers, "steps": steps}, traj
 
 
 def analyze_temporal(cfg: Config, subjects: list[Subject], num_samples: int | None, log=print) -> dict:
@@ -710,6 +721,8 @@ def analyze_pareto(cfg: Config, subjects: list[Subject], steps_list: list[int], 
         cond, labels, conditions = sample_conditions(cfg, model, indices[: cfg.eval.batch_size], log=log)
         if subject.name not in warm:  # first call of a model: allocations, lazy inits; not timed
             generate(model, cond, pcfg.sample)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             warm.add(subject.name)
         timings: dict = {}
         images, labels = generate_images(model, tokenizer, pcfg, indices, timings=timings, conditions=conditions)
