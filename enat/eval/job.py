@@ -357,6 +357,8 @@ def generate_images(model, tokenizer, cfg: Config, indices: np.ndarray, progress
         labels.append(np.asarray(lab, dtype=np.int64))
         t1 = time.perf_counter()
         ids = generate(model, cond, sc, indices=torch.from_numpy(chunk))
+        if ids.is_cuda:  # the sampler never waits for the device: wait here, or the time is the queueing
+            torch.cuda.synchronize()
         t2 = time.perf_counter()
         images = tokenizer.decode(ids)
         out.append(to_uint8(images))
@@ -535,14 +537,15 @@ def evaluate(cfg: Config, run_dir: str | Path | None, checkpoint: str = "latest"
 
 def _log_wandb(cfg: Config, run_dir: Path, step: int, values: dict, flops: int | None = None) -> None:
     """Into the training run's wandb run (same id), under eval/: against the training FLOPs that
-    made the checkpoint (the axis the training losses use), or its step for a checkpoint older
-    than the exact count."""
+    made the checkpoint (the axis the training losses use); a checkpoint older than the exact count
+    logs eval/step only."""
     with training_wandb_run(cfg, run_dir) as run:
         if run is not None:
-            axis = "eval/flops_seen" if flops is not None else "eval/step"
-            run.define_metric("eval/step")
-            run.define_metric(axis)
-            run.define_metric("eval/*", step_metric=axis)
+            if flops is not None:
+                run.define_metric("eval/flops_seen")
+                run.define_metric("eval/*", step_metric="eval/flops_seen")
+            # else (a checkpoint older than the count): no declaration, so a run's evaluations keep one
+            # x-axis whatever order the jobs run in; eval/step is logged either way
             extra = {"eval/flops_seen": flops} if flops is not None else {}
             run.log({"eval/step": step, **extra, **{f"eval/{k}": v for k, v in values.items()}})
 

@@ -271,8 +271,9 @@ class Trainer:
             self.step, self.samples_seen = state["step"], state["samples_seen"]
             if "flops_seen" in state:
                 self.flops_seen, self.masked_tokens_seen = state["flops_seen"], state["masked_tokens_seen"]
-            else:  # a checkpoint from before the exact count: recount the plans of the steps so far
-                self.flops_seen, self.masked_tokens_seen = self.plans_so_far()
+            else:  # a checkpoint from before the exact count: recount the plans of the steps so far, as run
+                self.flops_seen, self.masked_tokens_seen = self.plans_so_far(state.get("world_size", self.world),
+                                                                             state["config"]["train"])
             self.skipped, self.consecutive_skips = state["skipped"], state["consecutive_skips"]
             self.loader.load_state_dict(state["data"])
             self.ema.load_state_dict(state["ema"])
@@ -328,22 +329,30 @@ class Trainer:
         t = self.cfg.train
         return t.micro_batch * t.grad_accum * self.world
 
-    def step_counts(self, step: int) -> tuple[int, int]:
+    def step_counts(self, step: int, world: int | None = None, per_rank: int | None = None,
+                    plan_draws: str | None = None) -> tuple[int, int]:
         """(training FLOPs, [MASK] tokens) of one step over all ranks, from every rank's plan
         (with train.plan_draws=per_rank the ranks' mask ratios differ): known on every rank
-        without communication."""
+        without communication. world, per_rank (samples per rank) and plan_draws default to this run's."""
         cfg, t = self.cfg, self.cfg.train
-        per_rank = t.micro_batch * t.grad_accum
-        ranks = range(self.world) if t.plan_draws == "per_rank" else [0] * self.world
+        world = world or self.world
+        per_rank = per_rank or t.micro_batch * t.grad_accum
+        if (plan_draws or t.plan_draws) != "per_rank":  # one plan for every rank
+            plan = plan_step(step, cfg.seed, cfg.model, t)
+            n = world * per_rank
+            return n * train_step_flops(cfg.model, plan.masked, plan.reuse, plan.remasked), n * plan.masked
         flops = masked = 0
-        for r in ranks:
-            plan = plan_step(step, cfg.seed, cfg.model, t, r)
+        for r in range(world):
+            plan = plan_step(step, cfg.seed, cfg.model, dataclasses.replace(t, plan_draws="per_rank"), r)
             flops += per_rank * train_step_flops(cfg.model, plan.masked, plan.reuse, plan.remasked)
             masked += per_rank * plan.masked
         return flops, masked
 
-    def plans_so_far(self) -> tuple[int, int]:
-        counts = [self.step_counts(s) for s in range(self.step)]
+    def plans_so_far(self, world: int, train: dict) -> tuple[int, int]:
+        """The counts of the steps before a checkpoint that predates them, with its world size and
+        batch (the same global batch: resuming refuses another)."""
+        per_rank = train["micro_batch"] * train["grad_accum"]
+        counts = [self.step_counts(s, world, per_rank, train.get("plan_draws", "global")) for s in range(self.step)]
         return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
     def compute_seen(self) -> dict:
