@@ -330,15 +330,16 @@ class Trainer:
         return t.micro_batch * t.grad_accum * self.world
 
     def step_counts(self, step: int, world: int | None = None, per_rank: int | None = None,
-                    plan_draws: str | None = None) -> tuple[int, int]:
+                    plan_draws: str | None = None, plan=None) -> tuple[int, int]:
         """(training FLOPs, [MASK] tokens) of one step over all ranks, from every rank's plan
         (with train.plan_draws=per_rank the ranks' mask ratios differ): known on every rank
-        without communication. world, per_rank (samples per rank) and plan_draws default to this run's."""
+        without communication. world, per_rank (samples per rank) and plan_draws default to this run's;
+        `plan`, this step's plan when all ranks share it, saves drawing it again."""
         cfg, t = self.cfg, self.cfg.train
         world = world or self.world
         per_rank = per_rank or t.micro_batch * t.grad_accum
         if (plan_draws or t.plan_draws) != "per_rank":  # one plan for every rank
-            plan = plan_step(step, cfg.seed, cfg.model, t)
+            plan = plan or plan_step(step, cfg.seed, cfg.model, t)
             n = world * per_rank
             return n * train_step_flops(cfg.model, plan.masked, plan.reuse, plan.remasked), n * plan.masked
         flops = masked = 0
@@ -469,7 +470,7 @@ class Trainer:
         else:
             self.consecutive_skips = 0
             self.ema.update()
-        flops, masked = self.step_counts(self.step)
+        flops, masked = self.step_counts(self.step, plan=plan)
         self.samples_seen += self.global_batch
         self.flops_seen += flops
         self.masked_tokens_seen += masked
