@@ -551,17 +551,11 @@ class Scorer:
         self.ref = reference_stats(cfg, self.spec, self.extractor, tokenizer, log=log)
 
     def __call__(self, images: np.ndarray, labels: np.ndarray | None = None) -> dict:
-        import warnings
-
-        from enat.eval.fidelity import class_fid, extract, metrics
+        from enat.eval.fidelity import extract
+        from enat.eval.job import score
 
         feats = extract(self.extractor, torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            values = metrics(feats, self.ref, self.cfg.eval.kid_subset_size, self.cfg.eval.prc, self.cfg.eval.seed)
-            if labels is not None and "labels" in self.ref and len(np.unique(self.ref["labels"])) > 1:
-                values["class_fid"] = class_fid(feats["pool"], labels, self.ref["pool"], self.ref["labels"])
-        return values
+        return score(self.cfg, {**feats, "labels": labels}, self.ref)
 
     @property
     def protocol(self) -> dict:

@@ -375,6 +375,20 @@ def generate_images(model, tokenizer, cfg: Config, indices: np.ndarray, progress
 # ---------------------------------------------------------------------------------------------
 
 
+def score(cfg: Config, gen: dict, ref: dict) -> dict:
+    """The job's metrics of generated features {"pool", "logits", "labels" (or None)} against the
+    reference: FID, IS, KID, precision/recall, and class FID when both sides have labels."""
+    from enat.eval.fidelity import class_fid, metrics
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sqrtm's warning on near-singular products; values stay accurate
+        values = metrics(gen, ref, cfg.eval.kid_subset_size, cfg.eval.prc, cfg.eval.seed)
+        labels = gen.get("labels")
+        if labels is not None and "labels" in ref and len(np.unique(ref["labels"])) > 1:  # one class (COCO): FID
+            values["class_fid"] = class_fid(gen["pool"], labels, ref["pool"], ref["labels"])
+    return values
+
+
 def _gather(obj, world: int):
     import torch.distributed as dist
 
@@ -390,7 +404,7 @@ def evaluate(cfg: Config, run_dir: str | Path | None, checkpoint: str = "latest"
     """Run (or look up) one evaluation; returns the result record (on every rank)."""
     import torch.distributed as dist
 
-    from enat.eval.fidelity import build_extractor, class_fid, extract, metrics
+    from enat.eval.fidelity import build_extractor, extract
     from enat.tokenizer import load_tokenizer
 
     rank, world, local = setup_env()
@@ -466,11 +480,7 @@ def evaluate(cfg: Config, run_dir: str | Path | None, checkpoint: str = "latest"
         order = np.argsort(np.concatenate([p["indices"] for p in parts]), kind="stable")
         gen = {k: np.concatenate([p[k] for p in parts])[order] for k in ("pool", "logits", "labels")}
         ref = reference_stats(cfg, spec, extractor, tokenizer, log=log)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # sqrtm's warning on near-singular products; values stay accurate
-            values = metrics(gen, ref, cfg.eval.kid_subset_size, cfg.eval.prc, cfg.eval.seed)
-            if "labels" in ref and len(np.unique(ref["labels"])) > 1:  # one class (COCO): class FID is FID
-                values["class_fid"] = class_fid(gen["pool"], gen["labels"], ref["pool"], ref["labels"])
+        values = score(cfg, gen, ref)
         if cfg.eval.clip_model:
             n_clip = sum(p["clip"][1] for p in parts)
             values["clip_score"] = float(sum(p["clip"][0] * p["clip"][1] for p in parts if p["clip"][1]) / n_clip)
