@@ -240,8 +240,12 @@ class TrainConfig:
     weight_decay_scope: Literal["matrices", "all"] = "matrices"
     no_decay: list[str] = field(default_factory=lambda: ["bias", "norm", "embed", "positions", "table"])
     warmup_steps: int = 5000
-    schedule: Literal["constant", "cosine"] = "constant"
-    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    # constant after warm-up; cosine to min_lr_ratio over train.steps; wsd: warm-up, stable, then a
+    # linear cool-down to min_lr_ratio over the last cooldown_fraction of train.steps (one stable
+    # phase can be branched into several budgets, each with its own cool-down).
+    schedule: Literal["constant", "cosine", "wsd"] = "constant"
+    min_lr_ratio: float = 0.0  # the floor the decaying schedules end at, as a fraction of lr
+    cooldown_fraction: float = 0.2  # wsd only
     clip: float = 0.0  # gradient clipping max norm; 0 = off
     zero_stage: int = 2
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # fp16 uses dynamic loss scaling
@@ -467,6 +471,9 @@ def resolve(cfg: Config) -> Config:
     if not 0 < 2 * t.lease_heartbeat_s <= t.lease_timeout_s:
         raise ConfigError(f"train.lease_heartbeat_s ({t.lease_heartbeat_s}) must be > 0 and at most half of "
                           f"train.lease_timeout_s ({t.lease_timeout_s}), or a live holder looks stale")
+    if not 0.0 < t.cooldown_fraction <= 1.0 or not 0.0 <= t.min_lr_ratio <= 1.0:
+        raise ConfigError(f"train.cooldown_fraction must be in (0, 1] and train.min_lr_ratio in [0, 1], got "
+                          f"{t.cooldown_fraction} and {t.min_lr_ratio}")
     if len(t.betas) != 2 or len(t.mask_beta) != 2:
         raise ConfigError("train.betas and train.mask_beta take two numbers each")
     ln = cfg.launch

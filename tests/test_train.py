@@ -114,6 +114,23 @@ def test_plans_cover_both_modes():
     assert modes == {True, False}
 
 
+def test_lr_schedules():
+    """wsd: warm-up, flat, then a linear cool-down over the last cooldown_fraction to the floor;
+    cosine reaches the same floor; a bad fraction is refused."""
+    from enat.config import ConfigError
+    from enat.train.trainer import lr_lambda
+
+    over = ["train.steps=100", "train.warmup_steps=10", "train.min_lr_ratio=0.1"]
+    wsd = lr_lambda(load_config(CONFIG, over + ["train.schedule=wsd", "train.cooldown_fraction=0.2"]))
+    assert [wsd(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert [wsd(s) for s in (10, 50, 80)] == pytest.approx([1.0, 1.0, 1.0])
+    assert [wsd(s) for s in (90, 100)] == pytest.approx([0.55, 0.1])
+    cosine = lr_lambda(load_config(CONFIG, over + ["train.schedule=cosine"]))
+    assert cosine(50) == pytest.approx(0.55) and cosine(100) == pytest.approx(0.1)
+    with pytest.raises(ConfigError, match="cooldown_fraction"):
+        load_config(CONFIG, over + ["train.cooldown_fraction=0"])
+
+
 def test_zero_stages_agree_zero3_partitions_and_ema(tmp_path, data):
     jobs = [{"name": f"z{s}", "overrides": base(data, tmp_path / f"z{s}", **{"train.zero_stage": s, "train.steps": 6})}
             for s in (0, 1, 2, 3)]

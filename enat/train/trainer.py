@@ -65,6 +65,10 @@ def lr_lambda(cfg):
         if t.schedule == "cosine":
             progress = min(1.0, step / max(1, t.steps))
             return warm * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        if t.schedule == "wsd":
+            start = t.steps * (1 - t.cooldown_fraction)
+            progress = min(1.0, max(0.0, step - start) / max(1e-9, t.steps - start))
+            return warm * (1 - (1 - t.min_lr_ratio) * progress)
         return warm
 
     return f
