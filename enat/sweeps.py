@@ -9,9 +9,11 @@
       train.steps: [200, 400]
       seed: [0]
     runs: [{model.width: 48, train.steps: 300}]   # optional extra points (e.g. an isoFLOP plan)
+    runs: [{name: w48-c1e12, model.width: 48, train.steps: 300}]   # `name` (not a key) names the run
 
 `launch/sweep.py` submits the runs; `scaling/` reads the manifest. Each run's name is built from
-the values that vary (`width32-steps200`), so it is stable across resubmissions.
+the values that vary (`width32-steps200`) unless a `runs` entry names itself, so it is stable
+across resubmissions.
 """
 
 from __future__ import annotations
@@ -82,13 +84,14 @@ def expand(sweep: Sweep) -> list[SweepRun]:
     keys = list(sweep.grid)
     points = [dict(zip(keys, values)) for values in itertools.product(*sweep.grid.values())] if keys else []
     points += [dict(p) for p in sweep.runs]
+    names = [p.pop("name", None) for p in points]  # an explicit run name; not an override
     varying = []
     for p in points:
         varying += [k for k in p if k not in varying]
     varying = [k for k in varying if len({json.dumps(q.get(k)) for q in points}) > 1] or varying[:1]
     out, seen = [], set()
-    for p in points:
-        name = run_name(p, varying)
+    for p, given in zip(points, names):
+        name = str(given) if given is not None else run_name(p, varying)
         if name in seen:
             raise ConfigError(f"{sweep.source}: two runs would be named {name!r}; make the grid points distinct")
         seen.add(name)

@@ -1,4 +1,21 @@
-"""Plan the next sweep: an isoFLOP grid (model size x training steps at the experiment's batch)
+"""Plan sweeps. Two ways:
+
+A study (configs/studies/*.yaml), in phases, each after the previous one's runs have finished:
+
+    python -m scaling.plan --study configs/studies/digits.yaml lr      # 1. the LR sweep's spec
+    python launch/sweep.py --sweep runs/studies/digits/plan/digits_lr.yaml --wait
+    python -m scaling.plan --study configs/studies/digits.yaml sweep   # 2. isoFLOP + seeds + hold-out specs
+    python launch/sweep.py --sweep runs/studies/digits/plan/digits_fit.yaml --wait
+    python -m scaling.holdout preregister ...                          # 3. the prediction, before the hold-out
+    python launch/sweep.py --sweep runs/studies/digits/plan/digits_holdout.yaml --wait
+
+`sweep` picks each size's LR from the LR sweep, measures each size's training throughput here and
+sizes the isoFLOP levels so the fit and hold-out sweeps take the study's `minutes`, centres each
+level's sizes on the prior (or a fit's) N*, checks no run repeats its data more than max_epochs
+times, adds seed repeats, and names a hold-out run >= 2x N and >= 3x C beyond the fitted range.
+`python -m scaling.study` runs all phases in order.
+
+One isoFLOP grid (model size x training steps at the experiment's batch)
 within a total compute budget, centred on the current fit's optimum, as a sweep YAML that
 launch/sweep.py runs.
 
@@ -18,6 +35,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +109,378 @@ def write_sweep(path: str | Path, name: str, config: str | Path, out_dir: str, r
     return path
 
 
+# ---------------------------------------------------------------------------------------------
+# A scaling study: LR sweep -> isoFLOP sweep with seeds -> pre-registered hold-out
+# ---------------------------------------------------------------------------------------------
+
+STUDY_KEYS = {"name", "config", "out_dir", "overrides", "sizes", "lr_sweep", "minutes", "levels", "level_ratio",
+              "per_level", "prior_exponent", "warmup_fraction", "min_warmup", "min_steps", "val_points", "max_epochs", "seeds",
+              "holdout", "run_overhead_s", "loss"}
+
+
+@dataclass
+class Study:
+    """configs/studies/*.yaml: what a study measures and how much machine time it may take."""
+
+    name: str
+    config: Path  # the experiment every run starts from
+    out_dir: Path  # sweeps go to OUT_DIR/{lr,fit,holdout}, their specs to OUT_DIR/plan
+    sizes: dict  # name -> overrides, smallest first; depth and width grown together
+    lr_sweep: dict  # {sizes: [names], lrs: [...], steps: n}
+    minutes: float  # wall time of the fit and hold-out sweeps together, on this machine
+    overrides: dict = field(default_factory=dict)  # for every run
+    levels: int = 4  # isoFLOP levels
+    level_ratio: float = 3.0  # compute ratio between neighbouring levels
+    per_level: int = 5  # sizes per level
+    prior_exponent: float = 0.5  # N* ~ C^a, to centre the levels before any fit
+    warmup_fraction: float = 0.05  # warm-up steps as a fraction of each run's steps
+    min_warmup: int = 10
+    min_steps: int = 0  # a level leaves out the sizes its compute gives fewer steps (too few to leave warm-up)
+    val_points: int = 4  # validation passes per run (the last at the end)
+    max_epochs: float = 4.0  # a run may see each training image at most this often
+    seeds: dict = field(default_factory=lambda: {"extra": [1, 2], "points": 3})  # seed repeats at `points` runs
+    holdout: dict = field(default_factory=lambda: {"size": None, "compute_factor": 3.0, "seeds": [0, 1]})
+    run_overhead_s: float = 15.0  # start-up, validation and checkpoint time of a run
+    loss: str = "val/loss_r0.7"
+
+
+def load_study(path: str | Path) -> Study:
+    path = Path(path)
+    if not path.is_file():
+        raise ScalingError(f"study file {path} not found")
+    spec = yaml.safe_load(path.read_text()) or {}
+    unknown = set(spec) - STUDY_KEYS
+    if unknown:
+        raise ScalingError(f"{path}: unknown study keys {sorted(unknown)}; valid: {sorted(STUDY_KEYS)}")
+    missing = [k for k in ("name", "config", "out_dir", "sizes", "lr_sweep", "minutes") if k not in spec]
+    if missing:
+        raise ScalingError(f"{path}: the study needs {', '.join(missing)}")
+    spec["config"] = (path.parent / spec["config"]).resolve()
+    spec["out_dir"] = Path(spec["out_dir"])
+    study = Study(**spec)
+    if len(study.sizes) < study.per_level:
+        raise ScalingError(f"{path}: {len(study.sizes)} sizes for {study.per_level} per level")
+    for key in ("holdout", "seeds"):
+        setattr(study, key, {**getattr(Study, "__dataclass_fields__")[key].default_factory(), **getattr(study, key)})
+    unknown_lr = [s for s in study.lr_sweep.get("sizes", []) if s not in study.sizes]
+    if unknown_lr or not study.lr_sweep.get("lrs") or not study.lr_sweep.get("steps"):
+        raise ScalingError(f"{path}: lr_sweep needs sizes (of `sizes`), lrs and steps"
+                           + (f"; unknown sizes {unknown_lr}" if unknown_lr else ""))
+    return study
+
+
+def _size_overrides(study: Study, size: str) -> list[str]:
+    return [f"{k}={json.dumps(v)}" for k, v in {**study.overrides, **study.sizes[size]}.items()]
+
+
+def study_sizes(study: Study) -> dict:
+    """name -> {N, flops_per_sample, batch, overrides} for every size of the ladder."""
+    from enat.config import load_config
+    from enat.flops import expected_train_flops
+    from enat.models.zoo import parameter_counts
+    from enat.sweeps import global_batch
+
+    out = {}
+    for name in study.sizes:
+        cfg = load_config(study.config, _size_overrides(study, name))
+        out[name] = {"N": parameter_counts(cfg.model)[1], "batch": global_batch(cfg),
+                     "flops_per_sample": expected_train_flops(cfg.model, tuple(cfg.train.mask_beta),
+                                                              cfg.train.reuse_prob)}
+    ns = [v["N"] for v in out.values()]
+    if ns != sorted(ns):
+        raise ScalingError(f"the study's sizes must grow: non-embedding N = {ns}")
+    return out
+
+
+def measure_seconds_per_sample(study: Study, sizes: list[str], steps: int = 8, warmup: int = 2, log=print) -> dict:
+    """Seconds per training sample of each size on this machine: real training steps of the
+    study's trainer (synthetic tokens), with the thread count a run gets (launch.cpus_per_task on
+    CPU). What turns the study's minutes into FLOPs."""
+    import tempfile
+    import time
+
+    import torch
+
+    from enat.bench.data import write_synthetic
+    from enat.config import load_config
+    from enat.train.trainer import Trainer
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in sizes:
+            cfg = load_config(study.config, _size_overrides(study, name))
+            shards = Path(tmp) / f"shards-{cfg.model.seq_len}"
+            if not shards.is_dir():
+                shards.mkdir()
+                write_synthetic(shards, 2048, cfg.model.seq_len, 1024, cfg.model.codebook_size, cfg.model.num_classes)
+            cfg = load_config(study.config, _size_overrides(study, name) + [
+                f"data.shards={shards}", "data.val_shards=null", f"train.run_dir={Path(tmp) / name}",
+                "train.val_every=0", "train.sample_every=0", "train.ckpt_every=0", "train.log_every=1000000",
+                "train.wandb.mode=disabled", "launch.gpus_per_node=1", "launch.nodes=1"])
+            threads = torch.get_num_threads()
+            if not torch.cuda.is_available():
+                torch.set_num_threads(cfg.launch.cpus_per_task)
+            try:
+                trainer = Trainer(cfg, log=lambda *_: None)
+                it = iter(trainer.loader)
+                for _ in range(warmup):
+                    trainer.train_step(it)
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    trainer.train_step(it)
+                out[name] = (time.perf_counter() - t0) / (steps * cfg.train.micro_batch * cfg.train.grad_accum)
+                trainer.close()
+            finally:
+                torch.set_num_threads(threads)
+            log(f"measured {name}: {1 / out[name]:.0f} samples/s")
+    return out
+
+
+def _schedule(study: Study, steps: int) -> dict:
+    """Each run decays its own schedule to its length (train.schedule from the study's config or
+    overrides), with a warm-up scaled to that length and validation passes spread over it."""
+    every = max(1, steps // study.val_points)
+    return {"train.steps": int(steps), "train.warmup_steps": max(study.min_warmup, round(study.warmup_fraction * steps)),
+            "train.val_every": every}
+
+
+def _spec(study: Study, kind: str, runs: list[dict], head: str) -> Path:
+    path = study.out_dir / "plan" / f"{study.name}_{kind}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    spec = {"name": f"{study.name}_{kind}", "config": os.path.relpath(study.config, path.parent.resolve()),
+            "out_dir": str(study.out_dir / kind), "overrides": dict(study.overrides),
+            "runs": [{k: v for k, v in r.items() if not k.startswith("_")} for r in runs]}
+    path.write_text(head + yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def plan_lr_sweep(study: Study) -> Path:
+    """Phase 1: a short LR sweep at a few sizes (each LR at the same steps, schedule and warm-up)."""
+    runs = []
+    for size in study.lr_sweep["sizes"]:
+        for lr in study.lr_sweep["lrs"]:
+            runs.append({"name": f"{size}-lr{lr:g}", **study.sizes[size], "train.lr": float(lr),
+                         **_schedule(study, int(study.lr_sweep["steps"]))})
+    return _spec(study, "lr", runs, f"# The LR sweep of study {study.name}: {len(runs)} runs. Written by scaling.plan.\n")
+
+
+def choose_lrs(study: Study, sizes: dict, lr_dir: str | Path | None = None) -> tuple[dict, dict]:
+    """LR per size from the finished LR sweep: each swept size's best final loss (a parabola in
+    log LR through the best three, so the optimum need not sit on the grid), then log LR linear in
+    log N across sizes (constant with one swept size). -> ({size: lr}, notes)."""
+    from scaling.collect import collect
+
+    lr_dir = Path(lr_dir or study.out_dir / "lr")
+    col = collect(lr_dir)
+    key = study.loss.replace("/", "_")
+    best, notes = {}, {"lr_sweep": str(lr_dir), "per_size": {}}
+    for size in study.lr_sweep["sizes"]:
+        got = sorted((float(r["run"].split("-lr")[1]), r[key]) for r in col.rows
+                     if r["final"] and r["run"].startswith(f"{size}-lr") and key in r)
+        if len(got) < len(study.lr_sweep["lrs"]):
+            missing = sorted(set(map(float, study.lr_sweep["lrs"])) - {g[0] for g in got})
+            raise ScalingError(f"the LR sweep in {lr_dir} has no finished run of {size} at lr {missing}: run it "
+                               f"first (launch/sweep.py --sweep {study.out_dir}/plan/{study.name}_lr.yaml --wait)")
+        lrs, losses = np.array(got).T
+        i = int(np.argmin(losses))
+        edge = i in (0, len(lrs) - 1)
+        lr = lrs[i]
+        if not edge:  # vertex of the parabola in log LR through the best and its neighbours
+            x, y = np.log(lrs[i - 1:i + 2]), losses[i - 1:i + 2]
+            c2, c1, _ = np.polyfit(x, y, 2)
+            if c2 > 0:
+                lr = float(np.exp(np.clip(-c1 / (2 * c2), x[0], x[-1])))
+        best[size] = float(lr)
+        notes["per_size"][size] = {"lrs": lrs.tolist(), "losses": losses.tolist(), "best": float(lr),
+                                   "at_grid_edge": bool(edge)}
+    logn = np.log([sizes[s]["N"] for s in best])
+    loglr = np.log(list(best.values()))
+    slope, icpt = np.polyfit(logn, loglr, 1) if len(best) > 1 else (0.0, loglr[0])
+    notes["rule"] = f"lr = {np.exp(icpt):.4g} * N^{slope:.3f}" if len(best) > 1 else f"lr = {np.exp(icpt):.4g}"
+    lo, hi = min(study.lr_sweep["lrs"]), max(study.lr_sweep["lrs"])
+    out = {s: float(np.clip(np.exp(icpt + slope * np.log(v["N"])), lo, hi)) for s, v in sizes.items()}
+    return out, notes
+
+
+def train_images(study: Study) -> int | None:
+    """Training images in the study's shards (their manifest), or None before they exist."""
+    from enat.config import load_config
+    from enat.data.shards import MANIFEST
+
+    cfg = load_config(study.config, _size_overrides(study, next(iter(study.sizes))))
+    path = Path(cfg.data.shards) / MANIFEST
+    return json.loads(path.read_text())["num_samples"] if path.is_file() else None
+
+
+def plan_study(study: Study, lrs: dict, seconds: dict, sizes: dict, fit: dict | None = None,
+               images: int | None = None, parallel: int = 1) -> dict:
+    """Phase 2: the isoFLOP levels (sized so the fit and hold-out sweeps take study.minutes of
+    wall time on this machine, `seconds` per sample per size, `parallel` runs at once), the sizes
+    of each level centred on the prior (or fitted) N*, seed repeats, and the hold-out run beyond
+    the fitted range. -> {"fit": [runs], "holdout": [runs], "levels", "centres", ...}."""
+    h = study.holdout
+    hsize = h.get("size") or list(sizes)[-1]
+    if hsize not in sizes:
+        raise ScalingError(f"holdout.size {hsize!r} is not one of the study's sizes {list(sizes)}")
+    names = [n for n in sizes if 2 * sizes[n]["N"] <= sizes[hsize]["N"]]  # the fit stays >= 2x below the hold-out
+    s = study.per_level
+    if len(names) < s:
+        raise ScalingError(f"{len(names)} sizes are <= half the hold-out's N ({hsize}, N={sizes[hsize]['N']:,}); "
+                           f"{s} per level need more sizes below it")
+    logn = np.log([sizes[n]["N"] for n in names])
+    ratios = [study.level_ratio ** -(study.levels - 1 - j) for j in range(study.levels)]  # level / top level
+
+    def steps_of(name, compute):
+        return max(1, round(compute / (sizes[name]["flops_per_sample"] * sizes[name]["batch"])))
+
+    def pick(centre, compute):
+        """s neighbouring sizes around the centre among those that get >= min_steps at this
+        compute, shifted to stay on the ladder."""
+        ok = [n for n in names if steps_of(n, compute) >= study.min_steps] or names[:s]
+        ok = ok if len(ok) >= s else names[:s]
+        logs = np.log([sizes[n]["N"] for n in ok])
+        i = int(np.argmin(np.abs(logs - np.log(centre))))
+        lo = min(max(0, i - s // 2), len(ok) - s)
+        return ok[lo:lo + s]
+
+    if fit is not None:
+        law = LawFit(**{k: fit["law"][k] for k in ("E", "A", "B", "alpha", "beta")})
+        k = fit["k_flops_per_param_sample"]
+
+        def centres_at(top):
+            return [float(compute_optimal(law, k, top * r)["N"]) for r in ratios]
+        source = "the fitted law"
+    else:  # a prior N* ~ C^a, the middle level's optimum at the ladder's middle size
+        mid = float(np.exp(np.median(logn)))
+
+        def centres_at(top):
+            return [mid * (r / ratios[len(ratios) // 2]) ** study.prior_exponent for r in ratios]
+        source = f"a prior N* ~ C^{study.prior_exponent}, centred on the ladder"
+
+    def sec(name, compute):
+        return compute * seconds[name] / sizes[name]["flops_per_sample"]
+
+    levels_seed = list(np.linspace(0, study.levels - 1, study.seeds["points"]).round().astype(int))
+    hold_runs = len(h["seeds"])
+    # Wall time is linear in the top level's compute for fixed sizes per level: solve for the top
+    # that fits study.minutes, choose the sizes again at that compute, until the choice settles.
+    top, chosen = None, None
+    for _ in range(20):
+        prev = chosen
+        chosen = [pick(c, (top or 0) * r) for c, r in zip(centres_at(top or 1.0), ratios)]
+        seed_at = [chosen[j][s // 2] for j in levels_seed]
+        fixed = study.run_overhead_s * (sum(len(c) for c in chosen) + len(seed_at) * len(study.seeds["extra"])) / parallel
+        per_top = (sum(sec(n, r) for r, level in zip(ratios, chosen) for n in level)
+                   + sum(sec(n, ratios[j]) for n, j in zip(seed_at, levels_seed)) * len(study.seeds["extra"])) / parallel
+        hold_per_top = sec(hsize, h["compute_factor"]) * -(-hold_runs // parallel)
+        top = (study.minutes * 60 - fixed - study.run_overhead_s * -(-hold_runs // parallel)) / (per_top + hold_per_top)
+        if top <= 0:
+            raise ScalingError(f"study.minutes={study.minutes} does not even cover the runs' start-up time")
+        if chosen == prev:
+            break
+    seed_lv = levels_seed
+    centres = centres_at(top)
+
+    def run(name, compute, level, seed=None, label=None):
+        steps = steps_of(name, compute)
+        r = {"name": label or f"{name}-c{level}", **study.sizes[name], "train.lr": lrs[name], **_schedule(study, steps)}
+        if seed is not None:
+            r["seed"] = seed
+        exact = steps * sizes[name]["batch"] * sizes[name]["flops_per_sample"]
+        r.update(_size=name, _N=sizes[name]["N"], _compute=exact, _level=level,
+                 _epochs=steps * sizes[name]["batch"] / images if images else None,
+                 _minutes=(sec(name, exact) + study.run_overhead_s) / 60)
+        return r
+
+    fit_runs = [run(n, top * r, j + 1) for j, (r, level) in enumerate(zip(ratios, chosen)) for n in level]
+    for n, j in zip(seed_at, seed_lv):
+        fit_runs += [run(n, top * ratios[j], j + 1, seed=sd, label=f"{n}-c{j + 1}-seed{sd}") for sd in study.seeds["extra"]]
+    hold = [run(hsize, top * h["compute_factor"], "H", seed=sd, label=f"{hsize}-holdout-seed{sd}") for sd in h["seeds"]]
+    over = [r for r in fit_runs + hold if r["_epochs"] is not None and r["_epochs"] > study.max_epochs]
+    if over:
+        worst = max(over, key=lambda r: r["_epochs"])
+        raise ScalingError(f"{len(over)} runs would see the training images more than {study.max_epochs} times "
+                           f"(worst: {worst['name']}, {worst['_epochs']:.1f} epochs of {images} images): make more "
+                           f"training data, or lower study.minutes")
+    return {"fit": fit_runs, "holdout": hold, "levels": [top * r for r in ratios], "centres": centres_at(top),
+            "source": source, "holdout_size": hsize, "top": top, "images": images, "parallel": parallel,
+            "predicted_minutes": (sum(r["_minutes"] for r in fit_runs) / parallel
+                                  + max(r["_minutes"] for r in hold) * -(-len(hold) // parallel))}
+
+
+def study_markdown(study: Study, planned: dict, sizes: dict, lrs: dict, notes: dict, seconds: dict) -> str:
+    lines = [f"# Plan of scaling study `{study.name}`", "",
+             f"Levels ({study.levels}, {study.level_ratio:g}x apart, {study.per_level} sizes each, centred on "
+             f"{planned['source']}): " + ", ".join(f"{c:.3g}" for c in planned["levels"]) + " FLOPs per run.",
+             f"LR per size: {notes.get('rule', 'given')} (from {notes.get('lr_sweep', 'the study')}).",
+             f"Predicted wall time of the fit and hold-out sweeps: {planned['predicted_minutes']:.1f} min at "
+             f"{planned['parallel']} runs at once (throughput measured here).", "",
+             "| size | N (non-embedding) | FLOPs/sample | samples/s here | lr |", "|---|---|---|---|---|"]
+    for n, v in sizes.items():
+        sps = f"{1 / seconds[n]:.0f}" if n in seconds else "-"
+        lines.append(f"| {n} | {v['N']:,} | {v['flops_per_sample']:.3g} | {sps} | {lrs[n]:.3g} |")
+    lines += ["", "| run | level | N | steps | warm-up | compute | epochs | minutes |", "|---|---|---|---|---|---|---|---|"]
+    for r in planned["fit"] + planned["holdout"]:
+        ep = f"{r['_epochs']:.2f}" if r["_epochs"] is not None else "?"
+        lines.append(f"| {r['name']} | {r['_level']} | {r['_N']:,} | {r['train.steps']} | {r['train.warmup_steps']} | "
+                     f"{r['_compute']:.3g} | {ep} | {r['_minutes']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_study(study: Study, planned: dict, sizes: dict, lrs: dict, notes: dict, seconds: dict) -> dict:
+    fit = _spec(study, "fit", planned["fit"], f"# The isoFLOP sweep of study {study.name}, with seed repeats. "
+                                                f"Written by scaling.plan; see plan.md.\n")
+    hold = _spec(study, "holdout", planned["holdout"],
+                 f"# The hold-out of study {study.name}: >= 2x N and >= {study.holdout['compute_factor']:g}x C beyond "
+                 f"the fit. Pre-register its prediction (python -m scaling.holdout preregister) BEFORE running it.\n")
+    plan_dir = study.out_dir / "plan"
+    (plan_dir / "plan.md").write_text(study_markdown(study, planned, sizes, lrs, notes, seconds))
+    (plan_dir / "plan.json").write_text(json.dumps({"sizes": sizes, "lrs": lrs, "lr_notes": notes,
+                                                     "seconds_per_sample": seconds,
+                                                     **{k: v for k, v in planned.items()}}, indent=1, default=float))
+    return {"fit": fit, "holdout": hold, "plan": plan_dir / "plan.md"}
+
+
+def study_phase(study_path: str | Path, phase: str, lr_sweep: str | None = None, fit: str | None = None,
+                parallel: int | None = None, log=print) -> dict:
+    """Run one planning phase of a study -> the paths written."""
+    from enat.config import load_config
+
+    study = load_study(study_path)
+    if phase == "lr":
+        path = plan_lr_sweep(study)
+        log(f"wrote {path}: {len(study.lr_sweep['sizes']) * len(study.lr_sweep['lrs'])} runs")
+        return {"lr": path}
+    sizes = study_sizes(study)
+    lrs, notes = choose_lrs(study, sizes, lr_sweep)
+    cfg = load_config(study.config, _size_overrides(study, next(iter(study.sizes))))
+    parallel = parallel or cfg.launch.array_parallelism
+    seconds = measure_seconds_per_sample(study, list(sizes), log=log)
+    planned = plan_study(study, lrs, seconds, sizes, json.loads(Path(fit).read_text()) if fit else None,
+                         train_images(study), parallel)
+    paths = write_study(study, planned, sizes, lrs, notes, seconds)
+    log(f"wrote {paths['fit']} ({len(planned['fit'])} runs), {paths['holdout']} ({len(planned['holdout'])} runs) and "
+        f"{paths['plan']}: levels " + ", ".join(f"{c:.3g}" for c in planned["levels"])
+        + f" FLOPs; predicted {planned['predicted_minutes']:.1f} min")
+    return paths
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--study" in argv or any(a.startswith("--study=") for a in argv):
+        p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--study", required=True, help="configs/studies/*.yaml")
+        p.add_argument("phase", choices=["lr", "sweep"], help="lr: the LR sweep; sweep: isoFLOP + seeds + hold-out")
+        p.add_argument("--lr-sweep", help="the finished LR sweep's folder (default OUT_DIR/lr)")
+        p.add_argument("--fit", help="fit.json of an earlier report: centre the levels on its N* (default: the prior)")
+        p.add_argument("--parallel", type=int, help="runs at once (default: launch.array_parallelism)")
+        args = p.parse_args(argv)
+        try:
+            study_phase(args.study, args.phase, args.lr_sweep, args.fit, args.parallel)
+        except ScalingError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="the experiment every run starts from")
     p.add_argument("--budget", type=float, required=True, help="total training FLOPs for the sweep")

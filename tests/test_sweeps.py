@@ -35,6 +35,14 @@ def test_grid_expands_to_named_runs_with_tags(tmp_path):
         entry["train_flops_per_sample"] * 128 * 10)
 
 
+def test_runs_can_name_themselves(tmp_path):
+    runs = expand(load_sweep(write(tmp_path, "name: g\nout_dir: out\nruns: [{name: small, model.width: 32}, "
+                                             "{model.width: 64, train.steps: 5}]\n")))
+    assert [r.name for r in runs] == ["small", "width64-steps5"]
+    assert runs[0].run_dir == "out/small" and runs[0].params == {"model.width": 32}
+    assert not any(o.startswith("name=") for o in runs[0].overrides)
+
+
 def test_bad_specs_fail_before_submitting(tmp_path):
     with pytest.raises(ConfigError, match="unknown sweep keys"):
         load_sweep(write(tmp_path, "name: g\nout_dir: o\ngrid: {seed: [1]}\nmax_jobs: 3\n"))

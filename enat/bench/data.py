@@ -23,7 +23,8 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true")
 
 
-def write_synthetic(out: Path, n: int, seq_len: int, shard_size: int) -> None:
+def write_synthetic(out: Path, n: int, seq_len: int, shard_size: int, codebook_size: int = 1024,
+                    num_classes: int = 1000) -> None:
     from enat.data.shards import Manifest
     from enat.data.tokenize import _write_shard
 
@@ -31,12 +32,12 @@ def write_synthetic(out: Path, n: int, seq_len: int, shard_size: int) -> None:
     shards = []
     for j, start in enumerate(range(0, n, shard_size)):
         count = min(shard_size, n - start)
-        tokens = rng.integers(0, 1024, (count, seq_len), dtype=np.uint16)
-        samples = [(f"{start + i:09d}_0", tokens[i], int(rng.integers(0, 1000))) for i in range(count)]
+        tokens = rng.integers(0, codebook_size, (count, seq_len), dtype=np.uint16)
+        samples = [(f"{start + i:09d}_0", tokens[i], int(rng.integers(0, num_classes))) for i in range(count)]
         name = f"shard-0000-{j:05d}.tar"
         shards.append({"name": name, "num_samples": count, "bytes": _write_shard(out / name, samples, seq_len)})
     grid = int(round(seq_len ** 0.5))
-    Manifest(num_samples=n, grid_size=grid, codebook_size=1024, num_classes=1000, shards=shards,
+    Manifest(num_samples=n, grid_size=grid, codebook_size=codebook_size, num_classes=num_classes, shards=shards,
              source={"dataset": "synthetic"}).save(out)
 
 
