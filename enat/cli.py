@@ -249,7 +249,7 @@ def cmd_tokenizer_train(args) -> None:
     from enat.tokenizer.train import train_tokenizer
 
     cfg = load_config(args.config, args.overrides)
-    if cfg.data.dataset != "digits":
+    if cfg.data.dataset not in ("digits", "digits_aug"):
         raise ConfigError("`enat tokenizer train` trains the demo tokenizer on data.dataset=digits; for ImageNet "
                           "use the released VQGAN (tokenizer.checkpoint)")
     out = args.out or cfg.tokenizer.checkpoint

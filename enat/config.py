@@ -183,8 +183,10 @@ class DataConfig:
     """Images -> token shards -> the loader."""
 
     # imagefolder: root/<class>/<image> (ADM crop); digits: the embedded demo, no download (captioned
-    # when model.condition=text); coco: image_dir + captions (COCO captions JSON, centre crop).
-    dataset: Literal["imagefolder", "digits", "coco"] = "imagefolder"
+    # when model.condition=text); digits_aug: the digits through random affine + elastic transforms,
+    # fresh images without limit (enat/data/digits.py; never flipped: data.flip must be false; no
+    # captions); coco: image_dir + captions (COCO captions JSON, centre crop).
+    dataset: Literal["imagefolder", "digits", "digits_aug", "coco"] = "imagefolder"
     image_dir: str | None = None  # imagefolder: root/<class>/<image> of the training images; coco: train2014/
     val_image_dir: str | None = None  # imagefolder: the same for held-out images; coco: val2014/
     captions: str | None = None  # coco: captions_train2014.json
@@ -199,6 +201,12 @@ class DataConfig:
     resampled: bool = False  # infinite draws with replacement (statistical, not exact, resume)
     strict: bool = False  # corrupt shard or sample: raise (true) or skip, count and log (false)
     num_workers: int = 2  # DataLoader workers per rank (loading images when tokenizing, reading shards)
+    # digits_aug: images per split (train: drawn from the 1,498 training digits, val: from the 299
+    # held-out ones; every base digit used equally) and the transforms' seed; image i of a split is
+    # a pure function of (augment_seed, split, i), so any count or part regenerates the same images.
+    augmented_train: int = 50000
+    augmented_val: int = 2000
+    augment_seed: int = 0
 
 
 @dataclass
@@ -447,6 +455,12 @@ def resolve(cfg: Config) -> Config:
         raise ConfigError(f"sample.steps must be >= 1, got {cfg.sample.steps}")
     if cfg.sample.batch_size < 1:
         raise ConfigError(f"sample.batch_size must be >= 1, got {cfg.sample.batch_size}")
+    if cfg.data.dataset == "digits_aug" and cfg.data.flip:
+        raise ConfigError("data.flip=true with data.dataset=digits_aug: a mirrored digit is not a digit; set "
+                          "data.flip=false")
+    if cfg.data.dataset == "digits_aug" and cfg.model.condition == "text":
+        raise ConfigError("data.dataset=digits_aug has no captions (the captioned demo is data.dataset=digits "
+                          "with model.condition=text): use model.condition=class")
     if cfg.data.dataset == "coco" and cfg.data.flip:
         raise ConfigError("data.flip=true with data.dataset=coco: a flipped image can contradict its caption "
                           "('on the left'); set data.flip=false (U-ViT's COCO protocol has no flips)")

@@ -68,7 +68,8 @@ def test_dump_and_reload_gives_equal_object(tmp_path):
 
 def test_every_shipped_config_loads():
     """Experiments and model sizes are complete configs; tokenizer/data files are fragments that
-    experiments combine, checked against the schema alone; sweeps expand into loadable runs."""
+    experiments combine, checked against the schema alone; sweeps expand into loadable runs, and a
+study's every size loads."""
     from enat.config import _load_tree, from_dict
 
     from enat.sweeps import load_sweep, run_configs
@@ -76,6 +77,11 @@ def test_every_shipped_config_loads():
     for path in sorted((ROOT / "configs").rglob("*.yaml")):
         if path.parent.name == "sweeps":  # sweep specs: every run's config must load
             assert run_configs(load_sweep(path)), path
+        elif path.parent.name == "studies":  # study specs: every size's LR-sweep run must load
+            from scaling.plan import load_study, study_sizes
+
+            study = load_study(path)
+            assert len(study_sizes(study)) == len(study.sizes), path
         elif path.parent.name in ("experiments", "model"):
             assert isinstance(load_config(path), Config), path
         else:

@@ -1,7 +1,9 @@
-"""Build what a config's data needs and is missing: for the embedded demo, the tokenizer (trained
-here), with model.condition=text the demo text encoder (built here: a tiny random frozen CLIP text
-model and a word tokenizer), and the train/val token shards; for image folders and COCO, the
-shards (the tokenizer and text encoder are given by path).
+"""Build what a config's data needs and is missing: for the embedded demo (data.dataset=digits, and
+digits_aug: the digits through random affine + elastic transforms, data.augmented_train /
+data.augmented_val images from data.augment_seed), the tokenizer (trained here, on the plain
+training digits for both), with model.condition=text the demo text encoder (built here: a tiny
+random frozen CLIP text model and a word tokenizer), and the train/val token shards; for image
+folders and COCO, the shards (the tokenizer and text encoder are given by path).
 `check_data` is the trainer's side: it only checks the shards exist and names the command that
 makes them. (The demo's FID feature extractor is evaluation's: enat/eval/prepare.py.)"""
 
@@ -12,6 +14,40 @@ from pathlib import Path
 
 from enat.config import Config
 from enat.data.shards import MANIFEST, ShardError
+
+EMBEDDED = ("digits", "digits_aug")  # the datasets this project makes itself (demo tokenizer trained here)
+
+
+def stale_shards(cfg: Config) -> list[str]:
+    """digits_aug: the splits whose existing manifest records another image set than the config
+    asks for (count, seed, split, generator version), each with what differs. Other datasets: []."""
+    import json
+
+    if cfg.data.dataset != "digits_aug":
+        return []
+    from enat.data.digits import AUGMENT_VERSION
+
+    d, out = cfg.data, []
+    for split, path, count in (("train", d.shards, d.augmented_train), ("val", d.val_shards, d.augmented_val)):
+        if path is None or not (Path(path) / MANIFEST).is_file():
+            continue
+        try:
+            src = json.loads((Path(path) / MANIFEST).read_text()).get("source", {})
+        except ValueError:
+            continue  # an unreadable manifest is the loader's to report
+        want = {"dataset": "digits_aug", "split": split, "count": count, "seed": d.augment_seed,
+                "augment_version": AUGMENT_VERSION}
+        diff = [f"{k} {src.get(k)!r} (config: {v!r})" for k, v in want.items() if src.get(k) != v]
+        if diff:
+            out.append(f"{path} ({split}) holds another image set: " + ", ".join(diff))
+    return out
+
+
+def _refuse_stale(cfg: Config) -> None:
+    stale = stale_shards(cfg)
+    if stale:
+        raise ShardError("; ".join(stale) + ". Point data.shards / data.val_shards at a fresh folder (or delete "
+                         "these) and run `enat data prepare` again")
 
 
 def split_dir(cfg: Config, split: str) -> str:
@@ -44,7 +80,7 @@ def tokenize_split(cfg: Config, split: str, input_: str | None = None, out: str 
 
     d = cfg.data
     if input_ is None:
-        input_ = "digits" if d.dataset == "digits" else (d.image_dir if split == "train" else d.val_image_dir)
+        input_ = d.dataset if d.dataset in EMBEDDED else (d.image_dir if split == "train" else d.val_image_dir)
         if input_ is None:
             raise ShardError(f"no input for the {split} split: set data.{'image_dir' if split == 'train' else 'val_image_dir'}")
     captions = None
@@ -57,7 +93,8 @@ def tokenize_split(cfg: Config, split: str, input_: str | None = None, out: str 
     progress = sys.stderr.isatty() if progress is None else progress
     tokenizer = load_tokenizer(cfg.tokenizer)
     source = make_source(input_, cfg.tokenizer.resolution, split, captions=captions,
-                         captioned=cfg.model.condition == "text")
+                         captioned=cfg.model.condition == "text",
+                         count=d.augmented_train if split == "train" else d.augmented_val, seed=d.augment_seed)
     text_encoder = None
     if getattr(source, "captioned", False):
         from enat.text import TextEncoderError, encoder_for
@@ -86,7 +123,7 @@ def tokenizer_missing(cfg: Config) -> bool:
     """Whether the demo tokenizer must be trained (or the demo text encoder built) first: what
     `prepare_tokenizer` would do."""
     tok = cfg.tokenizer.checkpoint
-    return (cfg.data.dataset == "digits" and tok is not None and not Path(tok).is_file()) or text_encoder_missing(cfg)
+    return (cfg.data.dataset in EMBEDDED and tok is not None and not Path(tok).is_file()) or text_encoder_missing(cfg)
 
 
 def prepare_text_encoder(cfg: Config, log=print) -> None:
@@ -130,16 +167,17 @@ def prepare_tokenizer(cfg: Config, log=print) -> None:
         raise ShardError("tokenizer.checkpoint is not set")
     if Path(tok.checkpoint).is_file():
         return
-    if cfg.data.dataset != "digits":
+    if cfg.data.dataset not in EMBEDDED:
         raise ShardError(f"tokenizer checkpoint {tok.checkpoint} not found; this project trains only the "
                          f"demo tokenizer itself: give the released VQGAN's path in tokenizer.checkpoint")
     log(f"no tokenizer at {tok.checkpoint}: training the demo tokenizer ({tok.train.steps} steps)")
-    images, _, _ = load_digits("train", tok.resolution)
+    images, _, _ = load_digits("train", tok.resolution)  # the plain training digits, for digits_aug too
     train_tokenizer(cfg, images, tok.checkpoint, log=log)
 
 
 def prepare_data(cfg: Config, progress: bool | None = None, log=print) -> None:
     """Make sure the tokenizer and the shards of both splits exist, building what is missing."""
+    _refuse_stale(cfg)  # a manifest present but of another count or seed must not be taken as done
     prepare_tokenizer(cfg, log=log)
     for split, out in (("train", cfg.data.shards), ("val", cfg.data.val_shards)):
         if out is None or (Path(out) / MANIFEST).is_file():
@@ -150,10 +188,12 @@ def prepare_data(cfg: Config, progress: bool | None = None, log=print) -> None:
 
 def check_data(cfg: Config) -> None:
     """What the trainer calls before it starts: the training shards (and the validation shards
-    when data.val_shards is set) must be there, each with its manifest. It builds nothing."""
+    when data.val_shards is set) must be there, each with its manifest (digits_aug: of the
+    configured count and seed, `stale_shards`). It builds nothing."""
     missing = [f"{what} shards: no {Path(out) / MANIFEST}"
                for what, out in (("training", cfg.data.shards), ("validation", cfg.data.val_shards))
                if out is not None and not (Path(out) / MANIFEST).is_file()]
+    _refuse_stale(cfg)
     if missing:
         raise ShardError(
             "the data of this run is not prepared (" + "; ".join(missing) + "). Prepare it first, with this "

@@ -1,7 +1,8 @@
 """Images -> token shards, partitioned and restartable.
 
-The input (an ImageFolder tree, the embedded digits, or COCO: an image folder + a captions JSON)
-is listed in a fixed order; part i of K
+The input (an ImageFolder tree, the embedded digits, the augmented digits (generated on demand,
+enat/data/digits.py), or COCO: an image folder + a captions JSON) is listed in a fixed order;
+part i of K
 takes a contiguous slice of it. Each part writes its shards one by one (temp file, index, then
 rename), recording finished shards in `part-IIII-of-KKKK.json`; a rerun skips shards recorded
 there whose file is intact. Unreadable images are counted and listed, never silently dropped.
@@ -132,6 +133,49 @@ class DigitsSource:
         return self.images[i]
 
 
+class AugmentedDigitsSource:
+    """`count` augmented digits of a split (data.dataset=digits_aug, enat/data/digits.py): image i
+    is a pure function of (seed, split, i), made on demand a block at a time (never the whole set
+    in memory), so any part of any size tokenizes the same images. Never flipped (flip_allowed:
+    a mirrored digit is not a digit). Its description (the manifest's source) records the count,
+    seed, generator version and transform ranges."""
+
+    flip_allowed = False
+    no_flip_reason = "a mirrored digit is not a digit"
+
+    def __init__(self, split: str, count: int, seed: int, resolution: int):
+        from enat.data.digits import NUM_CLASSES, AugmentedDigits
+
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ShardError(f"digits_aug needs a positive image count for the {split} split "
+                             f"(data.augmented_{split}), got {count!r}")
+        try:
+            self.gen = AugmentedDigits(split, seed, resolution)
+        except ValueError as e:
+            raise ShardError(f"digits_aug: {e} (data.augment_seed)") from None
+        self.count = count
+        self.num_classes = NUM_CLASSES
+        self._bases = self.gen.bases(np.arange(count))  # positions into the split's base digits
+        self._labels = self.gen.base_labels[self._bases]
+        self.description = {"dataset": "digits_aug", "split": split, "count": count, **self.gen.describe()}
+        self.identity = self.description  # what a rerun or another part must share (tokenize_part)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def name(self, i: int) -> str:
+        return (f"digits_aug[{self.gen.split}, seed {self.gen.seed}, {i}] "
+                f"(digits[{int(self.gen.base_indices[self._bases[i]])}])")
+
+    def label(self, i: int) -> int:
+        return int(self._labels[i])
+
+    def load(self, i: int) -> torch.Tensor:
+        if not 0 <= i < self.count:
+            raise IndexError(f"augmented digit {i} out of range [0, {self.count})")
+        return self.gen.image(i).repeat(3, 1, 1)  # a copy: the cached block stays the generator's
+
+
 class CaptionedDigitsSource(DigitsSource):
     """The embedded digits with captions from enat/data/captions.py (K = 5 per image, true of its
     pixels, flip-invariant); the class stays the digit (for evaluation)."""
@@ -203,11 +247,16 @@ class CocoSource:
 
 
 def make_source(input_: str, resolution: int, split: str = "train", captions: str | None = None,
-                captioned: bool = False):
+                captioned: bool = False, count: int | None = None, seed: int = 0):
     """The source of a split: COCO when a captions JSON is given, the digits (captioned or not),
-    else an image folder."""
+    the augmented digits ("digits_aug": `count` images from `seed`), else an image folder."""
     if captions is not None:
         return CocoSource(input_, captions, resolution)
+    if input_ == "digits_aug":
+        if captioned:
+            raise ShardError("data.dataset=digits_aug has no captions (the captioned demo is data.dataset=digits "
+                             "with model.condition=text): use model.condition=class")
+        return AugmentedDigitsSource(split, count, seed, resolution)
     if input_ == "digits":
         return CaptionedDigitsSource(split, resolution) if captioned else DigitsSource(split, resolution)
     if captioned:
@@ -347,6 +396,16 @@ def tokenize_part(source, tokenizer, out_dir: str | Path, part: int = 0, num_par
         raise ShardError(f"{record_path} was written for another plan ({record['plan']}); "
                          f"use a fresh output folder or the same settings")
     captioned = getattr(source, "captioned", False)
+    if flip and not captioned and not getattr(source, "flip_allowed", True):
+        raise ShardError(f"data.flip=true with {source.description.get('dataset')}: "
+                         f"{getattr(source, 'no_flip_reason', 'this source must not be flipped')}; "
+                         f"set data.flip=false")
+    # a generated source (digits_aug) has an identity (count, seed, generator version) that a rerun
+    # or another part must share, or the shards would mix two image sets under one plan
+    identity = _json_roundtrip(getattr(source, "identity", None))
+    if record.get("identity") not in (None, identity):
+        raise ShardError(f"{record_path} was written from another image set ({record['identity']}, now "
+                         f"{identity}); use a fresh output folder or the same data settings")
     text, text_plan = None, None
     if captioned != (text_encoder is not None):
         raise ShardError("a captioned source (COCO, captioned digits) needs a text encoder (text.encoder) and "
@@ -367,6 +426,8 @@ def tokenize_part(source, tokenizer, out_dir: str | Path, part: int = 0, num_par
     done = {s["name"]: s for s in record.get("shards", [])}
     record = {"part": part, "num_parts": num_parts, "plan": plan.__dict__, "complete": False,
               "shards": [], "num_samples": 0}
+    if identity is not None:
+        record["identity"] = identity
     if captioned:
         record["text_plan"] = text_plan
         text_encoder = text_encoder.to(device)
@@ -431,6 +492,11 @@ def tokenize_part(source, tokenizer, out_dir: str | Path, part: int = 0, num_par
     return record
 
 
+def _json_roundtrip(obj):
+    """obj as it reads back from a part record (tuples become lists, ...), for comparisons."""
+    return json.loads(json.dumps(obj))
+
+
 def _merge_text(out_dir: Path, parts: list[dict]) -> dict:
     """The manifest's text section from the part records (all the same encoder and storage) and
     null_context.npy (checked: present, of the right shape, one of the parts' checksums)."""
@@ -473,6 +539,10 @@ def merge_parts(out_dir: str | Path, tokenizer_path: str | Path | None = None, e
         raise ShardError(f"parts {missing} of {K} have not finished in {out_dir}; run them "
                          f"(`enat tokenize ... --num-parts {K} --part I`) before merging")
     parts.sort(key=lambda r: r["part"])
+    identities = {json.dumps(r.get("identity"), sort_keys=True) for r in parts}
+    if len(identities) != 1:
+        raise ShardError(f"{out_dir}: parts were tokenized from different image sets ({sorted(identities)}); "
+                         f"re-run them with the same data settings into a fresh folder")
     shards = [{k: s[k] for k in ("name", "num_samples", "bytes")} for r in parts for s in r["shards"]]
     failed = [f for r in parts for s in r["shards"] for f in s["failed"]]
     first = parts[0]
