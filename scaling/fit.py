@@ -3,8 +3,13 @@ implies, FID against compute, and a hold-out prediction check.
 
 The law is fitted as Hoffmann et al. (2022) do: the Huber loss (delta 1e-3) of
 log L_hat - log L, with L_hat = exp(LSE(a - alpha log N, b - beta log D, e)), minimised by L-BFGS
-from a grid of starting points; the best end point wins. Uncertainty: a bootstrap over runs (all
-points of a run drawn together, since they share a model), percentile intervals.
+from a grid of starting points; the best end point wins. The minimiser is scaling/approaches.py's
+(Besiroglu et al. 2024): the objective averaged and scaled to O(1), L-BFGS-B with tight
+tolerances, from the grid's 128 starts plus the best local minima of a profile scan over
+(alpha, beta). Uncertainty: a bootstrap over runs (all points of a run drawn together, since they
+share a model), percentile intervals; every resample gets a global search of its own (the
+profile scan, then L-BFGS-B from its best local minima), not starts near the full fit, which kept
+every resample in the full fit's basin and made the intervals far too narrow.
 
 Compute: each run's FLOPs per training sample are exact (enat.flops), and across sizes they are
 close to proportional to N: C = k N D, with k the median ratio over the runs. With that,
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -70,21 +76,62 @@ def _objective(theta, logN, logD, logL, delta):
     return _huber(r, delta).sum(), grad
 
 
-def _minimise(logN, logD, logL, inits, delta):
-    from scipy.optimize import minimize
+def _approaches():
+    """scaling/approaches.py, which holds the robust search (and imports this module's objective,
+    bounds and grid): imported here, at call time, so that neither import is circular."""
+    from scaling import approaches
+
+    return approaches
+
+
+@contextmanager
+def _quiet():
+    """One BLAS thread (5-parameter problems: threads spinning for them made the fit 5-10x slower
+    on a busy 2-core machine) and no optimiser warnings."""
     from threadpoolctl import threadpool_limits
 
-    best = None
-    # One BLAS thread: these are 5-parameter problems, and threads spinning for them made the fit
-    # 5x slower on a busy 2-core machine.
     with warnings.catch_warnings(), threadpool_limits(1):
         warnings.simplefilter("ignore")
-        for x0 in inits:
-            res = minimize(_objective, np.asarray(x0, float), args=(logN, logD, logL, delta), method="L-BFGS-B", jac=True,
-                           bounds=BOUNDS)
-            if best is None or res.fun < best.fun:
-                best = res
-    return best
+        yield
+
+
+def search(N, D, L, delta: float = 1e-3, grid: bool = True, extra=()):
+    """The global search for the law's optimum (scaling/approaches.py's): L-BFGS-B on the scaled
+    Huber objective with tight tolerances, from the best local minima of the profile scan over
+    (alpha, beta), from init_grid's 128 starts too with grid=True (1-2 s more), and from `extra`
+    (points in the optimiser's coordinates); the lowest end point wins. Points must be valid
+    (finite, positive). -> scipy's result; x = (log A, log B, log E, alpha, beta)."""
+    ap = _approaches()
+    N, D, L = (np.asarray(x, float) for x in (N, D, L))
+    logN, logD, logL = np.log(N), np.log(D), np.log(L)
+    with _quiet():
+        starts = ap._scan_starts(N, D, L) + [np.asarray(x, float) for x in extra]
+        if grid:
+            starts = init_grid(logL) + starts
+        return ap._best(starts, logN, logD, logL, delta)
+
+
+def resample_fits(N, D, L, runs, bootstrap: int, seed: int = 0, delta: float = 1e-3) -> np.ndarray:
+    """The bootstrap over runs: `bootstrap` resamples (runs drawn with replacement, a run's points
+    together), each with a global search of its own (the profile scan + L-BFGS-B from its best
+    local minima). Resamples with < 2 sizes or < 2 sample counts are skipped.
+    -> [resamples used, 5] rows of (E, A, B, alpha, beta)."""
+    ap = _approaches()
+    N, D, L = (np.asarray(x, float) for x in (N, D, L))
+    runs = np.asarray(runs)
+    logN, logD, logL = np.log(N), np.log(D), np.log(L)
+    ids = np.unique(runs)
+    members = [np.flatnonzero(runs == r) for r in ids]
+    rng = np.random.default_rng(seed)
+    draws = []
+    with _quiet():
+        for _ in range(bootstrap):
+            idx = np.concatenate([members[i] for i in rng.integers(0, len(ids), len(ids))])
+            if len(np.unique(N[idx])) < 2 or len(np.unique(D[idx])) < 2:
+                continue
+            x = ap._best(ap._scan_starts(N[idx], D[idx], L[idx]), logN[idx], logD[idx], logL[idx], delta).x
+            draws.append([np.exp(x[2]), np.exp(x[0]), np.exp(x[1]), x[3], x[4]])
+    return np.asarray(draws, float).reshape(-1, len(PARAMS))
 
 
 def init_grid(logL: np.ndarray) -> list[tuple]:
@@ -107,36 +154,25 @@ def check_sweep(N: np.ndarray, D: np.ndarray, runs: np.ndarray) -> None:
 
 def fit_law(N, D, L, runs=None, delta: float = 1e-3, bootstrap: int = 200, seed: int = 0) -> LawFit:
     """Fit L(N, D) to points (one per run and validation step). `runs` labels each point's run for
-    the bootstrap (default: every point its own run)."""
+    the bootstrap (default: every point its own run). The optimum: search() from the grid and the
+    profile scan; the 95 % intervals: resample_fits(), a global search per resample."""
     N, D, L = (np.asarray(x, float) for x in (N, D, L))
     runs = np.asarray(runs if runs is not None else np.arange(len(N)))
     ok = np.isfinite(L) & (L > 0) & (N > 0) & (D > 0)
     N, D, L, runs = N[ok], D[ok], L[ok], runs[ok]
     check_sweep(N, D, runs)
-    logN, logD, logL = np.log(N), np.log(D), np.log(L)
-    best = _minimise(logN, logD, logL, init_grid(logL), delta)
+    best = search(N, D, L, delta)
     a, b, e, alpha, beta = best.x
     fit = LawFit(E=float(np.exp(e)), A=float(np.exp(a)), B=float(np.exp(b)), alpha=float(alpha), beta=float(beta),
-                 loss=float(best.fun), n_points=len(N), n_runs=len(np.unique(runs)), n_sizes=len(np.unique(N)),
+                 loss=float(_objective(best.x, np.log(N), np.log(D), np.log(L), delta)[0]), n_points=len(N),
+                 n_runs=len(np.unique(runs)), n_sizes=len(np.unique(N)),
                  at_bounds=[name for name, x, (lo, hi) in zip(("A", "B", "E", "alpha", "beta"), best.x, BOUNDS)
                             if min(x - lo, hi - x) < 1e-6])
     if "E" not in fit.at_bounds and fit.E < 0.01 * L.min():
         fit.at_bounds.append("E")  # its gradient vanishes as E -> 0, so L-BFGS stops short of the bound
     if bootstrap:
-        rng = np.random.default_rng(seed)
-        ids = np.unique(runs)
-        draws = []
-        # A few starting points around the full fit keep each bootstrap fit in the same basin, fast.
-        inits = [best.x] + [best.x + d for d in np.random.default_rng(seed + 1).normal(0, 0.5, (1, 5))]
-        for _ in range(bootstrap):
-            pick = rng.choice(ids, size=len(ids), replace=True)
-            idx = np.concatenate([np.flatnonzero(runs == r) for r in pick])
-            if len(np.unique(N[idx])) < 2 or len(np.unique(D[idx])) < 2:
-                continue
-            r = _minimise(logN[idx], logD[idx], logL[idx], inits, delta)
-            draws.append([np.exp(r.x[2]), np.exp(r.x[0]), np.exp(r.x[1]), r.x[3], r.x[4]])
-        if draws:
-            draws = np.asarray(draws)
+        draws = resample_fits(N, D, L, runs, bootstrap, seed, delta)
+        if len(draws):
             fit.ci = {k: (float(np.percentile(draws[:, i], 2.5)), float(np.percentile(draws[:, i], 97.5)))
                       for i, k in enumerate(PARAMS)}
             fit.bootstrap = len(draws)
@@ -184,7 +220,9 @@ def flops_per_param(runs: list[dict]) -> float:
 
 def holdout(points: list[dict], loss_key: str, hold: str | None = None, bootstrap: int = 0) -> dict:
     """Fit on every run but `hold` (default: the largest N, then the longest), predict its final
-    validation loss."""
+    validation loss: a check at most one step beyond the other runs. The report takes it from
+    scaling/holdout.py's leave-one-out table; the test of extrapolation is the pre-registered
+    hold-out there."""
     runs = sorted({p["run"] for p in points}, key=lambda r: max((p["n_params_nonembed"], p["samples"])
                                                                   for p in points if p["run"] == r))
     hold = hold or runs[-1]

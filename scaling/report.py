@@ -1,11 +1,17 @@
 """Sweep -> fitted laws, plots and a Markdown report.
 
     python -m scaling.report --sweep runs/sweeps/mini --out runs/sweeps/mini/report [--loss val/loss_r0.7] [--wandb]
+        [--holdout-sweep runs/sweeps/mini_holdout] [--preregistration PATH]
 
 Writes OUT/report.md (parameters with 95 % bootstrap intervals, the compute-optimal exponents,
-the hold-out check, excluded runs, the plots), OUT/fit.json, OUT/points.csv and the PNGs:
-loss_vs_compute.png (per size, with the fitted curves and frontier), isoflop.png, optimal_n.png,
-fid_vs_compute.png, loss_by_mask_ratio.png.
+the leave-one-out table, the pre-registered hold-out, excluded runs, the plots), OUT/fit.json,
+OUT/points.csv and the PNGs: loss_vs_compute.png (per size, with the fitted curves and frontier),
+isoflop.png, optimal_n.png, fid_vs_compute.png, loss_by_mask_ratio.png.
+
+--holdout-sweep (its preregistration.json) or --preregistration: the section "Pre-registered
+hold-out" (scaling/holdout.py): the prediction and 95 % interval registered before the hold-out
+ran, and once it has, the observed loss, the error and whether it fell inside ("not yet run"
+until then).
 
 --wandb publishes the report as a wandb run of its own in the sweep's group (job type
 scaling-report, project/entity/mode from the runs' configs): fit.json as the summary, the points
@@ -24,10 +30,12 @@ from pathlib import Path
 import numpy as np
 
 from scaling.collect import ScalingError, collect, write
-from scaling.fit import compute_optimal, fit_fid, fit_law, flops_per_param, holdout
+from scaling.fit import compute_optimal, fit_fid, fit_law, flops_per_param
 from scaling.approaches import approaches_markdown, cross_check, envelope_exponent, huber_exponent, isoflop_exponent
 from scaling.baselines import gate_markdown, regime_gate, sweep_baselines
 from scaling.frontier import frontier_markdown, sweep_frontiers
+from scaling.holdout import (PREREG, evaluate_holdout, leave_one_out, loo_markdown, points_digest,
+                             preregistration_markdown)
 
 
 def _key(loss: str) -> str:
@@ -206,7 +214,8 @@ def publish_wandb(result: dict, col, points: list[dict], key: str, plots: list[P
         columns = ["run", "n_params_nonembed", "step", "samples", "compute", key]
         table = wandb.Table(columns=columns, data=[[p.get(c) for c in columns] for p in points])
         run.log({"points": table, **{f"plots/{p.stem}": wandb.Image(str(p)) for p in plots}})
-        parts = ("law", "optimal", "approaches", "frontier", "holdout", "fid", "k_flops_per_param_sample", "gate")
+        parts = ("law", "optimal", "approaches", "frontier", "holdout", "leave_one_out", "preregistered", "fid",
+                 "k_flops_per_param_sample", "gate")
         run.summary.update(json.loads(json.dumps({k: result[k] for k in parts if k in result}, default=float)))
     finally:
         run.finish()
@@ -256,11 +265,55 @@ def three_approaches(rows: list[dict], points: list[dict], key: str, bootstrap: 
     return {**cross_check(results), "results": results}
 
 
+def holdout_row(loo: dict, hold: str | None = None) -> dict:
+    """fit.json's "holdout": the leave-one-out row of `hold` (default: the largest N, then the
+    longest run) -> {run, N, D, predicted, observed, rel_error, fit} or {"error"}."""
+    rows = loo["rows"]
+    hold = hold or max(rows, key=lambda r: (r["N"], r["D"]))["run"]
+    row = next((r for r in rows if r["run"] == hold), None)
+    if row is None:
+        return {"error": f"hold-out run {hold!r} is not among the runs: {sorted(r['run'] for r in rows)}"}
+    if "rel_error" not in row:
+        return {"error": row["reason"]}
+    return {"run": hold, "N": row["N"], "D": row["D"], "predicted": row["predicted"], "observed": row["observed"],
+            "rel_error": row["rel_error"], "fit": row["law"]}
+
+
+def preregistered(prereg: Path, holdout_sweep, points: list[dict], key: str, sweep) -> tuple[dict, list[str]]:
+    """The pre-registered hold-out's part of fit.json and its section of the report."""
+    if not prereg.is_file():
+        why = (f"no pre-registration at {prereg} (python -m scaling.holdout preregister writes it before the "
+               f"hold-out runs)")
+        return {"error": why}, ["## Pre-registered hold-out", "", why]
+    pre = json.loads(prereg.read_text())
+    try:
+        evaluation, error = evaluate_holdout(prereg, holdout_sweep), None
+    except ScalingError as e:
+        evaluation, error = None, str(e)
+    lines = preregistration_markdown(pre, evaluation, error)
+    if pre["fit_points"]["sha256"] == points_digest(points, key)[0]:
+        lines += ["", "The prediction was fitted to the same points as this report's law."]
+    else:
+        lines += ["", f"The prediction was fitted to {pre['fit_points']['count']} points of `{pre['fit_sweep']}`, not "
+                      f"to this report's {len(points)} points of `{sweep}` (another sweep, loss or points choice, or "
+                      f"runs added since): the law above is not the one that made it."]
+    part = {"path": str(prereg), "created_at": pre["created_at"], "git": pre.get("git"), "loss": pre["loss"],
+            "law": pre["law"], "seed_spread": {k: v for k, v in pre["seed_spread"].items() if k != "groups"},
+            "targets": (evaluation or {}).get("targets") or pre["targets"],
+            "groups": (evaluation or {}).get("groups") or pre.get("groups", []), "error": error}
+    if evaluation is not None:
+        part.update(evaluated=evaluation["evaluated"], inside=evaluation["inside"])
+    return part, lines
+
+
 def report(sweep: str | Path, out: str | Path, loss: str = "val/loss_r0.7", bootstrap: int = 200,
            hold: str | None = None, points: str = "auto", wandb_mode: str | bool | None = None,
-           ignore_gate: bool = False, approach_bootstrap: int = 1000) -> Path:
+           ignore_gate: bool = False, approach_bootstrap: int = 1000, preregistration: str | Path | None = None,
+           holdout_sweep: str | Path | None = None) -> Path:
     """wandb_mode: publish to wandb (True: the runs' mode; or "offline"/"online"). ignore_gate:
-    state the law even when the runs fail the regime gate (the report says so at the top)."""
+    state the law even when the runs fail the regime gate (the report says so at the top).
+    preregistration / holdout_sweep: the pre-registered hold-out's section (the file, default
+    HOLDOUT_SWEEP/preregistration.json; the hold-out's runs, default the out_dir it names)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     col = collect(sweep)
@@ -286,9 +339,14 @@ def report(sweep: str | Path, out: str | Path, loss: str = "val/loss_r0.7", boot
     frontiers = sweep_frontiers(fit, col.runs, cs.max())
     approaches = three_approaches(col.rows, points, key, approach_bootstrap)
     try:
-        ho = holdout(points, key, hold)
+        loo = leave_one_out(points, key)
+        ho = holdout_row(loo, hold)
     except ScalingError as e:
-        ho = {"error": str(e)}
+        loo, ho = {"rows": [], "error": str(e)}, {"error": str(e)}
+    pre_part = pre_lines = None
+    if preregistration is not None or holdout_sweep is not None:
+        prereg = Path(preregistration) if preregistration is not None else Path(holdout_sweep) / PREREG
+        pre_part, pre_lines = preregistered(prereg, holdout_sweep, points, key, sweep)
     plots = [plot_loss_vs_compute(points, fit, k, key, out), plot_isoflop(points, fit, k, out),
              plot_optimal_n(points, fit, k, out)]
     fid_plot, fid_fits = plot_fid(col.runs, out)
@@ -299,7 +357,10 @@ def report(sweep: str | Path, out: str | Path, loss: str = "val/loss_r0.7", boot
               "optimal": {"a": opt["a"], "b": opt["b"], "a_ci": opt.get("a_ci"), "b_ci": opt.get("b_ci"),
                           "at": [{"C": float(c), "N": float(n), "D": float(d), "L": float(lv)}
                                  for c, n, d, lv in zip(opt["C"], opt["N"], opt["D"], opt["L"])]},
-              "frontier": frontiers, "approaches": approaches, "holdout": ho, "fid": fid_fits, "gate": gate, "excluded": col.excluded, "runs": len(col.runs), "points": len(points)}
+              "frontier": frontiers, "approaches": approaches, "holdout": ho, "leave_one_out": loo, "fid": fid_fits,
+              "gate": gate, "excluded": col.excluded, "runs": len(col.runs), "points": len(points)}
+    if pre_part is not None:
+        result["preregistered"] = pre_part
     (out / "fit.json").write_text(json.dumps(result, indent=1, default=float))
 
     lines = [f"# Scaling report: {col.name or sweep}", ""]
@@ -308,8 +369,9 @@ def report(sweep: str | Path, out: str | Path, loss: str = "val/loss_r0.7", boot
                   "optimisation progress, not capacity.**", ""]
     lines += [f"{len(col.runs)} runs, {len(points)} points: `{loss}`, {which}; "
              f"{fit.n_sizes} model sizes. Fit: L(N, D) = E + A/N^alpha + B/D^beta, N = non-embedding "
-             f"parameters, D = training samples; Huber (delta 1e-3) on log-loss, L-BFGS from a grid of starts; "
-             f"95 % intervals from {fit.bootstrap} bootstrap resamples of runs.", "",
+             f"parameters, D = training samples; Huber (delta 1e-3) on log-loss, L-BFGS-B to tight tolerances from "
+             f"a grid of starts and a profile scan; 95 % intervals from {fit.bootstrap} bootstrap resamples of runs, "
+             f"each with a global search of its own.", "",
              "| parameter | value [95 % CI] |", "|---|---|"]
     for name in ("E", "A", "B", "alpha", "beta"):
         lines.append(f"| {name} | {_ci(fit, name)} |")
@@ -331,12 +393,15 @@ def report(sweep: str | Path, out: str | Path, loss: str = "val/loss_r0.7", boot
         lines.append(f"| {c:.3g} | {n:.3g} | {d:.3g} | {lv:.4f} |")
     lines += [""] + approaches_markdown(approaches)
     lines += [""] + frontier_markdown(frontiers, col.runs[0].get("sample_steps"))
-    lines += ["", "## Hold-out check", ""]
+    lines += [""] + (loo_markdown(loo) if loo["rows"] else ["## Leave-one-out", "", f"Not possible: {loo['error']}"])
     if "error" in ho:
-        lines.append(f"Not possible: {ho['error']}")
+        lines += ["", f"Hold-out of the largest run not possible: {ho['error']}"]
     else:
-        lines.append(f"Fitted without run `{ho['run']}` (N={ho['N']:.3g}, D={ho['D']:.3g}): predicted "
-                     f"{ho['predicted']:.4f}, observed {ho['observed']:.4f}, relative error {ho['rel_error']:+.2%}.")
+        lines += ["", f"{'Run' if hold else 'The largest run,'} `{ho['run']}` (N={ho['N']:.3g}, D={ho['D']:.3g}), "
+                      f"fitted without: predicted {ho['predicted']:.4f}, observed {ho['observed']:.4f}, relative error "
+                      f"{ho['rel_error']:+.2%} (at most a step beyond the other runs; not pre-registered)."]
+    if pre_lines is not None:
+        lines += [""] + pre_lines
     lines += ["", "## FID", ""]
     if not fid_fits:
         lines.append("No evaluations in these runs (launch/eval.py writes them to each run's eval.jsonl).")
@@ -365,7 +430,10 @@ def main(argv=None) -> int:
     p.add_argument("--bootstrap", type=int, default=200, help="resamples of the law's intervals")
     p.add_argument("--approach-bootstrap", type=int, default=1000,
                    help="resamples of each of the three approaches to N*(C)")
-    p.add_argument("--hold", help="the run to hold out (default: the largest)")
+    p.add_argument("--hold", help="the leave-one-out row fit.json names \"holdout\" (default: the largest run)")
+    p.add_argument("--holdout-sweep", help="the pre-registered hold-out sweep's folder (its preregistration.json "
+                                           "and runs): the section \"Pre-registered hold-out\"")
+    p.add_argument("--preregistration", help="the preregistration.json (default: HOLDOUT_SWEEP/preregistration.json)")
     p.add_argument("--points", choices=["auto", "all", "final"], default="auto",
                    help="fit every logged validation point or each run's last (auto: last under a decaying LR)")
     p.add_argument("--ignore-gate", action="store_true",
@@ -375,7 +443,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         path = report(args.sweep, args.out, args.loss, args.bootstrap, args.hold, args.points,
-                      approach_bootstrap=args.approach_bootstrap,
+                      approach_bootstrap=args.approach_bootstrap, preregistration=args.preregistration,
+                      holdout_sweep=args.holdout_sweep,
                       wandb_mode=(args.wandb_mode or True) if args.wandb else None, ignore_gate=args.ignore_gate)
     except ScalingError as e:
         print(f"error: {e}", file=sys.stderr)
