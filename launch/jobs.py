@@ -16,10 +16,14 @@ import os
 import signal
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import submitit
 
 from enat.dist import close
+
+if TYPE_CHECKING:
+    from enat.config import Config
 
 log = functools.partial(print, flush=True)
 
@@ -35,7 +39,7 @@ def _config(config: dict):
     return resolve(from_dict(Config, config))
 
 
-def _distributed_env() -> submitit.JobEnvironment:
+def _distributed_env(cfg: Config) -> submitit.JobEnvironment:
     """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from the job (SLURM or local tasks), and CPU defaults.
     The job's values win over any inherited from the submitting shell (sbatch exports its
     environment, which may hold another process group's MASTER_ADDR or RANK)."""
@@ -45,9 +49,12 @@ def _distributed_env() -> submitit.JobEnvironment:
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        # The CPUs the task was given: oversubscribed gloo ranks run several times slower.
+        # The CPUs the task was given (SLURM's, else launch.cpus_per_task, else a share of the
+        # node): oversubscribed ranks run several times slower (OpenMP threads spin for cores that
+        # other processes hold; two local array tasks of 2 threads each on 2 cores ran 4-6x slower).
         per_node = max(1, env.num_tasks // max(1, env.num_nodes))
-        torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK") or max(1, (os.cpu_count() or 1) // per_node)))
+        given = os.environ.get("SLURM_CPUS_PER_TASK") or cfg.launch.cpus_per_task
+        torch.set_num_threads(int(given or max(1, (os.cpu_count() or 1) // per_node)))
     return env
 
 
@@ -59,7 +66,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         from enat.train.trainer import train
 
         cfg = _config(config)
-        env = _distributed_env()
+        env = _distributed_env(cfg)
         stop = threading.Event()
         requeue = signal.getsignal(signal.SIGUSR2)  # submitit's: checkpoint() + scontrol requeue + exit
         signal.signal(signal.SIGUSR2, lambda *_: stop.set())
@@ -89,8 +96,9 @@ class EvalJob:
     def __call__(self, config: dict, run_dir: str, checkpoint: str, num_samples: int | None = None) -> dict:
         from enat.eval.job import evaluate
 
-        _distributed_env()
-        record = evaluate(_config(config), run_dir, checkpoint, num_samples=num_samples, log=log)
+        cfg = _config(config)
+        _distributed_env(cfg)
+        record = evaluate(cfg, run_dir, checkpoint, num_samples=num_samples, log=log)
         close()
         return {"step": record["step"], "metrics": record["metrics"], "result": record.get("path")}
 

@@ -76,3 +76,29 @@ def test_local_arrays_honour_array_parallelism(tmp_path, monkeypatch):
     spans = [tuple(map(float, Path(o).read_text().split())) for o in outs]
     most = max(sum(a <= t < b for a, b in spans) for t, _ in spans)
     assert most == 2 and len(jobs) == 5
+
+
+def job_threads(config: dict) -> int:
+    """A task of the thread test: the torch threads a launched job runs with."""
+    import torch
+
+    from launch.jobs import _config, _distributed_env
+
+    _distributed_env(_config(config))
+    return torch.get_num_threads()
+
+
+def test_local_tasks_use_the_cpus_they_are_given(tmp_path, monkeypatch):
+    """Local array tasks take launch.cpus_per_task threads each, not a share of the whole machine:
+    two tasks of 2 threads on 2 cores ran 3x slower each than two of one thread."""
+    from enat.config import to_dict
+    from launch.submit import executor, submit_array, wait
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    cfgs = [load_config(ROOT / "configs/experiments/demo.yaml", ["launch.cluster=local", "launch.array_parallelism=2",
+                                                                  "launch.gpus_per_node=1", f"launch.cpus_per_task={n}"])
+            for n in (1, 3)]
+    ex = executor(cfgs[0], tmp_path / "logs", "threads", gpus=False)
+    jobs = submit_array(ex, job_threads, [to_dict(c) for c in cfgs], poll_s=0.2)
+    assert [j.result() for j in jobs] == [1, 3]
