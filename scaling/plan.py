@@ -214,7 +214,8 @@ def measure_seconds_per_sample(study: Study, sizes: list[str], steps: int = 8, w
                 shards.mkdir()
                 write_synthetic(shards, 2048, cfg.model.seq_len, 1024, cfg.model.codebook_size, cfg.model.num_classes)
             cfg = load_config(study.config, _size_overrides(study, name) + [
-                f"data.shards={shards}", "data.val_shards=null", f"train.run_dir={Path(tmp) / name}",
+                "data.dataset=imagefolder", f"data.shards={shards}", "data.val_shards=null",
+                f"train.run_dir={Path(tmp) / name}",
                 "train.val_every=0", "train.sample_every=0", "train.ckpt_every=0", "train.log_every=1000000",
                 "train.wandb.mode=disabled", "launch.gpus_per_node=1", "launch.nodes=1"])
             threads = torch.get_num_threads()
@@ -233,6 +234,9 @@ def measure_seconds_per_sample(study: Study, sizes: list[str], steps: int = 8, w
             finally:
                 torch.set_num_threads(threads)
             log(f"measured {name}: {1 / out[name]:.0f} samples/s")
+    from enat.dist import close
+
+    close()  # leave the single-rank process group the trainers made
     return out
 
 

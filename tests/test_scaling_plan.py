@@ -140,3 +140,58 @@ def test_lr_per_size_from_the_lr_sweep(tmp_path):
     (root / "w32-lr0.002" / "metrics.jsonl").unlink()
     with pytest.raises(ScalingError, match="no finished run of w32 at lr"):
         choose_lrs(study, sizes, root)
+
+
+def test_measured_throughput_leaves_no_process_group(tmp_path):
+    import torch.distributed as dist
+
+    from scaling.plan import measure_seconds_per_sample
+
+    study = load_study(study_file(tmp_path))
+    sec = measure_seconds_per_sample(study, ["w16", "w32"], steps=2, warmup=1, log=lambda *_: None)
+    assert set(sec) == {"w16", "w32"} and all(0 < s < 1 for s in sec.values())
+    assert not dist.is_initialized()  # the runs the study launches next need the port
+
+
+@pytest.mark.slow
+def test_a_study_runs_end_to_end(tmp_path):
+    """scaling.study on a micro study with local processes: LR sweep, plan (throughput measured),
+    fit sweep, pre-registration, hold-out, report; the prediction is on disk before any hold-out
+    run starts, and is then checked against the hold-out's results."""
+    import subprocess
+    import sys
+
+    from conftest import demo_shards
+    from scaling.holdout import evaluate_holdout
+
+    data = dict(o.split("=", 1) for o in demo_shards(tmp_path / "data"))
+    spec = {"name": "e2e", "config": str(ROOT / "configs/experiments/demo.yaml"), "out_dir": str(tmp_path / "study"),
+            "overrides": {**data, "launch.gpus_per_node": 1, "launch.cpus_per_task": 1, "launch.array_parallelism": 2,
+                          "train.micro_batch": 16, "train.log_every": 5, "train.val_samples": 64,
+                          "train.sample_every": 0, "train.ckpt_every": 0, "train.zero_stage": 0, "train.schedule": "wsd",
+                          "train.wandb.mode": "disabled", "model.dropout": 0.0},
+            "sizes": {"w16": SIZES["w16"], "w32": SIZES["w32"], "w48": SIZES["w48"],
+                      "w96": {**SIZES["w96"], "model.enc_depth": 3}},
+            "lr_sweep": {"sizes": ["w16"], "lrs": [2e-3, 4e-3], "steps": 10}, "minutes": 1.5, "levels": 2,
+            "level_ratio": 2, "per_level": 3, "min_steps": 10, "val_points": 2, "max_epochs": 1000,
+            "seeds": {"extra": [1], "points": 1}, "holdout": {"size": "w96", "compute_factor": 3, "seeds": [0, 1]},
+            "run_overhead_s": 10}
+    path = tmp_path / "e2e.yaml"
+    path.write_text(json.dumps(spec))
+    res = subprocess.run([sys.executable, "-m", "scaling.study", "--study", str(path), "--cluster", "local"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = tmp_path / "study"
+    summary = json.loads((out / "study.json").read_text())
+    assert set(summary["phases_s"]) == {"lr sweep", "plan", "fit sweep", "pre-registration", "hold-out", "report",
+                                        "total"}
+    prereg = out / "holdout" / "preregistration.json"
+    registered = json.loads(prereg.read_text())
+    from datetime import datetime
+
+    created = datetime.fromisoformat(registered["created_at"].replace("Z", "+00:00")).timestamp()
+    for seed in (0, 1):
+        assert (out / "holdout" / f"w96-holdout-seed{seed}" / "config.yaml").stat().st_mtime > created
+    checked = evaluate_holdout(prereg, out / "holdout")
+    assert all(np.isfinite(t["observed"]) for t in checked["targets"])
+    assert (out / "report" / "report.md").is_file() and (out / "plan" / "plan.md").is_file()
