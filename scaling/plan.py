@@ -206,6 +206,9 @@ def measure_seconds_per_sample(study: Study, sizes: list[str], steps: int = 8, w
     from enat.train.trainer import Trainer
 
     out = {}
+    # The trainers make this process rank 0 of 1 (enat.dist.setup_env writes RANK, MASTER_PORT...):
+    # put the environment back, or the runs launched from here next inherit that port, still held.
+    dist_env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     with tempfile.TemporaryDirectory() as tmp:
         for name in sizes:
             cfg = load_config(study.config, _size_overrides(study, name))
@@ -237,6 +240,11 @@ def measure_seconds_per_sample(study: Study, sizes: list[str], steps: int = 8, w
     from enat.dist import close
 
     close()  # leave the single-rank process group the trainers made
+    for k, v in dist_env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     return out
 
 

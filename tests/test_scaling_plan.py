@@ -3,6 +3,7 @@ levels sized to the study's minutes and centred on the prior, the data-repetitio
 repeats, and a hold-out beyond the fitted range; the specs the launcher accepts."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -148,9 +149,12 @@ def test_measured_throughput_leaves_no_process_group(tmp_path):
     from scaling.plan import measure_seconds_per_sample
 
     study = load_study(study_file(tmp_path))
+    keys = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    before = {k: os.environ.get(k) for k in keys}
     sec = measure_seconds_per_sample(study, ["w16", "w32"], steps=2, warmup=1, log=lambda *_: None)
     assert set(sec) == {"w16", "w32"} and all(0 < s < 1 for s in sec.values())
     assert not dist.is_initialized()  # the runs the study launches next need the port
+    assert {k: os.environ.get(k) for k in keys} == before  # nor its rank-0-of-1 environment
 
 
 @pytest.mark.slow
