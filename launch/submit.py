@@ -8,7 +8,9 @@ The launcher flags (--nodes, --gpus-per-node, --partition, --time, ...) are shor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -131,9 +133,26 @@ def _dependency(ex, after) -> None:
         wait([a])
 
 
+DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+@contextlib.contextmanager
+def _own_process_groups():
+    """Jobs inherit the submitting process's environment (local processes, and sbatch's export).
+    A launcher that is itself rank 0 of a process group (a planner that ran trainers) would hand
+    them its MASTER_PORT, which submitit then uses as theirs: a port still held (EADDRINUSE). So
+    submit without those variables, and each job picks its own."""
+    saved = {k: os.environ.pop(k) for k in DIST_ENV if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def submit(ex, fn, *args, after=None) -> submitit.Job:
     _dependency(ex, after)
-    return ex.submit(fn, *args)
+    with _own_process_groups():
+        return ex.submit(fn, *args)
 
 
 def submit_array(ex, fn, *arg_lists, after=None, poll_s: float = 2.0) -> list[submitit.Job]:
@@ -144,7 +163,8 @@ def submit_array(ex, fn, *arg_lists, after=None, poll_s: float = 2.0) -> list[su
     limit = getattr(ex, "enat_array_parallelism", None)
     tasks = list(zip(*arg_lists))
     if ex.enat_cluster == "slurm" or not limit or len(tasks) <= limit:
-        return ex.map_array(fn, *arg_lists)
+        with _own_process_groups():
+            return ex.map_array(fn, *arg_lists)
     print(f"{len(tasks)} tasks as local processes, {limit} at a time (launch.array_parallelism): this launcher "
           f"starts each as a slot frees", flush=True)
     jobs, running = [], []
@@ -153,7 +173,8 @@ def submit_array(ex, fn, *arg_lists, after=None, poll_s: float = 2.0) -> list[su
             running = [j for j in running if not j.done()]
             if len(running) >= limit:
                 time.sleep(poll_s)
-        job = ex.submit(fn, *args)
+        with _own_process_groups():
+            job = ex.submit(fn, *args)
         jobs.append(job)
         running.append(job)
     return jobs

@@ -207,8 +207,9 @@ def measure_seconds_per_sample(study: Study, sizes: list[str], steps: int = 8, w
 
     out = {}
     # The trainers make this process rank 0 of 1 (enat.dist.setup_env writes RANK, MASTER_PORT...):
-    # put the environment back, or the runs launched from here next inherit that port, still held.
-    dist_env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    # put the environment back afterwards.
+    # An inherited one (a launcher's) may name a port still held: start from none.
+    dist_env = {k: os.environ.pop(k, None) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     with tempfile.TemporaryDirectory() as tmp:
         for name in sizes:
             cfg = load_config(study.config, _size_overrides(study, name))

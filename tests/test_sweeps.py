@@ -102,3 +102,23 @@ def test_local_tasks_use_the_cpus_they_are_given(tmp_path, monkeypatch):
     ex = executor(cfgs[0], tmp_path / "logs", "threads", gpus=False)
     jobs = submit_array(ex, job_threads, [to_dict(c) for c in cfgs], poll_s=0.2)
     assert [j.result() for j in jobs] == [1, 3]
+
+
+def job_port_of(_: int) -> str | None:
+    """A task of the port test: the MASTER_PORT a job starts with."""
+    return os.environ.get("MASTER_PORT")
+
+
+def test_jobs_do_not_inherit_the_launchers_process_group(tmp_path, monkeypatch):
+    """A launcher that is itself rank 0 of a process group (the study's planner ran trainers)
+    must not hand its MASTER_PORT to the jobs: submitit would use it, a port still held."""
+    from launch.submit import executor, submit_array
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
+    monkeypatch.setenv("MASTER_PORT", "45249")
+    monkeypatch.setenv("RANK", "0")
+    cfg = load_config(ROOT / "configs/experiments/demo.yaml", ["launch.cluster=local", "launch.array_parallelism=1"])
+    ex = executor(cfg, tmp_path / "logs", "port", gpus=False)
+    jobs = submit_array(ex, job_port_of, [0, 1], poll_s=0.2)
+    assert [j.result() for j in jobs] == [None, None]
+    assert os.environ["MASTER_PORT"] == "45249"  # the launcher's own environment is left as it was
