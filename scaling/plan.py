@@ -208,8 +208,13 @@ def measure_seconds_per_sample(study: Study, sizes: list[str], steps: int = 8, w
     out = {}
     # The trainers make this process rank 0 of 1 (enat.dist.setup_env writes RANK, MASTER_PORT...):
     # put the environment back afterwards.
-    # An inherited one (a launcher's) may name a port still held: start from none.
-    dist_env = {k: os.environ.pop(k, None) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    # An inherited one (a launcher's) may name a port still held: start from none, unless this
+    # process is already in a process group (then the trainers join it, and it stays).
+    import torch.distributed as dist
+
+    own_group = not dist.is_initialized()
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    dist_env = {k: os.environ.pop(k, None) for k in keys} if own_group else {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in sizes:
             cfg = load_config(study.config, _size_overrides(study, name))
@@ -238,9 +243,9 @@ def measure_seconds_per_sample(study: Study, sizes: list[str], steps: int = 8, w
             finally:
                 torch.set_num_threads(threads)
             log(f"measured {name}: {1 / out[name]:.0f} samples/s")
-    from enat.dist import close
-
-    close()  # leave the single-rank process group the trainers made
+    # The single-rank group the trainers made stays (DeepSpeed caches it: destroying it breaks
+    # any later trainer in this process); its variables go, so nothing launched from here
+    # inherits its port.
     for k, v in dist_env.items():
         if v is None:
             os.environ.pop(k, None)
