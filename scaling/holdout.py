@@ -554,6 +554,13 @@ def _iv(iv) -> str:
     return f"[{iv[0]:.4f}, {iv[1]:.4f}]"
 
 
+def _outcome(r: dict, error: str | None) -> tuple[str, str, str]:
+    """A table row's observed / error / inside? cells for an evaluated target or group."""
+    if r.get("status") == "evaluated":
+        return f"{r['observed']:.4f}", f"{r['error']:+.2%}", "yes" if r["inside"] else "**no**"
+    return (r.get("status", "not yet run") if not error else "not evaluated"), "", ""
+
+
 def preregistration_markdown(pre: dict, evaluation: dict | None = None, error: str | None = None) -> list[str]:
     """The report's section: the pre-registered prediction, and (once the hold-out ran) the
     observation, the error and whether it fell inside the interval. pre: preregistration.json's
@@ -576,20 +583,13 @@ def preregistration_markdown(pre: dict, evaluation: dict | None = None, error: s
     lines += ["| run | N (x fit) | D | C (x fit) | predicted [95 % interval] | observed | error | inside? |",
               "|---|---|---|---|---|---|---|---|"]
     for t in pre["targets"]:
-        r = ev.get(t["name"], {})
-        if r.get("status") == "evaluated":
-            obs, err, ins = f"{r['observed']:.4f}", f"{r['error']:+.2%}", "yes" if r["inside"] else "**no**"
-        else:
-            obs, err, ins = r.get("status", "not yet run") if not error else "not evaluated", "", ""
+        obs, err, ins = _outcome(ev.get(t["name"], {}), error)
         lines.append(f"| `{t['name']}` | {t['N']:.3g} ({t['N_ratio']:.1f}x) | {t['D']:.3g} | {t['C']:.3g} "
                      f"({t['C_ratio']:.1f}x) | {t['predicted']:.4f} {_iv(t['interval'])} | {obs} | {err} | {ins} |")
     for g in (evaluation or {}).get("groups") or pre.get("groups", []):
         if g.get("seeds", 1) < 2:
             continue
-        if g.get("status") == "evaluated":
-            obs, err, ins = f"{g['observed']:.4f}", f"{g['error']:+.2%}", "yes" if g["inside"] else "**no**"
-        else:
-            obs, err, ins = g.get("status", "not yet run") if not error else "not evaluated", "", ""
+        obs, err, ins = _outcome(g, error)
         lines.append(f"| mean of {g['seeds']} seeds (geometric) | {g['N']:.3g} | {g['D']:.3g} | {g['C']:.3g} | "
                      f"{g['predicted']:.4f} {_iv(g['interval'])} | {obs} | {err} | {ins} |")
     lines.append("")
