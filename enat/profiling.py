@@ -4,12 +4,15 @@ A GPU runs ahead of Python only while nothing asks it for a value. `SyncCounter`
 ops that make the host wait for the device (a scalar read, a data-dependent output shape) and
 every explicit device synchronize; `CollectiveCounter` records each collective (c10d op) with
 its bytes. Both work the same on CPU, so tests and `enat.bench train` prove the training step's
-shape without a GPU. `count_graphs` asks dynamo how many graphs (and breaks) a function compiles to.
+shape without a GPU. `CudaSyncCounter` is the device's own count on a GPU (CUDA's sync debug mode:
+every call that blocks the host on the device, DeepSpeed's streams and events included), by call
+site. `count_graphs` asks dynamo how many graphs (and breaks) a function compiles to.
 """
 
 from __future__ import annotations
 
 import traceback
+import warnings
 from collections import Counter
 
 import torch
@@ -116,6 +119,57 @@ class SyncCounter(TorchDispatchMode):
             setattr(owner, name, original)
         self._patched.clear()
         return super().__exit__(*exc)
+
+
+class CudaSyncCounter:
+    """Counts the host-device synchronizations CUDA itself sees while active, by call site:
+    `torch.cuda.set_sync_debug_mode("warn")` makes every blocking call (a copy to the host, a
+    scalar read, a data-dependent shape, a stream, event or device synchronize) raise a warning,
+    recorded here with the first frames outside torch. Unlike `SyncCounter` it needs no dispatch
+    mode, so it counts compiled steps as they run. Without CUDA it counts nothing (`available`).
+
+        with CudaSyncCounter() as syncs:
+            step()
+        syncs.total, syncs.by_site"""
+
+    MESSAGE = "called a synchronizing CUDA operation"
+
+    def __init__(self):
+        self.available = torch.cuda.is_available()
+        self.by_site: Counter[str] = Counter()
+        self._saved = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_site.values())
+
+    def _show(self, message, category, filename, lineno, file=None, line=None):
+        if self.MESSAGE not in str(message):
+            return self._show_other(message, category, filename, lineno, file, line)
+        frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename
+                  and "profiling.py" not in f.filename and "warnings.py" not in f.filename]
+        site = " <- ".join(f"{f.filename.split('/')[-1]}:{f.lineno}" for f in reversed(frames[-3:]))
+        self.by_site[site or f"{filename}:{lineno}"] += 1
+        if isinstance(getattr(self._show_other, "__self__", None), CudaSyncCounter):  # nested: the outer counts too
+            self._show_other(message, category, filename, lineno, file, line)
+
+    def __enter__(self):
+        if self.available:
+            torch.cuda.synchronize()  # what was queued before is not this block's
+        self._saved = (torch.cuda.get_sync_debug_mode() if self.available else None, warnings.catch_warnings())
+        self._saved[1].__enter__()  # restores the filters and showwarning on exit
+        warnings.filterwarnings("always", message=".*" + self.MESSAGE)
+        self._show_other = warnings.showwarning
+        warnings.showwarning = self._show
+        if self.available:
+            torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc):
+        if self.available:
+            torch.cuda.set_sync_debug_mode(self._saved[0])
+        self._saved[1].__exit__(*exc)
+        return False
 
 
 def _synchronize_functions():
