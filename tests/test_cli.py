@@ -245,6 +245,8 @@ def test_train_benchmark_reports_syncs_graphs_and_mfu():
     assert "MFU" in res.stdout and "graphs of forward + loss" in res.stdout
     r = json.loads(res.stdout.strip().splitlines()[-1])
     assert r["syncs_per_step"] == 1 and set(r["syncs_by_mode"]) <= {"full", "reuse"}
+    assert r["syncs_inside_forward_backward"] == 0 and r["sync_steps_counted"] == 4
+    assert r["cuda_syncs_per_step"] is None  # CUDA's own count exists only on a GPU
     assert r["graphs"] == {"full": {"graphs": 1, "breaks": 0}, "reuse": {"graphs": 1, "breaks": 0}}
     assert r["images_per_s"] > 0 and r["mfu"] == pytest.approx(r["tflops_per_s"] / 1.0)
     assert r["overhead_ratio"] > 0 and r["zero_stage"] == 2 and r["precision"] == "bf16"

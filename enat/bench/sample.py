@@ -1,6 +1,7 @@
 """Sampling speed: ENAT with reuse, ENAT without reuse and the vanilla NAT of the same width and
 depth, in one process on the same labels and seeds. Prints images/s, analytic TFLOPs per image,
-the speed-ups and the host syncs per decoding step; --json adds one JSON object as the last line.
+the speed-ups and the host syncs per generate() (at the dispatcher, and on a GPU CUDA's own count
+by call site); --json adds one JSON object as the last line.
 
 --dtype bfloat16 runs the networks under bf16 autocast (weights stay float32, logits are upcast
 before sampling); --compile runs them through torch.compile (compiled in the warm-up call)."""
@@ -17,7 +18,7 @@ import torch
 from enat.config import SampleConfig
 from enat.flops import sampling_flops
 from enat.models import build_model, model_config
-from enat.profiling import SyncCounter
+from enat.profiling import CudaSyncCounter, SyncCounter
 from enat.sampling import generate
 
 
@@ -74,16 +75,22 @@ def run(args) -> dict:
         seconds = _time(sample, device, args.repeats)
         with SyncCounter() as syncs:  # after the warm-up: compilation is not counted
             sample()
+        with CudaSyncCounter() as cuda_syncs:  # no dispatch mode: compiled code counted as it runs
+            sample()
         flops = sampling_flops(mcfg, args.steps, reuse=reuse, guided=args.cfg_scale != 0).total
         rows[name] = dict(seconds=seconds, images_per_s=args.batch / seconds, tflops_per_image=flops / 1e12,
                           achieved_tflops=flops * args.batch / seconds / 1e12,
-                          syncs_per_step=syncs.total / args.steps)
+                          syncs_per_generate=syncs.total, syncs_per_step=syncs.total / args.steps,
+                          cuda_syncs_per_generate=cuda_syncs.total if cuda_syncs.available else None,
+                          cuda_sync_sites=dict(cuda_syncs.by_site.most_common()) if cuda_syncs.available else None)
         del model
     e, n, v = rows["ENAT"], rows["ENAT no reuse"], rows["NAT"]
     result = {
         "model": args.model, "grid_size": args.grid_size, "batch": args.batch, "steps": args.steps,
         "device": str(device), "dtype": args.dtype, "compile": args.compile, "threads": torch.get_num_threads(),
-        "variants": rows, "syncs_per_step": e["syncs_per_step"],
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "variants": rows, "syncs_per_step": e["syncs_per_step"], "syncs_per_generate": e["syncs_per_generate"],
+        "cuda_syncs_per_generate": e["cuda_syncs_per_generate"],
         "flops_ratio_vanilla_over_enat": v["tflops_per_image"] / e["tflops_per_image"],
         "flops_ratio_noreuse_over_enat": n["tflops_per_image"] / e["tflops_per_image"],
         "wall_ratio_vanilla_over_enat": v["seconds"] / e["seconds"],
@@ -96,10 +103,12 @@ def run(args) -> dict:
     print(f"sampling benchmark: {args.model} grid {args.grid_size}x{args.grid_size}, batch {args.batch}, "
           f"{args.steps} steps, CFG {args.cfg_scale}, {device} {args.dtype}{', compiled' if args.compile else ''}, "
           f"{torch.get_num_threads()} threads")
-    print(f"{'variant':<15}{'images/s':>10}{'s/batch':>10}{'TFLOPs/img':>12}{'TFLOP/s':>10}{'syncs/step':>12}")
+    print(f"{'variant':<15}{'images/s':>10}{'s/batch':>10}{'TFLOPs/img':>12}{'TFLOP/s':>10}{'syncs/step':>12}"
+          f"{'CUDA syncs':>12}")
     for name, r in rows.items():
+        cuda = r["cuda_syncs_per_generate"]
         print(f"{name:<15}{r['images_per_s']:>10.2f}{r['seconds']:>10.3f}{r['tflops_per_image']:>12.4f}"
-              f"{r['achieved_tflops']:>10.3f}{r['syncs_per_step']:>12.2f}")
+              f"{r['achieved_tflops']:>10.3f}{r['syncs_per_step']:>12.2f}{'-' if cuda is None else cuda:>12}")
     print(f"NAT / ENAT:           FLOPs {result['flops_ratio_vanilla_over_enat']:.2f}x, "
           f"wall-clock {result['wall_ratio_vanilla_over_enat']:.2f}x "
           f"({100 * result['wall_over_flops_speedup_vanilla']:.0f}% of the FLOPs speed-up)")

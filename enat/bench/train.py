@@ -3,12 +3,15 @@ bookkeeping) on synthetic token shards, one process.
 
 Reports, per step: seconds, images/s, achieved TFLOP/s (analytic FLOPs of the steps actually run)
 and MFU against the device's dense bf16 peak (`--peak-tflops`, else the table in
-enat/train/metrics.py), peak memory, host syncs per optimizer step (`enat.profiling.SyncCounter`
-over real steps, full and reuse mode) and the graphs dynamo makes of forward + loss in each mode.
+enat/train/metrics.py), peak memory, host syncs per optimizer step and inside forward + loss +
+backward (`enat.profiling.SyncCounter` over real steps, full and reuse mode; on a GPU also CUDA's
+own count by call site, `CudaSyncCounter`) and the graphs dynamo makes of forward + loss in each mode.
+`--config` takes an experiment's recipe (model, micro-batch, accumulation, ZeRO stage, precision,
+optimizer, EMA, plan draws) and replaces only its data with synthetic shards.
 With `--bare` (default on CPU) it also times a bare PyTorch loop doing the same math (same model,
 batches, plans, objective, AdamW, EMA) interleaved step for step: `overhead_ratio` = trainer / bare.
 
-On a GPU:  python -m enat.bench train --device cuda --model L --precision bf16 --zero-stage 2 --compile
+On a GPU:  python -m enat.bench train --config configs/experiments/imagenet256_L.yaml --compile
 --json adds one JSON line with every number.
 """
 
@@ -19,22 +22,26 @@ import json
 import statistics
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", default="S")
-    p.add_argument("--grid-size", type=int, default=16)
-    p.add_argument("--batch", type=int, default=8, help="micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--config", help="an experiment config whose recipe is timed (its data replaced by synthetic "
+                                    "shards); the options below override it")
+    p.add_argument("--model", default=None, help="zoo size (default: the config's, else S)")
+    p.add_argument("--grid-size", type=int, default=None, help="default: the config's, else 16")
+    p.add_argument("--batch", type=int, default=None, help="micro-batch (default: the config's, else 8)")
+    p.add_argument("--grad-accum", type=int, default=None, help="default: the config's, else 1")
     p.add_argument("--steps", type=int, default=10, help="timed steps (after the warm-up steps)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed steps first (default 3; 16 with --compile: the step plans of the first "
                         "~13 steps meet every graph a run compiles, and no compilation may be timed)")
-    p.add_argument("--zero-stage", type=int, default=None, help="default: 2 on cuda, 0 on cpu")
-    p.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--zero-stage", type=int, default=None, help="default: the config's, else 2 on cuda, 0 on cpu")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16"],
+                   help="default: the config's, else bf16 on cuda, fp32 on cpu")
     p.add_argument("--compile", action="store_true", help="train.compile=true")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -53,7 +60,7 @@ def run(args) -> dict:
     from enat.bench.data import write_synthetic
     from enat.config import load_config
     from enat.flops import train_step_flops
-    from enat.profiling import SyncCounter, count_graphs
+    from enat.profiling import count_graphs
     from enat.train.metrics import peak_tflops
     from enat.train.objective import compute_loss, mask_order, plan_step
     from enat.train.trainer import Trainer, compiled_loss
@@ -63,8 +70,14 @@ def run(args) -> dict:
     if args.device == "cpu" and torch.cuda.is_available():
         raise SystemExit("--device cpu on a machine with a GPU: hide it (CUDA_VISIBLE_DEVICES=) to time the CPU")
     device = torch.device(args.device)
-    zero = args.zero_stage if args.zero_stage is not None else (2 if device.type == "cuda" else 0)
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    recipe = load_config(args.config, []) if args.config else None
+    model = args.model or (recipe.model.size if recipe else "S")
+    grid = args.grid_size or (recipe.model.grid_size if recipe else 16)
+    batch = args.batch or (recipe.train.micro_batch if recipe else 8)
+    accum = args.grad_accum or (recipe.train.grad_accum if recipe else 1)
+    default_zero, default_precision = (2, "bf16") if device.type == "cuda" else (0, "fp32")
+    zero = args.zero_stage if args.zero_stage is not None else (recipe.train.zero_stage if recipe else default_zero)
+    precision = args.precision or (recipe.train.precision if recipe else default_precision)
     bare = args.bare if args.bare is not None else device.type == "cpu"
 
     if args.warmup is None:
@@ -72,17 +85,20 @@ def run(args) -> dict:
     tmp = tempfile.TemporaryDirectory()
     shards = Path(tmp.name) / "shards"
     shards.mkdir()
-    total = args.warmup + args.steps + 4  # + the steps counted for syncs
-    write_synthetic(shards, max(args.batch * args.grad_accum * total, 256), args.grid_size ** 2, shard_size=10000)
-    over = [f"model.size={args.model}", f"model.grid_size={args.grid_size}", "model.codebook_size=1024",
-            "model.num_classes=1000", f"tokenizer.resolution={args.grid_size * 16}", "tokenizer.checkpoint=null",
-            "data.dataset=imagefolder", f"data.shards={shards}", "data.val_shards=null", "data.num_workers=0",
-            f"train.run_dir={Path(tmp.name) / 'run'}", f"train.micro_batch={args.batch}",
-            f"train.grad_accum={args.grad_accum}", "train.log_every=1000000", "train.val_every=0",
+    total = args.warmup + args.steps + 2 * SYNC_STEPS
+    write_synthetic(shards, max(batch * accum * total, 256), grid ** 2, shard_size=10000)
+    downsample = recipe.tokenizer.downsample if recipe else 16
+    over = [f"model.size={model}", f"model.grid_size={grid}", "tokenizer.checkpoint=null",
+            f"tokenizer.resolution={grid * downsample}",
+            "data.dataset=imagefolder", f"data.shards={shards}", "data.val_shards=null",
+            f"train.run_dir={Path(tmp.name) / 'run'}", f"train.micro_batch={batch}",
+            f"train.grad_accum={accum}", "train.log_every=1000000", "train.val_every=0",
             "train.sample_every=0", "train.ckpt_every=0", "train.wandb.mode=disabled", f"train.zero_stage={zero}",
             f"train.precision={precision}", "train.warmup_steps=1", f"train.compile={str(args.compile).lower()}",
             f"train.activation_checkpointing={str(args.activation_checkpointing).lower()}"]
-    cfg = load_config(None, over)
+    if recipe is None:  # the ImageNet token space; loading in the main process (the recipe's workers otherwise)
+        over += ["model.codebook_size=1024", "model.num_classes=1000", "data.num_workers=0"]
+    cfg = load_config(args.config, over)
     trainer = Trainer(cfg, log=lambda *_: None)
     it = iter(trainer.loader)
     if device.type == "cuda":
@@ -92,16 +108,16 @@ def run(args) -> dict:
     # Graphs dynamo makes of forward + loss, full and reuse mode (on the bare module and EMA).
     graphs = {}
     if cfg.model.arch == "enat":
-        N, B = cfg.model.seq_len, args.batch
-        batch = {"tokens": torch.randint(0, 1024, (B, N), device=device), "labels": torch.zeros(B, dtype=torch.long,
-                                                                                                  device=device)}
+        N, B = cfg.model.seq_len, batch
+        tokens = torch.randint(0, cfg.model.codebook_size, (B, N), device=device)
+        labels = torch.zeros(B, dtype=torch.long, device=device)
         order = torch.from_numpy(mask_order(torch.arange(B).numpy(), 0, 0, N)).to(device)
         for mode, rem in (("full", None), ("reuse", order[:, N // 2:N // 2 + N // 8])):
             masked = order[:, :N // 2]
             torch._dynamo.maybe_mark_dynamic(masked, 1)
             if rem is not None:
                 torch._dynamo.maybe_mark_dynamic(rem, 1)
-            g, breaks, _ = count_graphs(compute_loss, trainer.module, trainer.ema, batch["tokens"], batch["labels"],
+            g, breaks, _ = count_graphs(compute_loss, trainer.module, trainer.ema, tokens, labels,
                                         masked, rem, cfg.model.mask_id, 0.1, trainer.prev_autocast)
             graphs[mode] = {"graphs": g, "breaks": breaks}
         torch._dynamo.reset()
@@ -117,8 +133,7 @@ def run(args) -> dict:
         _sync(device)
         if s >= args.warmup:
             times.append(time.perf_counter() - t0)
-            flops.append(args.batch * args.grad_accum * train_step_flops(cfg.model, plan.masked, plan.reuse,
-                                                                        plan.remasked))
+            flops.append(batch * accum * train_step_flops(cfg.model, plan.masked, plan.reuse, plan.remasked))
         if bare_step is not None:
             t0 = time.perf_counter()
             bare_step(s)
@@ -126,41 +141,40 @@ def run(args) -> dict:
             if s >= args.warmup:
                 bare_times.append(time.perf_counter() - t0)
     memory_gb = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
-
-    # Host syncs per optimizer step, on steps of both modes.
-    syncs = {}
-    for _ in range(4):
-        plan = plan_step(trainer.step, cfg.seed, cfg.model, cfg.train)
-        with SyncCounter() as counter:
-            trainer.train_step(it)
-        syncs.setdefault("reuse" if plan.reuse else "full", []).append(counter.total)
+    syncs = count_step_syncs(trainer, it, cfg)
     trainer.close()
     tmp.cleanup()
 
     step_s = statistics.median(times)
-    n_img = args.batch * args.grad_accum
+    n_img = batch * accum
     tflops = sum(flops) / sum(times) / 1e12
     peak = peak_tflops(args.peak_tflops)
-    result = {"model": args.model, "grid_size": args.grid_size, "batch": args.batch, "grad_accum": args.grad_accum,
+    result = {"model": model, "config": args.config, "grid_size": grid, "batch": batch, "grad_accum": accum,
               "zero_stage": zero, "precision": precision, "compile": args.compile, "device": str(device),
               "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "threads": torch.get_num_threads(), "params": trainer.n_params, "step_s": step_s,
+              "device_memory_gb": (torch.cuda.get_device_properties(device).total_memory / 1e9
+                                   if device.type == "cuda" else None),
+              "backend": _backend(), "threads": torch.get_num_threads(), "params": trainer.n_params,
+              "warmup_steps": args.warmup, "timed_steps": args.steps, "step_s": step_s,
               "images_per_s": n_img / step_s, "tflops_per_s": tflops, "peak_tflops": peak,
-              "mfu": tflops / peak if peak else None, "peak_memory_gb": memory_gb,
-              "syncs_per_step": max(v for counts in syncs.values() for v in counts),
-              "syncs_by_mode": syncs, "graphs": graphs}
+              "mfu": tflops / peak if peak else None, "peak_memory_gb": memory_gb, **syncs, "graphs": graphs}
     if bare_times:
         result["bare_step_s"] = statistics.median(bare_times)
         result["overhead_ratio"] = step_s / result["bare_step_s"]
 
-    print(f"train-step benchmark: ENAT-{args.model} ({trainer.n_params / 1e6:.1f}M), grid {args.grid_size}, "
-          f"micro-batch {args.batch} x {args.grad_accum}, ZeRO-{zero}, {precision}, compile {args.compile}, "
+    print(f"train-step benchmark: ENAT-{model} ({trainer.n_params / 1e6:.1f}M), grid {grid}, "
+          f"micro-batch {batch} x {accum}, ZeRO-{zero}, {precision}, compile {args.compile}, "
           f"{result['device_name']}, median of {args.steps} steps")
-    print(f"{'s/step':>10}{'img/s':>10}{'TFLOP/s':>10}{'MFU':>8}{'mem GB':>8}{'syncs':>7}")
+    print(f"{'s/step':>10}{'img/s':>10}{'TFLOP/s':>10}{'MFU':>8}{'mem GB':>8}{'syncs':>7}{'inside':>8}")
     mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "-"
     mem = f"{memory_gb:.1f}" if memory_gb is not None else "-"
     print(f"{step_s:>10.4f}{result['images_per_s']:>10.1f}{tflops:>10.2f}{mfu:>8}{mem:>8}"
-          f"{result['syncs_per_step']:>7}")
+          f"{result['syncs_per_step']:>7}{result['syncs_inside_forward_backward']:>8}")
+    if result["cuda_syncs_per_step"] is not None:
+        print(f"CUDA's own count: {result['cuda_syncs_per_step']} syncs per step, "
+              f"{result['cuda_syncs_inside_forward_backward']} inside forward + loss + backward")
+        for site, n in result["cuda_sync_sites"].items():
+            print(f"  {n:>4} x {site}")
     if graphs:
         print("graphs of forward + loss: " + ", ".join(f"{m} {g['graphs']} ({g['breaks']} breaks)"
                                                        for m, g in graphs.items()))
@@ -170,6 +184,61 @@ def run(args) -> dict:
     if args.json:
         print(json.dumps(result))
     return result
+
+
+SYNC_STEPS = 4  # optimizer steps counted per counter: both modes appear among them (the plans are seeded)
+
+
+def count_step_syncs(trainer, it, cfg) -> dict:
+    """Host syncs of real optimizer steps, per step and inside forward + loss + backward: at the
+    dispatcher (`SyncCounter`, any device) and, on a GPU, CUDA's own count by call site
+    (`CudaSyncCounter`: no dispatch mode, so compiled code is counted as it runs)."""
+    from enat.profiling import CudaSyncCounter, SyncCounter
+    from enat.train.objective import plan_step
+
+    loss_fn, backward = trainer.loss_fn, trainer.engine.backward
+
+    def run(counter_cls):
+        per_mode, inside, sites = {}, 0, Counter()
+
+        def counted(fn):
+            def wrapper(*a, **k):
+                nonlocal inside
+                with counter_cls() as c:
+                    out = fn(*a, **k)
+                inside += c.total
+                return out
+            return wrapper
+
+        trainer.loss_fn, trainer.engine.backward = counted(loss_fn), counted(backward)
+        try:
+            for _ in range(SYNC_STEPS):
+                plan = plan_step(trainer.step, cfg.seed, cfg.model, cfg.train)
+                with counter_cls() as c:
+                    trainer.train_step(it)
+                per_mode.setdefault("reuse" if plan.reuse else "full", []).append(c.total)
+                sites.update(getattr(c, "by_site", {}))
+        finally:
+            trainer.loss_fn, trainer.engine.backward = loss_fn, backward
+        return per_mode, inside, sites
+
+    per_mode, inside, _ = run(SyncCounter)
+    out = {"syncs_per_step": max(v for counts in per_mode.values() for v in counts), "syncs_by_mode": per_mode,
+           "syncs_inside_forward_backward": inside, "sync_steps_counted": SYNC_STEPS,
+           "cuda_syncs_per_step": None, "cuda_syncs_by_mode": None, "cuda_syncs_inside_forward_backward": None,
+           "cuda_sync_sites": None}
+    if torch.cuda.is_available():
+        per_mode, inside, sites = run(CudaSyncCounter)
+        out.update(cuda_syncs_per_step=max(v for counts in per_mode.values() for v in counts),
+                   cuda_syncs_by_mode=per_mode, cuda_syncs_inside_forward_backward=inside,
+                   cuda_sync_sites=dict(sites.most_common()))
+    return out
+
+
+def _backend() -> str | None:
+    import torch.distributed as dist
+
+    return dist.get_backend() if dist.is_available() and dist.is_initialized() else None
 
 
 def _bare_loop(cfg, trainer, shards, device):
