@@ -70,6 +70,7 @@ class SyncCounter(TorchDispatchMode):
         self.where: list[str] = []
         self.keep_stacks = keep_stacks
         self._patched: list = []
+        self._inside = 0  # > 0 inside a call already counted (tolist's copy to the host is not a second sync)
 
     @property
     def total(self) -> int:
@@ -78,14 +79,13 @@ class SyncCounter(TorchDispatchMode):
     def _record(self, name: str) -> None:
         self.by_op[name] += 1
         if len(self.where) < self.keep_stacks:
-            frames = [f for f in traceback.extract_stack() if "torch/" not in f.filename
-                      and "profiling.py" not in f.filename][-4:]
-            self.where.append(f"{name} at " + " <- ".join(f"{f.filename.split('/')[-1]}:{f.lineno}"
-                                                         for f in reversed(frames)))
+            self.where.append(f"{name} at {_call_site(4)}")
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in SYNC_OPS:
+        if self._inside:
+            pass
+        elif func in SYNC_OPS:
             self._record(func.name())
         elif func in BOOL_INDEX_OPS and _has_bool_index(args):
             self._record(func.name() + "[bool]")
@@ -94,50 +94,75 @@ class SyncCounter(TorchDispatchMode):
         return func(*args, **kwargs)
 
     def __enter__(self):
-        # Tensor.tolist reads the data without an aten op: count it at the Python level.
-        original_tolist = torch.Tensor.tolist
-
-        def tolist(t, *a, _original=original_tolist, **k):
-            self._record("tolist()")
-            return _original(t, *a, **k)
-
-        torch.Tensor.tolist = tolist
-        self._patched.append((torch.Tensor, "tolist", original_tolist))
-        for owner, name in _synchronize_functions():
-            original = getattr(owner, name)
-
-            def counted(*a, _original=original, _name=name, **k):
-                self._record(f"{_name}()")
-                return _original(*a, **k)
-
-            setattr(owner, name, counted)
-            self._patched.append((owner, name, original))
+        # Tensor.tolist reads the data without an aten op on CPU: count it at the Python level.
+        self._patched += _count_calls(self, [(torch.Tensor, "tolist")], lambda name: self._record(f"{name}()"))
+        self._patched += _count_calls(self, _synchronize_functions(), lambda name: self._record(f"{name}()"))
         return super().__enter__()
 
     def __exit__(self, *exc):
-        for owner, name, original in reversed(self._patched):
-            setattr(owner, name, original)
-        self._patched.clear()
+        _restore(self._patched)
         return super().__exit__(*exc)
+
+
+def _call_site(depth: int) -> str:
+    """The innermost `depth` frames outside torch and this module, innermost first."""
+    frames = [f for f in traceback.extract_stack() if "/torch/" not in f.filename
+              and "profiling.py" not in f.filename and "warnings.py" not in f.filename][-depth:]
+    return " <- ".join(f"{f.filename.split('/')[-1]}:{f.lineno}" for f in reversed(frames))
+
+
+def _count_calls(counter, targets, record) -> list:
+    """Replace each (owner, name) by a wrapper that calls record(name) once per outermost call
+    (a synchronize that calls another synchronize, or a tolist whose copy is an aten op, counts
+    once), through counter._inside. Returns what _restore needs."""
+    patched = []
+    for owner, name in targets:
+        original = getattr(owner, name)
+
+        def counted(*a, _original=original, _name=name, **k):
+            if counter._inside:
+                return _original(*a, **k)
+            counter._inside += 1
+            try:
+                record(_name)
+                return _original(*a, **k)
+            finally:
+                counter._inside -= 1
+
+        setattr(owner, name, counted)
+        patched.append((owner, name, original))
+    return patched
+
+
+def _restore(patched: list) -> None:
+    for owner, name, original in reversed(patched):
+        setattr(owner, name, original)
+    patched.clear()
 
 
 class CudaSyncCounter:
     """Counts the host-device synchronizations CUDA itself sees while active, by call site:
-    `torch.cuda.set_sync_debug_mode("warn")` makes every blocking call (a copy to the host, a
-    scalar read, a data-dependent shape, a stream, event or device synchronize) raise a warning,
-    recorded here with the first frames outside torch. Unlike `SyncCounter` it needs no dispatch
-    mode, so it counts compiled steps as they run. Without CUDA it counts nothing (`available`).
+    `torch.cuda.set_sync_debug_mode("warn")` makes every implicit one (a copy to the host, a scalar
+    read, a data-dependent shape, a stream synchronize) raise a warning, recorded here with the
+    first frames outside torch; the explicit ones it does not flag (`torch.cuda.synchronize`, which
+    DeepSpeed's accelerator calls, and `torch.cuda.Event.synchronize`) are counted at the Python
+    level. Unlike `SyncCounter` it needs no dispatch mode, so compiled code is counted as it runs
+    (a dispatch mode makes dynamo run the frame eagerly). Without CUDA it counts nothing but those
+    warnings and calls (`available` says whether CUDA is there).
 
         with CudaSyncCounter() as syncs:
             step()
         syncs.total, syncs.by_site"""
 
     MESSAGE = "called a synchronizing CUDA operation"
+    EXPLICIT = ((torch.cuda, "synchronize"), (torch.cuda.Event, "synchronize"))
 
     def __init__(self):
         self.available = torch.cuda.is_available()
         self.by_site: Counter[str] = Counter()
         self._saved = None
+        self._patched: list = []
+        self._inside = 0
 
     @property
     def total(self) -> int:
@@ -146,21 +171,18 @@ class CudaSyncCounter:
     def _show(self, message, category, filename, lineno, file=None, line=None):
         if self.MESSAGE not in str(message):
             return self._show_other(message, category, filename, lineno, file, line)
-        frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename
-                  and "profiling.py" not in f.filename and "warnings.py" not in f.filename]
-        site = " <- ".join(f"{f.filename.split('/')[-1]}:{f.lineno}" for f in reversed(frames[-3:]))
-        self.by_site[site or f"{filename}:{lineno}"] += 1
+        self.by_site[_call_site(3) or f"{filename}:{lineno}"] += 1
         if isinstance(getattr(self._show_other, "__self__", None), CudaSyncCounter):  # nested: the outer counts too
             self._show_other(message, category, filename, lineno, file, line)
 
     def __enter__(self):
-        if self.available:
-            torch.cuda.synchronize()  # what was queued before is not this block's
         self._saved = (torch.cuda.get_sync_debug_mode() if self.available else None, warnings.catch_warnings())
         self._saved[1].__enter__()  # restores the filters and showwarning on exit
         warnings.filterwarnings("always", message=".*" + self.MESSAGE)
         self._show_other = warnings.showwarning
         warnings.showwarning = self._show
+        self._patched = _count_calls(self, self.EXPLICIT, lambda name: self.by_site.update(
+            [f"{name}() at {_call_site(3)}"]))
         if self.available:
             torch.cuda.set_sync_debug_mode("warn")
         return self
@@ -168,6 +190,7 @@ class CudaSyncCounter:
     def __exit__(self, *exc):
         if self.available:
             torch.cuda.set_sync_debug_mode(self._saved[0])
+        _restore(self._patched)
         self._saved[1].__exit__(*exc)
         return False
 

@@ -1,2 +1,23 @@
 """Benchmarks: `python -m enat.bench NAME ...` prints a table (and with --json one JSON line last).
 Speed goals live here, never in timed tests."""
+
+import statistics
+import time
+
+import torch
+
+
+def median_seconds(fn, device: torch.device, repeats: int) -> float:
+    """Median wall time of `repeats` calls of fn after one untimed call (warm-up: compilation,
+    cuDNN's algorithm choice), waiting for the device before and after each."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import statistics
-import time
 
 import torch
 
+from enat.bench import median_seconds
 from enat.config import SampleConfig
 from enat.flops import sampling_flops
 from enat.models import build_model, model_config
 from enat.profiling import CudaSyncCounter, SyncCounter
 from enat.sampling import generate
+
+
+VARIANTS = ("ENAT", "ENAT no reuse", "NAT")
 
 
 def add_arguments(p) -> None:
@@ -34,21 +36,9 @@ def add_arguments(p) -> None:
                    help="bfloat16: the networks under bf16 autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks (inductor)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                   help="which networks (default all; the ratios need ENAT and the other)")
     p.add_argument("--json", action="store_true")
-
-
-def _time(fn, device, repeats) -> float:
-    fn()  # warm-up (and compilation)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def run(args) -> dict:
@@ -62,6 +52,7 @@ def run(args) -> dict:
         "ENAT no reuse": (cfg, False),
         "NAT": (dataclasses.replace(cfg, arch="nat"), False),
     }
+    variants = {k: v for k, v in variants.items() if k in args.variants}
     labels = torch.arange(args.batch) % cfg.num_classes
     rows = {}
     for name, (mcfg, reuse) in variants.items():
@@ -72,7 +63,7 @@ def run(args) -> dict:
         def sample(m=model, c=sc):
             return generate(m, labels, c, autocast_dtype=autocast_dtype, compile=args.compile)
 
-        seconds = _time(sample, device, args.repeats)
+        seconds = median_seconds(sample, device, args.repeats)
         with SyncCounter() as syncs:  # after the warm-up: compilation is not counted
             sample()
         with CudaSyncCounter() as cuda_syncs:  # no dispatch mode: compiled code counted as it runs
@@ -84,22 +75,22 @@ def run(args) -> dict:
                           cuda_syncs_per_generate=cuda_syncs.total if cuda_syncs.available else None,
                           cuda_sync_sites=dict(cuda_syncs.by_site.most_common()) if cuda_syncs.available else None)
         del model
-    e, n, v = rows["ENAT"], rows["ENAT no reuse"], rows["NAT"]
+    first = next(iter(rows.values()))
     result = {
         "model": args.model, "grid_size": args.grid_size, "batch": args.batch, "steps": args.steps,
         "device": str(device), "dtype": args.dtype, "compile": args.compile, "threads": torch.get_num_threads(),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "variants": rows, "syncs_per_step": e["syncs_per_step"], "syncs_per_generate": e["syncs_per_generate"],
-        "cuda_syncs_per_generate": e["cuda_syncs_per_generate"],
-        "flops_ratio_vanilla_over_enat": v["tflops_per_image"] / e["tflops_per_image"],
-        "flops_ratio_noreuse_over_enat": n["tflops_per_image"] / e["tflops_per_image"],
-        "wall_ratio_vanilla_over_enat": v["seconds"] / e["seconds"],
-        "wall_ratio_noreuse_over_enat": n["seconds"] / e["seconds"],
+        "variants": rows, "syncs_per_step": first["syncs_per_step"], "syncs_per_generate": first["syncs_per_generate"],
+        "cuda_syncs_per_generate": first["cuda_syncs_per_generate"],
     }
-    result["wall_over_flops_speedup_vanilla"] = (result["wall_ratio_vanilla_over_enat"]
-                                                 / result["flops_ratio_vanilla_over_enat"])
-    result["wall_over_flops_speedup_noreuse"] = (result["wall_ratio_noreuse_over_enat"]
-                                                 / result["flops_ratio_noreuse_over_enat"])
+    ratios = {"vanilla": "NAT", "noreuse": "ENAT no reuse"}  # each against ENAT with reuse, where both ran
+    for key, other in ratios.items():
+        if "ENAT" in rows and other in rows:
+            e, o = rows["ENAT"], rows[other]
+            result[f"flops_ratio_{key}_over_enat"] = o["tflops_per_image"] / e["tflops_per_image"]
+            result[f"wall_ratio_{key}_over_enat"] = o["seconds"] / e["seconds"]
+            result[f"wall_over_flops_speedup_{key}"] = (result[f"wall_ratio_{key}_over_enat"]
+                                                        / result[f"flops_ratio_{key}_over_enat"])
     print(f"sampling benchmark: {args.model} grid {args.grid_size}x{args.grid_size}, batch {args.batch}, "
           f"{args.steps} steps, CFG {args.cfg_scale}, {device} {args.dtype}{', compiled' if args.compile else ''}, "
           f"{torch.get_num_threads()} threads")
@@ -109,12 +100,11 @@ def run(args) -> dict:
         cuda = r["cuda_syncs_per_generate"]
         print(f"{name:<15}{r['images_per_s']:>10.2f}{r['seconds']:>10.3f}{r['tflops_per_image']:>12.4f}"
               f"{r['achieved_tflops']:>10.3f}{r['syncs_per_step']:>12.2f}{'-' if cuda is None else cuda:>12}")
-    print(f"NAT / ENAT:           FLOPs {result['flops_ratio_vanilla_over_enat']:.2f}x, "
-          f"wall-clock {result['wall_ratio_vanilla_over_enat']:.2f}x "
-          f"({100 * result['wall_over_flops_speedup_vanilla']:.0f}% of the FLOPs speed-up)")
-    print(f"ENAT no reuse / ENAT: FLOPs {result['flops_ratio_noreuse_over_enat']:.2f}x, "
-          f"wall-clock {result['wall_ratio_noreuse_over_enat']:.2f}x "
-          f"({100 * result['wall_over_flops_speedup_noreuse']:.0f}% of the FLOPs speed-up)")
+    for key, other in ratios.items():
+        if f"wall_ratio_{key}_over_enat" in result:
+            print(f"{other + ' / ENAT:':<22}FLOPs {result[f'flops_ratio_{key}_over_enat']:.2f}x, "
+                  f"wall-clock {result[f'wall_ratio_{key}_over_enat']:.2f}x "
+                  f"({100 * result[f'wall_over_flops_speedup_{key}']:.0f}% of the FLOPs speed-up)")
     if args.json:
         print(json.dumps(result))
     return result

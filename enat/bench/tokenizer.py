@@ -9,10 +9,10 @@ object as the last line.
 from __future__ import annotations
 
 import json
-import statistics
-import time
 
 import torch
+
+from enat.bench import median_seconds
 
 
 def add_arguments(p) -> None:
@@ -25,20 +25,6 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", action="store_true")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. tokenizer.resolution=512")
-
-
-def _time(fn, device: torch.device, repeats: int) -> float:
-    fn()  # warm-up (cuDNN picks its algorithms here)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def run(args) -> dict:
@@ -61,7 +47,7 @@ def run(args) -> dict:
         with torch.no_grad(), autocast:
             return vq.decode(ids)
 
-    seconds = {"encode": _time(encode, device, args.repeats), "decode": _time(decode, device, args.repeats)}
+    seconds = {"encode": median_seconds(encode, device, args.repeats), "decode": median_seconds(decode, device, args.repeats)}
     result = {"resolution": cfg.resolution, "grid_size": cfg.grid_size, "downsample": cfg.downsample,
               "codebook_size": cfg.codebook_size, "params": sum(p.numel() for p in vq.parameters()),
               "batch": args.batch, "dtype": args.dtype, "device": str(device),

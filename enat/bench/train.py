@@ -46,6 +46,10 @@ def add_arguments(p) -> None:
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (dense bf16 TFLOP/s per device)")
+    p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="count the graphs dynamo makes of forward + loss (a traced forward of each mode)")
+    p.add_argument("--sync-steps", type=int, default=4,
+                   help="optimizer steps counted for host syncs per counter (0: none)")
     p.add_argument("--bare", action=argparse.BooleanOptionalAction, default=None,
                    help="also time a bare loop (default: on cpu)")
     p.add_argument("--json", action="store_true")
@@ -59,6 +63,7 @@ def _sync(device: torch.device) -> None:
 def run(args) -> dict:
     from enat.bench.data import write_synthetic
     from enat.config import load_config
+    from enat.dist import close
     from enat.flops import train_step_flops
     from enat.profiling import count_graphs
     from enat.train.metrics import peak_tflops
@@ -85,7 +90,7 @@ def run(args) -> dict:
     tmp = tempfile.TemporaryDirectory()
     shards = Path(tmp.name) / "shards"
     shards.mkdir()
-    total = args.warmup + args.steps + 2 * SYNC_STEPS
+    total = args.warmup + args.steps + 2 * args.sync_steps
     write_synthetic(shards, max(batch * accum * total, 256), grid ** 2, shard_size=10000)
     downsample = recipe.tokenizer.downsample if recipe else 16
     over = [f"model.size={model}", f"model.grid_size={grid}", "tokenizer.checkpoint=null",
@@ -107,7 +112,7 @@ def run(args) -> dict:
     bare_step = _bare_loop(cfg, trainer, shards, device) if bare else None
     # Graphs dynamo makes of forward + loss, full and reuse mode (on the bare module and EMA).
     graphs = {}
-    if cfg.model.arch == "enat":
+    if args.graphs and cfg.model.arch == "enat":
         N, B = cfg.model.seq_len, batch
         tokens = torch.randint(0, cfg.model.codebook_size, (B, N), device=device)
         labels = torch.zeros(B, dtype=torch.long, device=device)
@@ -141,8 +146,9 @@ def run(args) -> dict:
             if s >= args.warmup:
                 bare_times.append(time.perf_counter() - t0)
     memory_gb = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
-    syncs = count_step_syncs(trainer, it, cfg)
+    syncs = count_step_syncs(trainer, it, cfg, args.sync_steps)
     trainer.close()
+    close()  # the process group too: NCCL's threads alive at exit can abort the process after its result
     tmp.cleanup()
 
     step_s = statistics.median(times)
@@ -169,8 +175,8 @@ def run(args) -> dict:
     mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "-"
     mem = f"{memory_gb:.1f}" if memory_gb is not None else "-"
     print(f"{step_s:>10.4f}{result['images_per_s']:>10.1f}{tflops:>10.2f}{mfu:>8}{mem:>8}"
-          f"{result['syncs_per_step']:>7}{result['syncs_inside_forward_backward']:>8}")
-    if result["cuda_syncs_per_step"] is not None:
+          f"{_f(result['syncs_per_step']):>7}{_f(result['syncs_inside_forward_backward']):>8}")
+    if result.get("cuda_syncs_per_step") is not None:
         print(f"CUDA's own count: {result['cuda_syncs_per_step']} syncs per step, "
               f"{result['cuda_syncs_inside_forward_backward']} inside forward + loss + backward")
         for site, n in result["cuda_sync_sites"].items():
@@ -186,16 +192,19 @@ def run(args) -> dict:
     return result
 
 
-SYNC_STEPS = 4  # optimizer steps counted per counter: both modes appear among them (the plans are seeded)
-
-
-def count_step_syncs(trainer, it, cfg) -> dict:
-    """Host syncs of real optimizer steps, per step and inside forward + loss + backward: at the
-    dispatcher (`SyncCounter`, any device) and, on a GPU, CUDA's own count by call site
-    (`CudaSyncCounter`: no dispatch mode, so compiled code is counted as it runs)."""
+def count_step_syncs(trainer, it, cfg, steps: int) -> dict:
+    """Host syncs of `steps` real optimizer steps (both modes appear among 4: the plans are seeded),
+    per step and inside forward + loss + backward: at the dispatcher (`SyncCounter`, any device;
+    under its dispatch mode dynamo runs compiled frames eagerly) and, on a GPU, CUDA's own count
+    by call site (`CudaSyncCounter`: compiled code counted as it runs)."""
     from enat.profiling import CudaSyncCounter, SyncCounter
     from enat.train.objective import plan_step
 
+    out = {"syncs_per_step": None, "syncs_by_mode": None, "syncs_inside_forward_backward": None,
+           "sync_steps_counted": steps, "cuda_syncs_per_step": None, "cuda_syncs_by_mode": None,
+           "cuda_syncs_inside_forward_backward": None, "cuda_sync_sites": None}
+    if steps < 1:
+        return out
     loss_fn, backward = trainer.loss_fn, trainer.engine.backward
 
     def run(counter_cls):
@@ -212,7 +221,7 @@ def count_step_syncs(trainer, it, cfg) -> dict:
 
         trainer.loss_fn, trainer.engine.backward = counted(loss_fn), counted(backward)
         try:
-            for _ in range(SYNC_STEPS):
+            for _ in range(steps):
                 plan = plan_step(trainer.step, cfg.seed, cfg.model, cfg.train)
                 with counter_cls() as c:
                     trainer.train_step(it)
@@ -223,16 +232,18 @@ def count_step_syncs(trainer, it, cfg) -> dict:
         return per_mode, inside, sites
 
     per_mode, inside, _ = run(SyncCounter)
-    out = {"syncs_per_step": max(v for counts in per_mode.values() for v in counts), "syncs_by_mode": per_mode,
-           "syncs_inside_forward_backward": inside, "sync_steps_counted": SYNC_STEPS,
-           "cuda_syncs_per_step": None, "cuda_syncs_by_mode": None, "cuda_syncs_inside_forward_backward": None,
-           "cuda_sync_sites": None}
+    out.update(syncs_per_step=max(v for counts in per_mode.values() for v in counts), syncs_by_mode=per_mode,
+               syncs_inside_forward_backward=inside)
     if torch.cuda.is_available():
         per_mode, inside, sites = run(CudaSyncCounter)
         out.update(cuda_syncs_per_step=max(v for counts in per_mode.values() for v in counts),
                    cuda_syncs_by_mode=per_mode, cuda_syncs_inside_forward_backward=inside,
                    cuda_sync_sites=dict(sites.most_common()))
     return out
+
+
+def _f(x) -> str:
+    return "-" if x is None else str(x)
 
 
 def _backend() -> str | None:
