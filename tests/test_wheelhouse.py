@@ -132,3 +132,17 @@ def test_fetch_builds_what_has_no_wheel_and_keeps_one_pure_wheel(monkeypatch, tm
         "pydantic-core": ["pydantic_core-2.50.5-cp311-cp311-manylinux2014_x86_64.whl",
                           "pydantic_core-2.50.5-cp312-cp312-manylinux2014_x86_64.whl"],
         "hjson": ["hjson-3.1.0-py3-none-any.whl"]}
+
+
+def test_floors_are_the_bounds_carried_packages_put_on_the_image():
+    requires = {"pydantic": ["typing-extensions>=4.16.0", "annotated-types>=0.6.0", "pydantic-core==2.50.5"],
+                "submitit": ["cloudpickle>=1.2.1", "typing_extensions (>=3.7.4.2)"],
+                "torch-fidelity": ["numpy", "torchvision"],  # no bound: the image's copy is taken as it is
+                "webdataset": ["pyyaml<7; python_version >= '3'"]}
+    provided = {"typing-extensions": "4.16.0", "cloudpickle": "3.1.3", "numpy": "2.4.6", "pyyaml": "6.0.4"}
+    bounds = wh.floors(["pydantic", "submitit", "torch-fidelity", "webdataset"], provided, requires)
+    assert bounds == {"cloudpickle": "cloudpickle>=1.2.1", "pyyaml": "pyyaml<7",
+                      "typing-extensions": "typing-extensions>=4.16.0,>=3.7.4.2"}
+    # only what carried packages need: the image's own packages among themselves are the image's business
+    assert wh.floors(["webdataset"], provided, {**requires, "numpy": ["typing-extensions>=9"]}) == {
+        "pyyaml": "pyyaml<7"}

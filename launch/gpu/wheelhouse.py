@@ -11,18 +11,20 @@ with `requirements.txt` (the exact pins) and `manifest.json`:
 
 Default pythons: 3.12 (the image's) and this interpreter's, so a CPU test venv installs the same
 folder; pip picks the wheel that matches the installing python. Measured on 2026-12-07 for
-3.12 + 3.11: 13 packages, 8.5 MiB (pydantic-core's two binary wheels 4.3, deepspeed 2.1), 16 s
+3.12 + 3.11: 16 packages, 8.6 MiB (pydantic-core's two binary wheels 4.3, deepspeed 2.1), 17 s
 with an empty pip cache (deepspeed built from its sdist), 10 s warm. The device carry limit is
-64 MiB for the whole tree, so the run fails above 60 MiB. On the GPU machine, from the repo root:
+64 MiB for the whole tree, so the run fails above 60 MiB. On the GPU machine, from the repo root
+(launch/gpu/check.sh runs these, then `pip check`):
 
     python3 -m pip install --no-index --no-deps --find-links .whl -r .whl/requirements.txt
+    python3 -m pip install --no-index --no-deps --find-links .whl -r .whl/floors.txt
     python3 -m pip install --no-index --no-deps --find-links .whl .   # the project, built offline
 
-(launch/gpu/check.sh runs both.) requirements.txt lists the runtime packages only; the build
-requirements stay in the folder for pip's isolated build of the project and are never installed
-into the image. `--no-deps` because everything else comes from the image. The image's versions of the packages it
-provides are not checked here: run `python3 -m pip check` after installing. wandb is dropped (see
-DROPPED: its wheel alone is 19.4 MiB).
+requirements.txt: the runtime packages the image lacks, pinned. floors.txt: the minimum versions
+they need of the image's own packages (see floors()), whose pure-Python wheels are carried too and
+installed only where the image's copy is older. The build requirements stay in the folder for
+pip's isolated build of the project and are never installed into the image. `--no-deps` because
+everything else comes from the image. wandb is dropped (see DROPPED: its wheel alone is 19.4 MiB).
 """
 
 from __future__ import annotations
@@ -172,8 +174,12 @@ def pip(*args: str) -> subprocess.CompletedProcess:
     return proc
 
 
+REQUIRES: dict[str, list[str]] = {}  # name -> its requirements (extras left out), filled by resolve()
+
+
 def resolve(requirements: list[str], constraints: Path) -> dict[str, str]:
-    """{name: version} pip would install for `requirements` into an empty environment."""
+    """{name: version} pip would install for `requirements` into an empty environment (and each
+    one's own requirements into REQUIRES)."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         pip("install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report),
@@ -185,7 +191,25 @@ def resolve(requirements: list[str], constraints: Path) -> dict[str, str]:
             if "python_" in r and "extra" not in r:
                 print(f"warning: {e['metadata']['name']} requires {r!r}: resolved for python "
                       f"{sys.version_info.major}.{sys.version_info.minor}, check the other targets", file=sys.stderr)
+    for e in entries:
+        REQUIRES[normalize(e["metadata"]["name"])] = [r for r in e["metadata"].get("requires_dist") or []
+                                                      if "extra" not in r.partition(";")[2]]
     return {normalize(e["metadata"]["name"]): e["metadata"]["version"] for e in entries}
+
+
+def floors(carried, provided: dict[str, str], requires: dict[str, list[str]]) -> dict[str, str]:
+    """What the carried packages require of the image's packages with a version bound, as
+    {name: "name>=x,..."}: pydantic needs typing-extensions>=4.16.0, and the image's version was
+    never read. check.sh installs these with --no-deps and no --upgrade: pip keeps the image's
+    copy where it satisfies the bound and takes the carried wheel only where it does not."""
+    bounds: dict[str, list[str]] = {}
+    for name in carried:
+        for r in requires.get(name, []):
+            dep, spec = requirement_name(r), r.partition(";")[0].strip()
+            spec = spec[len(re.match(r"\s*[A-Za-z0-9][A-Za-z0-9._-]*", spec).group(0)):].strip(" ()")
+            if dep in provided and any(op in spec for op in "<>=!~"):
+                bounds.setdefault(dep, []).append(spec)
+    return {dep: dep + ",".join(dict.fromkeys(specs)) for dep, specs in sorted(bounds.items())}
 
 
 def download(pin: str, python: str, dest: Path) -> Path:
@@ -270,8 +294,16 @@ def main(argv=None) -> int:
         print(f"warning: never carried and not in the image, so missing on the GPU machine: {lacking}",
               file=sys.stderr)
     carry = p["carry"]
+    provided = {n: v for n, v in runtime.items() if n in GPU_IMAGE and not never_carry(n, v)}
+    bounds = floors([n for n in carry if n in runtime], provided, REQUIRES)
+    floor_pins = {n: provided[n] for n in bounds if n not in carry}
 
     with tempfile.TemporaryDirectory() as staging:
+        # The floors' wheels, where pure Python (a binary one for each python would be large; if the
+        # image's copy of such a package were too old, pip check on the GPU says so).
+        floor_wheels, _ = fetch(floor_pins, pythons, Path(staging))
+        floor_wheels = {n: w for n, w in floor_wheels.items() if w and all(f.endswith("-none-any.whl") for f in w)}
+        wheels, errors = fetch(carry, pythons, Path(staging))
         wheels, errors = fetch(carry, pythons, Path(staging))
         for name, err in sorted(errors.items()):
             print(f"\n{name}=={carry[name]}: {err}", file=sys.stderr)
@@ -279,6 +311,8 @@ def main(argv=None) -> int:
             print(f"\n{len(errors)} package(s) failed; {out} left as it was", file=sys.stderr)
             return 1
         done = {n: v for n, v in carry.items() if n not in errors}
+        wheels.update(floor_wheels)
+        done.update({n: floor_pins[n] for n in floor_wheels})
         out.mkdir(parents=True, exist_ok=True)
         for name in done:
             for fname, path in wheels[name].items():
@@ -289,7 +323,7 @@ def main(argv=None) -> int:
             print(f"removing stale {f.name}")
             f.unlink()
 
-    packages = {n: {"version": v, "why": "build" if n in build_env else "runtime",
+    packages = {n: {"version": v, "why": "floor" if n in floor_wheels else "build" if n in build_env else "runtime",
                     "files": sorted(wheels[n]),
                     "bytes": sum((out / f).stat().st_size for f in wheels[n])} for n, v in done.items()}
     where = out.resolve().relative_to(REPO) if out.resolve().is_relative_to(REPO) else out.resolve()
@@ -299,12 +333,14 @@ def main(argv=None) -> int:
     if errors:
         pins = f"# INCOMPLETE, failed: {' '.join(sorted(errors))}\n" + pins
     (out / "requirements.txt").write_text(pins)
+    (out / "floors.txt").write_text("".join(f"{spec}\n" for spec in bounds.values()))
     (out / "manifest.json").write_text(json.dumps({
         "packages": packages, "total_bytes": sum(i["bytes"] for i in packages.values()),
         "pythons": pythons, "platforms": PLATFORMS,
         "dropped": p["dropped"], "failed": errors, "gpu_image_date": IMAGE_DATE,
         # what the runs take from the image (packaging too, though its wheel is here for the build)
-        "provided_by_image": {n: v for n, v in runtime.items() if n in GPU_IMAGE and not never_carry(n, v)},
+        "provided_by_image": provided,
+        "floors": {"bounds": bounds, "carried": sorted(floor_wheels)},
         "never_carried": p["never"],
         "install": f"python3 -m pip install --no-index --no-deps --find-links {where} -r {where}/requirements.txt",
     }, indent=2) + "\n")
