@@ -1,9 +1,9 @@
 import argparse
 import sys
 
-from enat.bench import data, eval, sample, train
+from enat.bench import data, eval, gpu, sample, tokenizer, train
 
-BENCHES = {"sample": sample, "data": data, "train": train, "eval": eval}
+BENCHES = {"sample": sample, "data": data, "train": train, "eval": eval, "tokenizer": tokenizer, "gpu": gpu}
 
 
 def main(argv=None) -> int:
