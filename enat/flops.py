@@ -11,7 +11,9 @@ tokens; the decoder always attends to them; their projection C -> D runs in full
 pooled caption's (one row) in every forward. The NAT baseline runs them through every block.
 
 Backward = 2x forward for every matmul, except the logit matmul against the token table, whose
-gradient is stopped (only the activation gradient is computed).
+gradient is stopped (only the activation gradient is computed), and the caption embedder's two
+Linears, whose input (the text encoder's states, data) takes no gradient (only the weight
+gradient is computed): 1x forward for each of those.
 """
 
 from __future__ import annotations
@@ -147,17 +149,18 @@ def sampling_flops(cfg: ModelConfig, steps: int = 8, reuse: bool = True, guided:
 def train_step_flops(cfg: ModelConfig, masked: int, reuse: bool = False, remasked: int = 0) -> int:
     """FLOPs of one training sample: the online forward and backward with logits at [MASK]
     positions only; in a reuse-mode step also the no-grad EMA forward (features only) on the input
-    with `remasked` of the visible tokens masked again."""
+    with `remasked` of the visible tokens masked again. The logit matmul and the caption
+    embedder's Linears run backward once (activation, resp. weight gradient only), the rest twice."""
     N = cfg.seq_len
     if not reuse:
         fwd = forward_flops(cfg, masked, logits="masked")
-        return 3 * fwd - logit_flops(cfg, masked)
+        return 3 * fwd - logit_flops(cfg, masked) - text_flops(cfg, tokens=True)
     if cfg.arch == "nat":
         raise ValueError("the NAT baseline has no reuse mode")
     prev_visible = N - masked - remasked
     prev = forward_flops(cfg, masked + remasked, logits="none")
     fwd = forward_flops(cfg, masked, prev_visible=prev_visible, logits="masked")
-    return prev + 3 * fwd - logit_flops(cfg, masked)
+    return prev + 3 * fwd - logit_flops(cfg, masked) - text_flops(cfg, tokens=False)
 
 
 def masked_count(seq_len: int, ratio: float) -> int:

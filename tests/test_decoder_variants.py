@@ -16,7 +16,7 @@ from enat.models.convert import to_official
 from enat.models.weights import WeightsError
 from enat.sampling import generate
 from enat.train.objective import compute_loss
-from test_flops import close, counted
+from test_flops import counted, exact
 from test_models import masked_ids, perturb_
 
 VARIANTS = ("sc", "self", "cross")
@@ -87,11 +87,10 @@ def test_flops_match_torchs_counter(name, text):
     with torch.no_grad():
         for M in (0, 20, N):  # no [MASK] (decoder skipped), some, all (no visible token)
             ids = masked_ids(2, N, M, vocab=64, mask_id=64)
-            close(counted(lambda: model(ids, cond, logits="masked")), 2 * forward_flops(cfg, M, logits="masked"),
-                  rel=0.02)
+            exact(counted(lambda: model(ids, cond, logits="masked")), 2 * forward_flops(cfg, M, logits="masked"))
     for reuse in (True, False):
         sc = SampleConfig(steps=6, cfg_scale=2.0, reuse=reuse)
-        close(counted(lambda: generate(model, cond, sc)), 2 * sampling_flops(cfg, 6, reuse=reuse).total, rel=0.02)
+        exact(counted(lambda: generate(model, cond, sc)), 2 * sampling_flops(cfg, 6, reuse=reuse).total)
     model.train()
     model.embed.dropout.p = 0.0
     tokens = torch.randint(0, 64, (2, N))
@@ -99,7 +98,7 @@ def test_flops_match_torchs_counter(name, text):
     for remasked in (None, order[:, 30:40]):
         def step():
             compute_loss(model, model, tokens, cond, order[:, :30], remasked, 64, 0.0).backward()
-        close(counted(step), 2 * train_step_flops(cfg, 30, reuse=remasked is not None, remasked=10), rel=0.02)
+        exact(counted(step), 2 * train_step_flops(cfg, 30, reuse=remasked is not None, remasked=10))
         # Every parameter takes part in every step (ZeRO stages then agree), in both modes.
         missing = [n for n, p in model.named_parameters() if p.grad is None]
         assert not missing, missing
