@@ -3,6 +3,8 @@ steps (ZeRO-2 bf16 and ZeRO-0 fp32, full and reuse mode), one compiled graph per
 same masks as before, per-rank plan draws, the weight-decay scopes, and a resampled stream that
 trains. The 2-rank ZeRO-3 EMA is tested in test_ema.py; stages agreeing and resume in test_train.py."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -53,18 +55,20 @@ def test_no_host_sync_in_forward_loss_backward_and_one_per_step(shards, tmp_path
     trainer.engine.backward = counted(trainer.engine.backward)
     it = iter(trainer.loader)
     trainer.train_step(it)  # the first step starts the loader (its worker seed is a host read)
-    modes, per_step = set(), []
+    per_step = []
     for _ in range(6):
-        modes.add(plan_step(trainer.step, cfg.seed, cfg.model, cfg.train).reuse)
+        reuse = plan_step(trainer.step, cfg.seed, cfg.model, cfg.train).reuse
         with SyncCounter() as step_syncs:
             stats = trainer.train_step(it)
-        per_step.append((step_syncs.total, step_syncs.where))
-        assert np.isfinite(stats["loss"])
+        per_step.append((reuse, step_syncs.total, step_syncs.where))
+        assert math.isfinite(stats["loss"]) and not stats["skipped"]
     trainer.close()
-    assert modes == {True, False}  # both full and reuse steps were counted
+    assert {reuse for reuse, _, _ in per_step} == {True, False}  # both full and reuse steps were counted
     assert all(n == 0 for _, n, _ in inner), [x for x in inner if x[1]]
     assert len(inner) == 2 * 2 * 7  # loss + backward, 2 micro-batches, 7 steps
-    assert all(n <= 1 for n, _ in per_step), per_step
+    # Exactly one per optimizer step, in either mode: the trainer's read of the packed all-reduce,
+    # which decides apply or skip. None would be a step that never looks at the non-finite flag.
+    assert all(n == 1 and "trainer.py" in where[0] for _, n, where in per_step), per_step
 
 
 def _trained_like(cfg):
@@ -192,27 +196,87 @@ def test_resampled_stream_trains(shards, tmp_path):
     assert last["step"] == 3 and np.isfinite(last["loss"])
 
 
+def adamw_state(trainer) -> dict:
+    """Copies of what the optimizer step would change: the AdamW moments and step counts, and the
+    parameters it updates (ZeRO-1/2: DeepSpeed's wrapper holds the torch AdamW over the fp32
+    partitions, `single_partition_of_fp32_groups`; ZeRO-0 fp32: the engine's optimizer is the AdamW)."""
+    opt = trainer.engine.optimizer
+    adamw = getattr(opt, "optimizer", opt)
+    assert isinstance(adamw, torch.optim.AdamW), type(adamw)
+    out = {}
+    for g, group in enumerate(adamw.param_groups):
+        for i, p in enumerate(group["params"]):
+            out[g, i, "param"] = p.detach().clone()
+            for k in ("exp_avg", "exp_avg_sq", "step"):
+                out[g, i, k] = adamw.state[p][k].detach().clone()
+    if hasattr(opt, "single_partition_of_fp32_groups"):
+        assert all(any(q is p for p in adamw.param_groups[g]["params"])
+                   for g, q in enumerate(opt.single_partition_of_fp32_groups))
+    return out
+
+
+def changed(before: dict, after: dict) -> list:
+    """The keys whose tensors are not bitwise equal (a NaN that appeared counts as changed)."""
+    assert before.keys() == after.keys()
+    return [k for k in before if not torch.equal(before[k], after[k])]
+
+
 @pytest.mark.parametrize("zero_stage,precision", [(2, "bf16"), (0, "fp32")])
 def test_non_finite_step_is_skipped_without_touching_weights_optimizer_or_schedule(shards, tmp_path, zero_stage,
                                                                                    precision):
-    """The skip decided from the packed read: weights, AdamW state and LR schedule stay where they
-    were (DeepSpeed's bf16 overflow check is off, so only the trainer's flag can catch it)."""
+    """The skip decided from the packed read: a NaN loss (step 1), and under a finite loss a NaN
+    gradient (step 2) and an inf gradient (step 3), each on one element of one parameter. Each is
+    skipped and counted; weights, AdamW moments and step counts (bitwise) and the LR schedule stay
+    where they were (DeepSpeed's bf16 overflow check is off, so only the trainer's flag can catch
+    it); the one host read per step holds on the skip path too. Step 4 applies again."""
     from enat.train.trainer import Trainer
 
     cfg = trainer_config(shards, tmp_path / "run", **{"train.zero_stage": zero_stage, "train.precision": precision,
                                                        "train.inject_nan_steps": "[1]"})
     trainer = Trainer(cfg, log=lambda *_: None)
+    poison = {"value": None}
+
+    def poisoned(grad):  # one element of this parameter's gradient, before it is accumulated
+        if poison["value"] is None:
+            return grad
+        grad = grad.clone()
+        grad.view(-1)[7] = poison["value"]
+        return grad
+
+    handle = dict(trainer.module.named_parameters())["encoder.0.mlp.fc1.weight"].register_hook(poisoned)
+    losses, loss_fn = [], trainer.loss_fn
+
+    def recorded(*a, **k):
+        losses.append(loss_fn(*a, **k))
+        return losses[-1]
+
+    trainer.loss_fn = recorded
     it = iter(trainer.loader)
     trainer.train_step(it)
-    before = [p.detach().clone() for p in trainer.module.parameters()]
+    module_before = [p.detach().clone() for p in trainer.module.parameters()]
+    opt_before = adamw_state(trainer)
+    assert hasattr(trainer.engine.optimizer, "single_partition_of_fp32_groups") == (zero_stage == 2)
     lr_steps = trainer.scheduler.last_epoch
+    for step, value in ((1, None), (2, float("nan")), (3, float("inf"))):
+        poison["value"], losses[:] = value, []
+        with SyncCounter() as syncs:
+            stats = trainer.train_step(it)
+        assert syncs.total == 1, syncs.where
+        assert stats["skipped"] and trainer.skipped == step and trainer.consecutive_skips == step, (step, stats)
+        assert trainer.step == step + 1 and trainer.scheduler.last_epoch == lr_steps
+        if value is not None:  # the loss was finite: the gradient alone made the step bad
+            assert len(losses) == 2 and all(math.isfinite(float(x.detach())) for x in losses), losses
+        assert not changed(opt_before, adamw_state(trainer)), (step, changed(opt_before, adamw_state(trainer)))
+        assert all(torch.equal(a, b) for a, b in zip(module_before, trainer.module.parameters())), step
+    poison["value"] = None
+    handle.remove()
     stats = trainer.train_step(it)
-    assert stats["skipped"] and trainer.skipped == 1 and trainer.step == 2
-    assert all(torch.equal(a, b) for a, b in zip(before, trainer.module.parameters()))
-    assert trainer.scheduler.last_epoch == lr_steps
-    stats = trainer.train_step(it)
-    assert not stats["skipped"] and np.isfinite(stats["loss"]) and trainer.consecutive_skips == 0
-    assert not all(torch.equal(a, b) for a, b in zip(before, trainer.module.parameters()))
+    assert not stats["skipped"] and math.isfinite(stats["loss"]) and trainer.consecutive_skips == 0
+    assert trainer.skipped == 3
+    assert not all(torch.equal(a, b) for a, b in zip(module_before, trainer.module.parameters()))
+    # An applied step changes every kind of entry the skipped steps left alone.
+    assert {k[2] for k in changed(opt_before, adamw_state(trainer))} == {"param", "exp_avg", "exp_avg_sq", "step"}
+    assert all(torch.isfinite(v).all() for v in adamw_state(trainer).values())
     assert trainer.scheduler.last_epoch == lr_steps + 1
     trainer.close()
 
