@@ -66,6 +66,12 @@ def wait_for(cond, timeout, what):
         time.sleep(0.01)
 
 
+def resumed_at(out: str, ckpt, tag: str) -> bool:
+    """Whether the log says the run resumed from checkpoint `tag` at its step (a run that ignored its
+    checkpoints and trained again from step 0 writes the same metrics.jsonl)."""
+    return f"resumed from {ckpt / tag} at step {int(tag.removeprefix('step'))}" in out
+
+
 def lease(run_dir):
     try:
         return json.loads((run_dir / "lease.json").read_text())
@@ -107,6 +113,20 @@ def test_second_writer_is_refused_and_the_first_finishes(data, tmp_path):
     assert len(list((d / "wandb").glob("offline-run-*"))) == 1
     assert not (d / "lease.json").exists()  # released at the end
     print(f"second writer refused in {took:.1f} s")
+    # "Within seconds": the refusal comes before the model, the data or DeepSpeed's engine are built
+    # (measured 2-3 s on 2 cores; a start that reaches the first step takes 4-6 s).
+    assert took < 10, f"the second writer was refused only after {took:.1f} s"
+
+
+def test_train_builds_no_extension_at_start_up(data, tmp_path):
+    """`enat train` compiles nothing when it starts (DeepSpeed's shared-memory all-reduce extension,
+    which training never uses, would be JIT-built into TORCH_EXTENSIONS_DIR on a fresh machine)."""
+    ext = tmp_path / "torch_extensions"
+    ext.mkdir()
+    res = subprocess.run(train_cmd(data, tmp_path / "run", **{"train.steps": 1}), cwd=ROOT,
+                         env={**ENV, "TORCH_EXTENSIONS_DIR": str(ext)}, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert not any(ext.iterdir()), f"built or loaded at start-up: {sorted(p.name for p in ext.iterdir())}"
 
 
 def test_sigkilled_holder_is_taken_over_and_the_run_resumes_bitwise(data, reference, tmp_path):
@@ -119,11 +139,12 @@ def test_sigkilled_holder_is_taken_over_and_the_run_resumes_bitwise(data, refere
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert lease(d)["pid"] == proc.pid  # left behind by the dead holder
+    latest = latest_pointer(d / "checkpoints")
     res = run(cmd)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-4000:]
     assert "taking over the lease" in out and f"pid {proc.pid}" in out
-    assert "resumed from" in out
+    assert resumed_at(out, d / "checkpoints", latest), out[-3000:]
     assert losses(d) == ref
 
 
@@ -136,25 +157,32 @@ def test_sigkill_at_random_moments_of_saves(data, reference, tmp_path):
     cmd = train_cmd(data, d, **{"train.steps": 24, "train.ckpt_every": 1})
     rng = random.Random(0)
     hits, starts = 0, 0
+    partial = lambda: {t for t in tag_dirs(ckpt) if not (ckpt / t / META).exists()}  # noqa: E731
     while hits < 3 and starts < 10:
         starts += 1
-        proc = start(cmd, tmp_path / f"start{starts}.log")
-        saving = lambda: any(not (ckpt / t / META).exists() for t in tag_dirs(ckpt))  # noqa: E731
+        before, stale = latest_pointer(ckpt), partial()  # a save killed by the last start is stale
+        log = tmp_path / f"start{starts}.log"
+        proc = start(cmd, log)
         try:
-            wait_for(lambda: saving() or proc.poll() is not None, 120, "a save in progress")
+            wait_for(lambda: partial() - stale or proc.poll() is not None, 120, "a save in progress")
             time.sleep(rng.uniform(0, 0.03))
         finally:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        hits += any(not (ckpt / t / META).exists() for t in tag_dirs(ckpt))  # killed inside a save
+        if partial() - stale:  # killed inside a save of this start, which trained from `before` on
+            hits += 1
+            if before is not None:
+                assert resumed_at(log.read_text(), ckpt, before), log.read_text()[-3000:]
         latest = latest_pointer(ckpt)
         if latest is not None:
             status = verify_tag(ckpt, latest)
             assert status.state == "ok", status.problems
     assert hits >= 2, f"only {hits} of {starts} kills landed inside a save"
+    latest = latest_pointer(ckpt)
     res = run(cmd)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-4000:]
+    assert latest is not None and resumed_at(out, ckpt, latest), out[-3000:]
     assert losses(d) == ref
     assert all((ckpt / t / META).exists() for t in tag_dirs(ckpt))  # partial saves cleaned up
     verify = enat("ckpt", "verify", d)
@@ -240,11 +268,13 @@ def test_takeover_of_a_stuck_writer_which_then_wakes_up(data, reference, tmp_pat
     try:
         wait_for(lambda: (latest_pointer(ckpt) or "step0") >= "step00000004", 120, "a checkpoint")
         os.killpg(old.pid, signal.SIGSTOP)
-        stuck_at = int(latest_pointer(ckpt).removeprefix("step"))
+        stuck_tag = latest_pointer(ckpt)
+        stuck_at = int(stuck_tag.removeprefix("step"))
         assert stuck_at + 6 <= len(ref)
         res = run(train_cmd(data, d, extra=["--takeover"], **{**over, "train.steps": stuck_at + 6}))
         out = res.stdout + res.stderr
         assert res.returncode == 0, out[-4000:]
+        assert resumed_at(out, ckpt, stuck_tag), out[-3000:]  # continued, not restarted
         assert "forced by --takeover" in out and "waiting 1 s for the old holder" in out, out[-3000:]
         written = (d / "metrics.jsonl").read_text(), latest_pointer(ckpt)
         os.killpg(old.pid, signal.SIGCONT)

@@ -36,9 +36,13 @@ def test_text_training_stages_agree_resume_exactly_and_ids_storage_matches(tmp_p
         {"config": CONFIG, "name": "cut", "stop_at": 3, "overrides": base(data, tmp_path / "cut", **{
             "train.ckpt_every": 3, "train.steps": 6, "train.sample_every": 6, "train.val_every": 6})},
     ]
-    launch(tmp_path, jobs)
-    launch(tmp_path, [{"config": CONFIG, "name": "cut", "overrides": base(data, tmp_path / "cut", **{
+    first = launch(tmp_path, jobs)
+    resumed = launch(tmp_path, [{"config": CONFIG, "name": "cut", "overrides": base(data, tmp_path / "cut", **{
         "train.ckpt_every": 3, "train.steps": 6, "train.sample_every": 6, "train.val_every": 6})}], name="resume")
+    # The second launch resumed at step 3 (a restart from step 0 would log the same losses: metrics.jsonl
+    # is cut after the start step on every start).
+    assert (first["cut"]["start_step"], first["cut"]["step"]) == (0, 3)
+    assert (resumed["cut"]["start_step"], resumed["cut"]["step"]) == (3, 6)
 
     z0, z3 = train_losses(tmp_path / "z0"), train_losses(tmp_path / "z3")
     assert len(z0) == 6 and all(3 < v < 7 for v in z0.values())
