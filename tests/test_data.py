@@ -171,21 +171,30 @@ def test_ranks_split_an_epoch_without_overlap_or_gap(shards):
 
 def test_exact_resume_two_ranks_two_workers(shards):
     for rank in range(2):
-        straight = take(loader(shards, rank=rank), 60)  # crosses an epoch boundary (46 per epoch)
         first = loader(shards, rank=rank)
+        n = first.batches_per_epoch * first.accum + 8  # 46 steps x 2 micro-batches per epoch, and 8 more
+        straight = take(loader(shards, rank=rank), n)
+        assert {b["epoch"] for b in straight} == {0, 1}  # it crosses an epoch boundary
         head = take(first, 23)
         state = json.loads(json.dumps(first.state_dict()))  # it must survive a checkpoint round trip
+        assert state["micro_batches"] == 23
         resumed = loader(shards, rank=rank)
         resumed.load_state_dict(state)
-        tail = take(resumed, 37)
-        for a, b in zip(straight, head + tail):
+        tail = take(resumed, n - 23)
+        # Lengths first: zip stops at the shorter stream, so a resume that yields too few batches
+        # would compare only what it did yield.
+        assert (len(straight), len(head), len(tail)) == (n, 23, n - 23)
+        assert resumed.state_dict()["micro_batches"] == n  # it went on from 23, not from 0
+        for a, b in zip(straight, head + tail, strict=True):
+            assert torch.equal(a["uid"], b["uid"]) and a["epoch"] == b["epoch"]
             assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["labels"], b["labels"])
 
 
 def test_order_depends_on_seed_and_epoch_not_on_workers(shards):
     a = take(loader(shards, num_workers=0), 4)
     b = take(loader(shards, num_workers=2), 4)
-    assert all(torch.equal(x["tokens"], y["tokens"]) for x, y in zip(a, b))
+    assert len(a) == len(b) == 4
+    assert all(torch.equal(x["tokens"], y["tokens"]) for x, y in zip(a, b, strict=True))
     c = take(loader(shards, seed=4), 4)
     assert not torch.equal(a[0]["uid"], c[0]["uid"])
     ld = loader(shards)

@@ -192,6 +192,30 @@ def test_targets_must_lie_beyond_the_fitted_range(fitting, tmp_path):
     assert pre["allow_interpolation"] and pre["interpolating"] == ["seed0", "seed1"] and "weaker test" in pre["warning"]
 
 
+def test_preregister_refuses_once_a_holdout_run_holds_its_lease(fitting, tmp_path):
+    """A hold-out run that has only taken its writer lease (rank 0 takes it before writing
+    anything: no config.yaml, no metrics yet) has started: pre-registration is refused, forced or
+    not, and an existing pre-registration is left as it was."""
+    from enat.train.lease import Lease
+
+    out_dir = tmp_path / "hold"
+    spec = holdout_spec(tmp_path / "hold.yaml", out_dir)
+    lease = Lease(out_dir / "seed1", heartbeat_s=3600, log=lambda *_: None)
+    lease.acquire()  # as the trainer does first
+    try:
+        assert sorted(p.name for p in (out_dir / "seed1").iterdir()) == ["lease.json"]
+        with pytest.raises(ScalingError, match=r"already started.*run seed1 \(.*seed1 holds lease\.json\)") as e:
+            preregister(fitting, spec, bootstrap=200)
+        assert "seed0" not in str(e.value) and not (out_dir / PREREG).exists()
+        (out_dir / PREREG).write_text(json.dumps({"created_at": "2000-01-01T00:00:00+00:00"}))
+        with pytest.raises(ScalingError, match=r"already started.*seed1 holds lease\.json\)"):
+            preregister(fitting, spec, bootstrap=200, force=True)
+        assert json.loads((out_dir / PREREG).read_text()) == {"created_at": "2000-01-01T00:00:00+00:00"}
+    finally:
+        lease.release()
+    assert not (out_dir / "seed1" / "lease.json").exists()
+
+
 # --- evaluation ---------------------------------------------------------------------------------
 
 

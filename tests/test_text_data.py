@@ -403,13 +403,19 @@ def test_caption_choice_exact_on_resume(text_shards):
     kw = dict(micro_batch=8, world_size=2, grad_accum=2, rank=1, cfg_drop=0.2, num_workers=2)
     n = 2 * 2 * (299 // 32) + 4  # crosses two epoch boundaries (2 micro-batches per step)
     straight = take(loader(text_shards, **kw), n)
+    assert [b["epoch"] for b in straight[::18]] == [0, 1, 2]  # 9 steps x 2 micro-batches per epoch
     first = loader(text_shards, **kw)
     head = take(first, 13)
     state = json.loads(json.dumps(first.state_dict()))
+    assert state["micro_batches"] == 13
     resumed = loader(text_shards, **kw)
     resumed.load_state_dict(state)
     tail = take(resumed, n - 13)
-    for a, b in zip(straight, head + tail):
+    # Lengths first: zip stops at the shorter stream, so a resume that yields too few batches
+    # would compare only what it did yield.
+    assert (len(straight), len(head), len(tail)) == (n, 13, n - 13)
+    assert resumed.state_dict()["micro_batches"] == n  # it went on from 13, not from 0
+    for a, b in zip(straight, head + tail, strict=True):
         assert torch.equal(a["uid"], b["uid"]) and torch.equal(a["caption"], b["caption"])
         assert torch.equal(a["context"], b["context"]) and torch.equal(a["tokens"], b["tokens"])
 
