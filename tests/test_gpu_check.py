@@ -75,6 +75,14 @@ def test_a_result_printed_before_a_crash_or_a_hang_at_exit_is_kept():
     assert hang["status"] == "ok" and hang["result"] == {"step_s": 3} and "no exit within 3 s" in hang["error"]
 
 
+def test_runs_start_without_the_callers_process_group(monkeypatch):
+    monkeypatch.setenv("MASTER_PORT", "1")  # what an in-process trainer leaves behind, its port still taken
+    monkeypatch.setenv("RANK", "0")
+    rec = gpu.execute(py("import json, os; print(json.dumps({k: os.environ.get(k) for k in ('RANK', 'MASTER_PORT')}))"),
+                      30, log=lambda *_: None)
+    assert rec["result"] == {"RANK": None, "MASTER_PORT": None}
+
+
 def test_a_run_past_its_timeout_is_killed_with_its_children(tmp_path):
     pid_file = tmp_path / "child.pid"
     code = ("import subprocess, sys, time; "
@@ -217,7 +225,8 @@ def test_check_runs_from_the_wheelhouse_in_a_fresh_venv(tmp_path):
                    cwd=ROOT, check=True)
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "PYTHON": python, "WHEELS": str(wheels), "DS_ACCELERATOR": "cpu"}
-    env.pop("PYTHONPATH", None)
+    for name in ("PYTHONPATH", *gpu.DIST_ENV):  # an in-process trainer of an earlier test left its port here
+        env.pop(name, None)
     proc = subprocess.run(["launch/gpu/check.sh", "--smoke"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 PARTS = ("train", "syncs", "sample", "fid", "tokenizer")
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -107,7 +108,9 @@ def execute(argv: list[str], timeout_s: float, log=print, json_result: bool = Tr
     with status ok | failed | timeout, the seconds it took, and the result or the error (stderr's tail)."""
     log(f"$ {' '.join(argv[1:])}")
     t0 = time.perf_counter()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+    # Each run is a process group of its own: none inherited from a caller that ran one (a taken port).
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env.update(PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
     # A session of its own: a timeout ends the run with its loader workers and compile workers.
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
