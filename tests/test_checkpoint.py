@@ -1,9 +1,15 @@
 """Checkpoint verification, fallback, retention and tidying on hand-made tag folders (the real
-DeepSpeed saves, SIGKILLs and corruptions are in test_run_integrity.py)."""
+DeepSpeed saves, SIGKILLs and corruptions are in test_run_integrity.py); and, with real DeepSpeed
+on CPU (gloo), `enat ckpt universal RUN` by hand followed by a resume on another world size."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
+
+from conftest import ROOT, demo_shards, train_losses
 
 from enat.train.checkpoint import (DAMAGED, LATEST, META, Checkpointer, CheckpointError, complete_tags,
                                    file_checksum, find_resume_tag, latest_pointer, tag_dirs, tag_for, verify_tag,
@@ -114,3 +120,90 @@ def test_metrics_drop_a_torn_last_line(tmp_path):
         f.write('{"kind": "train", "step": 4, "lo')  # killed mid-write
     assert w.truncate_after(2) == 2
     assert [json.loads(line)["step"] for line in w.path.read_text().splitlines()] == [1, 2]
+
+
+# --- `enat ckpt universal` by hand, then a resume on another world size ---------------------------
+
+DEMO = ROOT / "configs/experiments/demo.yaml"
+
+
+# What an in-process training or eval earlier in the session leaves in os.environ (enat.dist.setup_env
+# sets them for a bare process, and that process may still hold the store on MASTER_PORT).
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
+             "ROLE_RANK", "ROLE_WORLD_SIZE", "CROSS_RANK", "CROSS_SIZE")
+
+
+def proc_env() -> dict:
+    """The environment of the processes a test starts: no inherited rank/rendezvous variables, CPU
+    DeepSpeed, one thread, and this checkout's `enat` first on the path (a scratch copy's wins over
+    the installed one), then tests/."""
+    path = [str(ROOT), str(ROOT / "tests")] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    return {**env, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": os.pathsep.join(path)}
+
+
+def overrides(data, run_dir, **kw) -> list[str]:
+    """A short demo run as tests/test_train.py runs it (fp32, ZeRO-2, no dropout: dropout masks
+    depend on the rank layout), checkpoints every 4 steps."""
+    over = {"train.precision": "fp32", "train.log_every": 1, "train.val_every": 0, "train.sample_every": 0,
+            "train.ckpt_every": 4, "train.wandb.mode": "disabled", "train.micro_batch": 16, "train.steps": 8,
+            "train.warmup_steps": 2, "train.ema_decay": 0.9, "data.num_workers": 0, "train.run_dir": str(run_dir),
+            "train.zero_stage": 2, "model.dropout": 0.0, **kw}
+    return data + [f"{k}={v}" for k, v in over.items()]
+
+
+def launch_two_ranks(tmp_path, jobs) -> dict:
+    """tests/dist_harness.py under torch.distributed.run with 2 ranks -> its per-job results."""
+    from enat.dist import free_port
+
+    jobs_path, out = tmp_path / "jobs.json", tmp_path / "out.json"
+    jobs_path.write_text(json.dumps([{"config": str(DEMO), **j} for j in jobs]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(ROOT / "tests/dist_harness.py"), str(jobs_path), str(out)]
+    res = subprocess.run(cmd, cwd=tmp_path, env=proc_env(), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0 and out.is_file(), res.stderr[-5000:]
+    results = json.loads(out.read_text())
+    for j in jobs:
+        assert "error" not in results[j["name"]], results[j["name"]].get("traceback")
+    return results
+
+
+def enat_cli(tmp_path, *args) -> subprocess.CompletedProcess:
+    res = subprocess.run([sys.executable, "-m", "enat.cli", *map(str, args)], cwd=tmp_path, env=proc_env(),
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    return res
+
+
+@pytest.mark.slow
+def test_universal_by_hand_then_resume_on_one_rank(tmp_path):
+    """README / SLURM.md: resuming on another number of ranks goes through DeepSpeed's universal
+    checkpoint; `enat ckpt universal RUN` converts by hand. A 2-rank ZeRO-2 run stops at step 4
+    (checkpointed), is converted by hand, then `enat train` on 1 rank (same global batch) resumes
+    from the hand-made {tag}_universal (not converting again) and its losses continue those of a
+    straight 2-rank run (the tolerance of the automatic case in tests/test_train.py)."""
+    data = demo_shards(tmp_path / "data")
+    cut, straight = tmp_path / "cut", tmp_path / "straight"
+    r = launch_two_ranks(tmp_path, [{"name": "straight", "overrides": overrides(data, straight)},
+                                    {"name": "cut", "stop_at": 4, "overrides": overrides(data, cut)}])
+    assert r["cut"]["step"] == 4 and r["straight"]["step"] == 8
+    ckpt = cut / "checkpoints"
+    universal = ckpt / "step00000004_universal"
+    assert (ckpt / "step00000004").is_dir() and not universal.exists()
+
+    out = enat_cli(tmp_path, "ckpt", "universal", cut)
+    assert f"wrote {universal}" in out.stdout
+    assert universal.is_dir() and (universal / "done").is_file()
+    assert any(p.is_file() and p.stat().st_size > 0 for p in universal.rglob("*.pt"))  # DeepSpeed's files
+    made = (universal / "done").stat().st_mtime_ns
+
+    # One rank, the same global batch (micro-batch 32 = 2 x 16).
+    res = enat_cli(tmp_path, "train", "--config", DEMO, *overrides(data, cut, **{"train.micro_batch": 32}))
+    log = res.stdout + res.stderr
+    assert f"resumed from {universal} at step 4" in log, log[-3000:]
+    assert "converting" not in log and (universal / "done").stat().st_mtime_ns == made  # the hand-made one
+    two, one = train_losses(straight), train_losses(cut)
+    assert sorted(one) == list(range(1, 9))
+    assert all(one[s] == two[s] for s in range(1, 5))  # the 2-rank part: bit for bit
+    for step in range(5, 9):
+        assert one[step] == pytest.approx(two[step], rel=1e-5), step

@@ -140,6 +140,27 @@ def test_save_steps_grid_shows_each_step_with_undecided_tokens_grey(tmp_path):
     grid = np.asarray(Image.open(tmp_path / "s/steps.png"))
     T, px = cfg.sample.steps, 32
     assert grid.shape[:2] == (4 * (px + 2) + 2, T * (px + 2) + 2)
+    # The PNG itself: in column t every sample shows exactly the [MASK] tokens the cosine schedule
+    # leaves after step t, floor(N cos(pi/2 (t+1)/T)) (written out here, not taken from the sampler),
+    # grey in all three channels; and a decided token never turns grey again.
+    import inspect
+
+    g, patch = 8, px // 8
+    assert cfg.model.seq_len == g * g
+    from enat.images import to_uint8
+
+    grey = inspect.signature(decode_partial).parameters["grey"].default  # the drawing code's grey
+    grey_u8 = int(to_uint8(torch.full((1, 3, 1, 1), grey))[0, 0, 0, 0])
+    want = [math.floor(g * g * math.cos(math.pi / 2 * (t + 1) / T)) for t in range(T)]
+    assert want[-1] == 0 and want[0] < g * g
+    for r in range(4):
+        masks = []
+        for t in range(T):
+            cell = grid[2 + r * (px + 2):2 + r * (px + 2) + px, 2 + t * (px + 2):2 + t * (px + 2) + px, :3]
+            patches = cell.reshape(g, patch, g, patch, 3).transpose(0, 2, 1, 3, 4).reshape(g, g, -1)
+            masks.append((patches == grey_u8).all(-1))
+        assert [int(m.sum()) for m in masks] == want, (r, [int(m.sum()) for m in masks])
+        assert all((b <= a).all() for a, b in zip(masks, masks[1:])), r  # grey only shrinks
     # decode_partial paints exactly the masked patches grey.
     tok = load_tokenizer(cfg.tokenizer)
     N, mask_id = cfg.model.seq_len, cfg.model.mask_id

@@ -428,3 +428,129 @@ def test_cli_eval_reference_and_control(setup, tmp_path, monkeypatch):
     assert [(r["cfg_scale"], r["reuse"]) for r in rows] == [(0.0, False), (1.0, False)]
     assert main(["eval", "--config", str(tmp_path / "c.yaml"), "--checkpoint", str(d / "w.pt"), "--cfg-scales",
                  "1"]) == 2  # control's options are refused on the FID job
+
+
+# --- the FID job on 1 and 2 ranks: the same captions, the same numbers ----------------------------
+
+
+def run_eval(cfg_path, weights, nproc, num_samples, tmp_path):
+    """`enat eval --config C --checkpoint W` as its own process (nproc > 1: under torch.distributed.run,
+    gloo on CPU) -> the result record (results go next to W)."""
+    import os
+    import subprocess
+    import sys
+
+    from enat.dist import free_port
+
+    # This checkout first (a scratch copy's `enat` wins over the installed one), then tests/; none of
+    # the rank/rendezvous variables an in-process job earlier in the session left (enat.dist.setup_env).
+    path = [str(ROOT), str(ROOT / "tests")] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+    dist_vars = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
+                 "ROLE_RANK", "ROLE_WORLD_SIZE", "CROSS_RANK", "CROSS_SIZE"}
+    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=os.pathsep.join(path))
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+                                      "127.0.0.1", "--master_port", str(free_port())]
+    cmd = [sys.executable, *launcher, "-m", "enat.cli", "eval", "--config", str(cfg_path), "--checkpoint",
+           str(weights), "--num-samples", str(num_samples)]
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    found = [p for p in (weights.parent / "eval").rglob("*.json") if not p.name.endswith(".captions.json")]
+    assert len(found) == 1, found
+    return json.loads(found[0].read_text())
+
+
+@pytest.mark.slow
+def test_text_fid_job_is_the_same_on_one_and_two_ranks(setup, tmp_path):
+    """The README's claim for the job itself (not only the pure selection rule): `enat eval` of a
+    text model on 1 rank and on 2 ranks (torch.distributed.run, gloo) writes the same captions per
+    sample index and the same metrics."""
+    import shutil
+
+    from enat.config import dump_config
+
+    d, cfg = setup
+    dump_config(cfg, tmp_path / "c.yaml")
+    n = 20  # two ranks: 10 samples each, interleaved (rank r takes i = r, r + 2, ...)
+    got = {}
+    for nproc in (1, 2):
+        w = tmp_path / f"ranks{nproc}" / "w.pt"
+        w.parent.mkdir()
+        shutil.copy(d / "w.pt", w)
+        got[nproc] = run_eval(tmp_path / "c.yaml", w, nproc, n, tmp_path)
+    one, two = got[1], got[2]
+    assert one["num_samples"] == two["num_samples"] == n and one["condition"] == two["condition"] == "text"
+    assert one["captions"] == two["captions"] and one["settings"] == two["settings"]
+    caps = [json.loads(open(r["files"]["captions"]).read()) for r in (one, two)]
+    assert caps[0]["samples"] == caps[1]["samples"]  # row, k and caption of every sample index
+    assert [s["index"] for s in caps[0]["samples"]] == list(range(n))
+    assert {k: v for k, v in caps[0].items() if k != "samples"} == {k: v for k, v in caps[1].items() if k != "samples"}
+    assert len({s["row"] for s in caps[0]["samples"]}) == n and len({s["k"] for s in caps[0]["samples"]}) > 1
+    z1, z2 = np.load(one["files"]["npz"]), np.load(two["files"]["npz"])
+    for key in ("caption_rows", "caption_k", "labels"):
+        assert np.array_equal(z1[key], z2[key]), key
+    assert set(one["metrics"]) == set(two["metrics"]) and "fid" in one["metrics"]
+    for key, v in one["metrics"].items():
+        assert two["metrics"][key] == pytest.approx(v, rel=1e-6, abs=1e-6), key
+
+
+def test_control_scores_near_chance_without_the_caption_and_high_on_the_ceiling(setup, classifier, tmp_path,
+                                                                                 monkeypatch):
+    """Known answers. A stand-in sampler returns held-out digits: at CFG 0 drawn without looking at
+    the caption (a caption-blind generator: digit accuracy is chance, 0.1, the prompts being
+    balanced), at CFG 2 drawn from the prompt's digit but blind to its attribute words (digit
+    accuracy that of the classifier, attribute agreement chance, 1/3: the thresholds are the
+    training digits' terciles). A lossless tokenizer makes the ceiling row the held-out digits
+    themselves against their own captions: agreement 1, digit accuracy that of the classifier."""
+    import enat.eval.text as text_eval
+    import enat.tokenizer
+    from enat.data.digits import load_digits
+    from enat.images import to_uint8
+
+    class Lossless(torch.nn.Module):  # encode and decode are the identity: reconstructions are the images
+        def __init__(self):
+            super().__init__()
+            self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+        def encode(self, x):
+            return x
+
+        def decode(self, z):
+            return z
+
+    monkeypatch.setattr(enat.tokenizer, "load_tokenizer", lambda *a, **k: Lossless())
+    monkeypatch.setattr(text_eval, "_RECONSTRUCTIONS", {})  # not the random tokenizer's, cached by its file
+    d, cfg = setup
+    cfg = replace(cfg, eval=replace(cfg.eval, extractor_weights=str(classifier)))
+    x, y, _ = load_digits("val")
+    held, y = to_uint8(x), y.numpy()
+    pred = extract(build_extractor("digits-cnn", str(classifier)),
+                   torch.from_numpy(held).permute(0, 3, 1, 2))["logits"].argmax(1)
+    clf_acc = float((pred == y).mean())
+    assert clf_acc > 0.6  # (the fixture's least-squares fit varies run to run: 0.8-0.9 on these)
+    n = 900
+    digits = np.array([p["digit"] for p in text_eval.control_prompts(n)])
+    rng = np.random.default_rng(0)
+    blind_i = rng.integers(0, len(held), n)  # independent of the caption
+    only_i = np.array([rng.choice(np.nonzero(y == k)[0]) for k in digits])  # the prompt's digit, any strokes
+    blind, digit_only = held[blind_i], held[only_i]
+
+    def fake_sample(model, tokenizer, cond, sample_cfg, indices, batch_size):
+        return {0.0: blind, 2.0: digit_only}[sample_cfg.cfg_scale]
+
+    monkeypatch.setattr(text_eval, "sample_images", fake_sample)
+    rec = text_eval.evaluate_control(cfg, None, str(d / "w.pt"), [0.0, 2.0], n, reuse=(False,), fid=False,
+                                     out_dir=tmp_path, **QUIET)
+    by = {r["cfg_scale"]: r for r in rec["results"]}
+    assert abs(by[0.0]["digit_accuracy"] - 0.1) < 0.04, by[0.0]  # chance
+    assert by[0.0]["digit_accuracy"] == pytest.approx(float((pred[blind_i] == digits).mean()), abs=0.01)
+    assert by[2.0]["digit_accuracy"] == pytest.approx(float((pred[only_i] == digits).mean()), abs=0.01)
+    assert by[2.0]["digit_accuracy"] > 0.5
+    for a in ("thickness", "width"):
+        assert by[2.0][f"{a}_n"] == 600  # two of the three words state it
+        assert abs(by[2.0][a] - 1 / 3) < 0.08, (a, by[2.0])
+    ceiling = rec["ceiling"]
+    assert ceiling["digit_accuracy"] == pytest.approx(clf_acc, abs=0.005)
+    for a in ("thickness", "width"):
+        assert ceiling[a] >= 0.99 and ceiling[f"{a}_tok"] >= 0.95, (a, ceiling)
+        assert ceiling[f"{a}_n"] > 150
