@@ -281,6 +281,7 @@ def test_non_finite_step_is_skipped_without_touching_weights_optimizer_or_schedu
     trainer.close()
 
 
+@pytest.mark.slow  # 30 s of dynamo + AOTAutograd on 2 cores
 def test_compiled_trainer_step_compiles_once_per_mode(shards, tmp_path):
     """train.compile: DeepSpeed's forward hooks are off the module, so micro-steps do not
     recompile (through AOTAutograd here: inductor takes minutes on 2 cores)."""
