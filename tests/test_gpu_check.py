@@ -125,7 +125,7 @@ def fake_training(memory_gb, device_gb=80.0):
 def test_largest_micro_batch_from_the_memory_line_then_trained(monkeypatch):
     execute, runs = fake_training(lambda b: 16.0 + 0.2 * b)
     monkeypatch.setattr(gpu, "execute", execute)
-    r = gpu.max_micro_batch(False, time.time() + 600, log=lambda *_: None)
+    r = gpu.max_micro_batch(time.time() + 600, log=lambda *_: None)
     assert runs[:2] == [64, 128]  # half the recipe's 128 and the recipe's, same steps
     assert r["gb_per_image"] == pytest.approx(0.2) and r["fixed_gb"] == pytest.approx(16.0)
     assert r["predicted"] == 280 and r["largest_verified"] == 280 and runs == [64, 128, 280]  # (72 - 16) / 0.2
@@ -133,13 +133,13 @@ def test_largest_micro_batch_from_the_memory_line_then_trained(monkeypatch):
     # memory grows faster than the line past some batch: the prediction fails, 10 % less trains
     execute, runs = fake_training(lambda b: 16.0 + 0.2 * b + (0.35 * (b - 200) if b > 200 else 0))
     monkeypatch.setattr(gpu, "execute", execute)
-    r = gpu.max_micro_batch(False, time.time() + 600, log=lambda *_: None)
+    r = gpu.max_micro_batch(time.time() + 600, log=lambda *_: None)
     assert runs == [64, 128, 280, 248, 216] and r["largest_verified"] == 216
     assert [t["status"] for t in r["tries"]] == ["ok", "ok", "failed", "failed", "ok"]
 
     execute, runs = fake_training(lambda b: 30.0)  # a reading that does not grow: no line, no division by 0
     monkeypatch.setattr(gpu, "execute", execute)
-    r = gpu.max_micro_batch(False, time.time() + 600, log=lambda *_: None)
+    r = gpu.max_micro_batch(time.time() + 600, log=lambda *_: None)
     assert r["status"] == "failed" and "did not grow" in r["error"]
 
 

@@ -37,7 +37,6 @@ import tempfile
 import time
 from pathlib import Path
 
-PARTS = ("train", "syncs", "sample", "fid", "tokenizer")
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -193,7 +192,6 @@ def fid_run(tmp: Path, smoke: bool) -> list[str]:
     import torch
 
     from enat.config import load_config
-    from enat.eval.fidelity import import_torch_fidelity
     from enat.models import build_model
     from enat.models.weights import save_weights
     from enat.tokenizer import build_tokenizer
@@ -213,7 +211,7 @@ def fid_run(tmp: Path, smoke: bool) -> list[str]:
     vqgan = tmp / "vqgan_random.pt"
     torch.save(build_tokenizer(cfg.tokenizer).state_dict(), vqgan)
     inception = tmp / "inception_random.pth"
-    save_random_inception(inception, import_torch_fidelity())
+    save_random_inception(inception)
     reference = tmp / "reference.npz"
     rng = np.random.default_rng(0)
     feats = rng.standard_normal((4096, 2048))
@@ -225,10 +223,14 @@ def fid_run(tmp: Path, smoke: bool) -> list[str]:
             "--num-samples", str(num_samples), *over]
 
 
-def save_random_inception(path: Path, tf) -> None:
+def save_random_inception(path: Path) -> None:
     """torch-fidelity's InceptionV3 (the TF-FID network) with its random initialisation, saved as
     the state dict its constructor loads: the real architecture and feature layer, no download."""
     import torch
+
+    from enat.eval.fidelity import import_torch_fidelity
+
+    import_torch_fidelity()  # through the project's torchvision guard
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     class RandomInit(FeatureExtractorInceptionV3):
@@ -239,12 +241,8 @@ def save_random_inception(path: Path, tf) -> None:
     torch.save({}, placeholder)
     torch.manual_seed(0)
     net = RandomInit("inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(placeholder))
-    torch.save(nn_state(net), path)
+    torch.save(net.state_dict(), path)
     placeholder.unlink()
-
-
-def nn_state(net) -> dict:
-    return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
 def fid_result(weights_dir: Path, record: dict, num_samples: int) -> dict:
@@ -262,7 +260,7 @@ def fid_result(weights_dir: Path, record: dict, num_samples: int) -> dict:
             "settings": result["settings"], "reference": result["reference"]["id"]}
 
 
-def max_micro_batch(smoke: bool, deadline: float, log=print) -> dict:
+def max_micro_batch(deadline: float, log=print) -> dict:
     """The largest micro-batch of the L recipe that trains on this device: peak memory of the
     same steps at half the recipe's micro-batch and at the recipe's gives a line (memory = fixed +
     per image x batch); its prediction for 90 % of the device is then trained for real, stepped
@@ -337,7 +335,7 @@ def main_runs(args, log=print, after_each=lambda records: None) -> dict[str, dic
         log(f"\n== {run.name} ({left:.0f} s of the budget left)")
         try:
             if run.name == "train L max micro-batch":
-                rec = max_micro_batch(args.smoke, min(deadline, time.time() + run.timeout_s), log)
+                rec = max_micro_batch(min(deadline, time.time() + run.timeout_s), log)
             elif run.part == "fid":
                 workdir = Path(tmp.name)
                 argv = fid_run(workdir, args.smoke)
