@@ -174,12 +174,9 @@ def pip(*args: str) -> subprocess.CompletedProcess:
     return proc
 
 
-REQUIRES: dict[str, list[str]] = {}  # name -> its requirements (extras left out), filled by resolve()
-
-
-def resolve(requirements: list[str], constraints: Path) -> dict[str, str]:
-    """{name: version} pip would install for `requirements` into an empty environment (and each
-    one's own requirements into REQUIRES)."""
+def resolve(requirements: list[str], constraints: Path) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """What pip would install for `requirements` into an empty environment: ({name: version},
+    {name: its own requirements, extras left out})."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         pip("install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report),
@@ -191,10 +188,9 @@ def resolve(requirements: list[str], constraints: Path) -> dict[str, str]:
             if "python_" in r and "extra" not in r:
                 print(f"warning: {e['metadata']['name']} requires {r!r}: resolved for python "
                       f"{sys.version_info.major}.{sys.version_info.minor}, check the other targets", file=sys.stderr)
-    for e in entries:
-        REQUIRES[normalize(e["metadata"]["name"])] = [r for r in e["metadata"].get("requires_dist") or []
-                                                      if "extra" not in r.partition(";")[2]]
-    return {normalize(e["metadata"]["name"]): e["metadata"]["version"] for e in entries}
+    requires = {normalize(e["metadata"]["name"]): [r for r in e["metadata"].get("requires_dist") or []
+                                                   if "extra" not in r.partition(";")[2]] for e in entries}
+    return {normalize(e["metadata"]["name"]): e["metadata"]["version"] for e in entries}, requires
 
 
 def floors(carried, provided: dict[str, str], requires: dict[str, list[str]]) -> dict[str, str]:
@@ -279,10 +275,10 @@ def main(argv=None) -> int:
     out, t0 = args.out, time.monotonic()
 
     pyproject, constraints = REPO / "pyproject.toml", REPO / "constraints.txt"
-    runtime = resolve(runtime_requirements(pyproject), constraints)
+    runtime, requires = resolve(runtime_requirements(pyproject), constraints)
     # Its own resolution: the isolated build environment installs the whole closure (wheel needs
     # packaging), none of which it may take from the image.
-    build_env = resolve(build_requirements(pyproject), constraints)
+    build_env, _ = resolve(build_requirements(pyproject), constraints)
     clash = {n: (runtime[n], v) for n, v in build_env.items() if runtime.get(n, v) != v}
     if clash:
         sys.exit(f"the build requirements and the dependencies resolve to different versions: {clash}")
@@ -295,7 +291,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
     carry = p["carry"]
     provided = {n: v for n, v in runtime.items() if n in GPU_IMAGE and not never_carry(n, v)}
-    bounds = floors([n for n in carry if n in runtime], provided, REQUIRES)
+    bounds = floors([n for n in carry if n in runtime], provided, requires)
     floor_pins = {n: provided[n] for n in bounds if n not in carry}
 
     with tempfile.TemporaryDirectory() as staging:
