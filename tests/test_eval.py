@@ -173,6 +173,33 @@ def test_job_writes_result_is_idempotent_and_logs(setup, tmp_path):
     assert len(list((run / "eval/00000007").glob("*.json"))) == 2
 
 
+def test_eval_jobs_filling_the_reference_cache_at_once_all_succeed(setup, tmp_path, monkeypatch):
+    """The eval jobs of a sweep start together and each computes the missing reference statistics.
+    Here a second job finishes while the first is still writing: both must succeed with the same
+    numbers, and no temp file is left (a shared temp name once let one job rename away the other's)."""
+    import enat.eval.job as job
+
+    d, _ = setup
+    cfg = load_config(d / "config.yaml", [f"eval.cache_dir={tmp_path}"])
+    ex = build_extractor(cfg.eval.extractor, cfg.eval.extractor_weights)
+    spec = job.reference_spec(cfg)
+    real_savez, other = np.savez, {}
+
+    def savez_while_another_job_finishes(file, **arrays):
+        real_savez(file, **arrays)
+        if not other:
+            other["started"] = True
+            other["stats"] = job.reference_stats(cfg, spec, ex, None, log=lambda *_: None)
+
+    monkeypatch.setattr(np, "savez", savez_while_another_job_finishes)
+    first = job.reference_stats(cfg, spec, ex, None, log=lambda *_: None)
+    assert "stats" in other
+    np.testing.assert_array_equal(first["mu"], other["stats"]["mu"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{spec['id']}.json", f"{spec['id']}.npz"]
+    cached = job.reference_stats(cfg, spec, ex, None, log=lambda *_: None)  # read back from the cache
+    np.testing.assert_array_equal(cached["sigma"], first["sigma"])
+
+
 def test_job_errors_name_both_sides(setup, tmp_path):
     from dataclasses import replace
 

@@ -282,17 +282,30 @@ def reference_stats(cfg: Config, spec: dict, extractor, tokenizer, log=print) ->
     mu, sigma = statistics(feats["pool"])
     out = {"mu": mu, "sigma": sigma, "pool": feats["pool"], "labels": labels.numpy()}
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(cache.name + ".tmp.npz")
-    np.savez(tmp, resolution=cfg.tokenizer.resolution, **out)
-    os.replace(tmp, cache)
+    _write_npz(cache, resolution=cfg.tokenizer.resolution, **out)
     _write_json(cache.with_suffix(".json"), _reference_record(cfg, spec, info))
     return out
 
 
+def _replace_atomic(path: Path, write) -> None:
+    """write(file) into a temp name of this writer's own, then rename over `path`. The eval jobs of
+    one sweep start together and fill the same reference cache: a shared temp name would let one
+    job rename away the file another is still writing."""
+    tmp = path.with_name(f".{path.name}.{os.uname().nodename}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_npz(path: Path, **arrays) -> None:
+    _replace_atomic(path, lambda f: np.savez(f, **arrays))
+
+
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    _replace_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 def compute_reference(cfg: Config, out: str | Path | None = None, log=print) -> tuple[Path, dict]:
@@ -320,9 +333,7 @@ def compute_reference(cfg: Config, out: str | Path | None = None, log=print) -> 
         if target.suffix != ".npz":
             target = target.with_name(target.name + ".npz")
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp.npz")
-        np.savez(tmp, mu=stats["mu"], sigma=stats["sigma"], resolution=cfg.tokenizer.resolution)
-        os.replace(tmp, target)
+        _write_npz(target, mu=stats["mu"], sigma=stats["sigma"], resolution=cfg.tokenizer.resolution)
         _write_json(target.with_suffix(".json"), {**record, "cache": str(cache)})
     log(f"reference statistics of {record.get('count', '?')} images ({spec['id']}): {target} "
         f"(+ {target.with_suffix('.json').name}); use them by path with eval.reference_npz={target}")
@@ -500,9 +511,7 @@ def evaluate(cfg: Config, run_dir: str | Path | None, checkpoint: str = "latest"
             arr = np.concatenate([p["images"] for p in parts])[order]
             if cfg.eval.save_npz:
                 files["npz"] = str(out.with_suffix(".npz"))
-                tmp = out.with_suffix(".tmp.npz")
-                np.savez(tmp, arr_0=arr, labels=gen["labels"], **extra)
-                os.replace(tmp, files["npz"])
+                _write_npz(Path(files["npz"]), arr_0=arr, labels=gen["labels"], **extra)
             from enat.images import save_captioned_grid, save_grid
 
             if text:
@@ -531,9 +540,7 @@ def evaluate(cfg: Config, run_dir: str | Path | None, checkpoint: str = "latest"
             record["captions"] = cap_spec
             if cfg.eval.clip_model:
                 record["clip_model"] = str(cfg.eval.clip_model)
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, out)  # a half-written result never looks done
+        _write_json(out, record)  # a half-written result never looks done
         if run_dir is not None:
             with open(run_dir / "eval.jsonl", "a") as f:
                 f.write(json.dumps({"step": ck["step"], "flops_seen": ck["flops_seen"],
