@@ -5,7 +5,7 @@
     enat sample --config C [--checkpoint W] --labels 1,2,3 --out DIR [key=value ...]
     enat sample --config C --checkpoint W --prompts "a thick seven" [--prompts-file F] --out DIR
     enat convert official-enat IN OUT [--num-heads H --enc-depth E]
-    enat tokenizer train --config C               the demo tokenizer, trained on the embedded digits
+    enat tokenizer train --config C               the project's own tokenizer (digits, Fashion-MNIST)
     enat tokenize --config C [--split val] [--num-parts K --part I | --merge]
     enat data prepare --config C                  build the tokenizer/shards (+ demo FID extractor) if missing
     enat train --config C [key=value ...]         under torchrun/srun/submitit or as one process
@@ -16,7 +16,7 @@
     enat eval --run RUN --checkpoint latest       FID & co. of a checkpoint (idempotent)
     enat eval reference --config C [--out F.npz]  reference statistics of the real held-out images
     enat eval control --config C --checkpoint W [--cfg-scales 0,1,2,4] [--num-samples N] [--no-reuse] [--out DIR]
-    enat extractor train --config C               the demo's digit-classifier feature extractor
+    enat extractor train --config C               the classifier FID extractor (digits, Fashion-MNIST)
     enat analyze attention|temporal|one-step|pareto --run RUN --checkpoint W [--baseline W2]
                                                   the paper's analyses -> RUN/analysis/NAME.{json,md,png}
 """
@@ -245,18 +245,17 @@ def save_steps_grid(model, cond, cfg, tokenizer, ids, path, rows: int = 8) -> Pa
 
 
 def cmd_tokenizer_train(args) -> None:
-    from enat.data.digits import load_digits
+    from enat.data.prepare import EMBEDDED, tokenizer_images
     from enat.tokenizer.train import train_tokenizer
 
     cfg = load_config(args.config, args.overrides)
-    if cfg.data.dataset not in ("digits", "digits_aug"):
-        raise ConfigError("`enat tokenizer train` trains the demo tokenizer on data.dataset=digits; for ImageNet "
-                          "use the released VQGAN (tokenizer.checkpoint)")
+    if cfg.data.dataset not in EMBEDDED:
+        raise ConfigError(f"`enat tokenizer train` trains the project's own tokenizers (data.dataset: "
+                          f"{', '.join(EMBEDDED)}); for ImageNet use the released VQGAN (tokenizer.checkpoint)")
     out = args.out or cfg.tokenizer.checkpoint
     if out is None:
         raise ConfigError("give --out or set tokenizer.checkpoint")
-    images, _, _ = load_digits("train", cfg.tokenizer.resolution)
-    train_tokenizer(cfg, images, out)
+    train_tokenizer(cfg, tokenizer_images(cfg, "train"), out, val_images=tokenizer_images(cfg, "val"))
 
 
 def cmd_tokenize(args) -> None:
@@ -401,13 +400,13 @@ def cmd_analyze(args) -> None:
 
 
 def cmd_extractor_train(args) -> None:
-    from enat.eval.fidelity import train_digit_classifier
+    from enat.eval.prepare import train_extractor
 
     cfg = load_config(args.config, args.overrides)
     out = args.out or cfg.eval.extractor_weights
     if out is None:
         raise ConfigError("give --out or set eval.extractor_weights")
-    train_digit_classifier(out, seed=cfg.seed)
+    train_extractor(cfg, out)
 
 
 def cmd_convert(args) -> None:

@@ -185,12 +185,18 @@ class DataConfig:
     # imagefolder: root/<class>/<image> (ADM crop); digits: the embedded demo, no download (captioned
     # when model.condition=text); digits_aug: the digits through random affine + elastic transforms,
     # fresh images without limit (enat/data/digits.py; never flipped: data.flip must be false; no
-    # captions); coco: image_dir + captions (COCO captions JSON, centre crop).
-    dataset: Literal["imagefolder", "digits", "digits_aug", "coco"] = "imagefolder"
+    # captions); coco: image_dir + captions (COCO captions JSON, centre crop); fashion_mnist: the IDX
+    # files of Debian's dataset-fashion-mnist at fashion_dir (28 px padded to 32, bilinear to 64 px;
+    # enat/data/fashion.py).
+    dataset: Literal["imagefolder", "digits", "digits_aug", "coco", "fashion_mnist"] = "imagefolder"
     image_dir: str | None = None  # imagefolder: root/<class>/<image> of the training images; coco: train2014/
     val_image_dir: str | None = None  # imagefolder: the same for held-out images; coco: val2014/
     captions: str | None = None  # coco: captions_train2014.json
     val_captions: str | None = None  # coco: captions_val2014.json
+    fashion_dir: str = "/usr/share/datasets/fashion-mnist"  # fashion_mnist: `apt-get install dataset-fashion-mnist`
+    # fashion_mnist: only the first N images of each split (smoke tests), everywhere the data is read
+    # (tokenizer, shards, classifier, FID reference); the manifests and reference ids record it.
+    subset: int | None = None
     shards: str = "runs/shards/train"  # token shards of the training split (manifest.json inside)
     val_shards: str | None = None  # token shards of the held-out split (validation loss, FID reference)
     flip: bool = True  # tokenize each image as-is and horizontally flipped (2 samples per image)
@@ -292,7 +298,7 @@ class TrainConfig:
 class EvalConfig:
     """FID evaluation jobs (see enat/eval/)."""
 
-    extractor: Literal["inception-v3-compat", "digits-cnn"] = "inception-v3-compat"
+    extractor: Literal["inception-v3-compat", "digits-cnn", "fashion-cnn"] = "inception-v3-compat"
     extractor_weights: str | None = None  # Inception (pt_inception-2015-12-05) or the digit classifier, by path
     reference_npz: str | None = None  # ADM-style statistics (mu, sigma); else data.val_shards decoded once
     cache_dir: str = "runs/fid_cache"  # reference statistics, keyed by dataset, resolution and extractor
@@ -461,6 +467,11 @@ def resolve(cfg: Config) -> Config:
     if cfg.data.dataset == "digits_aug" and cfg.model.condition == "text":
         raise ConfigError("data.dataset=digits_aug has no captions (the captioned demo is data.dataset=digits "
                           "with model.condition=text): use model.condition=class")
+    if cfg.data.subset is not None and (cfg.data.dataset != "fashion_mnist" or cfg.data.subset < 1):
+        raise ConfigError(f"data.subset={cfg.data.subset}: the first N images of each split, N >= 1, for "
+                          f"data.dataset=fashion_mnist only")
+    if cfg.data.dataset == "fashion_mnist" and cfg.model.condition == "text":
+        raise ConfigError("data.dataset=fashion_mnist has class labels, no captions: use model.condition=class")
     if cfg.data.dataset == "coco" and cfg.data.flip:
         raise ConfigError("data.flip=true with data.dataset=coco: a flipped image can contradict its caption "
                           "('on the left'); set data.flip=false (U-ViT's COCO protocol has no flips)")

@@ -15,7 +15,24 @@ from pathlib import Path
 from enat.config import Config
 from enat.data.shards import MANIFEST, ShardError
 
-EMBEDDED = ("digits", "digits_aug")  # the datasets this project makes itself (demo tokenizer trained here)
+# The datasets whose tokenizer this project trains itself (no released tokenizer fits them): the
+# embedded digits, and Fashion-MNIST read from its local IDX files.
+EMBEDDED = ("digits", "digits_aug", "fashion_mnist")
+
+
+def tokenizer_images(cfg: Config, split: str):
+    """(n, 3, R, R) float images the project's own tokenizer trains on (split train) and reports
+    its held-out reconstruction on (split val): the plain digits (for digits_aug too), or Fashion-MNIST."""
+    if cfg.data.dataset == "fashion_mnist":
+        from enat.data.fashion import FashionError, load_fashion
+
+        try:
+            return load_fashion(split, cfg.tokenizer.resolution, cfg.data.fashion_dir, limit=cfg.data.subset)[0]
+        except FashionError as e:
+            raise ShardError(str(e)) from None
+    from enat.data.digits import load_digits
+
+    return load_digits(split, cfg.tokenizer.resolution)[0]
 
 
 def stale_shards(cfg: Config) -> list[str]:
@@ -94,7 +111,8 @@ def tokenize_split(cfg: Config, split: str, input_: str | None = None, out: str 
     tokenizer = load_tokenizer(cfg.tokenizer)
     source = make_source(input_, cfg.tokenizer.resolution, split, captions=captions,
                          captioned=cfg.model.condition == "text",
-                         count=d.augmented_train if split == "train" else d.augmented_val, seed=d.augment_seed)
+                         count=d.augmented_train if split == "train" else d.augmented_val, seed=d.augment_seed,
+                         root=d.fashion_dir, limit=d.subset)
     text_encoder = None
     if getattr(source, "captioned", False):
         from enat.text import TextEncoderError, encoder_for
@@ -158,7 +176,6 @@ def prepare_tokenizer(cfg: Config, log=print) -> None:
     """The tokenizers the data is tokenized with: the image tokenizer (the demo's is trained here
     when missing; any other must be given by path, tokenizer.checkpoint) and, for text-to-image,
     the text encoder (`prepare_text_encoder`)."""
-    from enat.data.digits import load_digits
     from enat.tokenizer.train import train_tokenizer
 
     prepare_text_encoder(cfg, log=log)
@@ -168,17 +185,53 @@ def prepare_tokenizer(cfg: Config, log=print) -> None:
     if Path(tok.checkpoint).is_file():
         return
     if cfg.data.dataset not in EMBEDDED:
-        raise ShardError(f"tokenizer checkpoint {tok.checkpoint} not found; this project trains only the "
-                         f"demo tokenizer itself: give the released VQGAN's path in tokenizer.checkpoint")
-    log(f"no tokenizer at {tok.checkpoint}: training the demo tokenizer ({tok.train.steps} steps)")
-    images, _, _ = load_digits("train", tok.resolution)  # the plain training digits, for digits_aug too
-    train_tokenizer(cfg, images, tok.checkpoint, log=log)
+        raise ShardError(f"tokenizer checkpoint {tok.checkpoint} not found; this project trains its own "
+                         f"tokenizer only for {', '.join(EMBEDDED)}: give the released VQGAN's path in "
+                         f"tokenizer.checkpoint")
+    log(f"no tokenizer at {tok.checkpoint}: training the {cfg.data.dataset} tokenizer ({tok.train.steps} steps)")
+    train_tokenizer(cfg, tokenizer_images(cfg, "train"), tok.checkpoint, log=log,
+                    val_images=tokenizer_images(cfg, "val"))
+
+
+def tokenizer_mismatch(cfg: Config) -> str | None:
+    """Why tokenizer.checkpoint is not the tokenizer the shards were made with (their manifests
+    record its sha256), or None: ids of one codebook decoded by another are noise, and a
+    retrained tokenizer at the same path is the easy way to get there."""
+    import json
+
+    from enat.data.shards import file_sha256
+
+    tok = cfg.tokenizer.checkpoint
+    if tok is None or not Path(tok).is_file():
+        return None
+    sha = None
+    for out in (cfg.data.shards, cfg.data.val_shards):
+        manifest = Path(out) / MANIFEST if out is not None else None
+        if manifest is None or not manifest.is_file():
+            continue
+        try:
+            made_with = json.loads(manifest.read_text()).get("tokenizer") or {}
+        except ValueError:
+            continue  # an unreadable manifest is the loader's to report
+        if not made_with.get("sha256"):
+            continue
+        sha = sha or file_sha256(tok)
+        if made_with["sha256"] != sha:
+            return (f"the shards at {out} were tokenized with {made_with.get('path')} (sha256 "
+                    f"{made_with['sha256'][:12]}), but tokenizer.checkpoint {tok} is another tokenizer (sha256 "
+                    f"{sha[:12]}): its codebook would decode these ids into noise. Point tokenizer.checkpoint at the "
+                    f"tokenizer the shards were made with, or write new shards with this one (fresh "
+                    f"data.shards / data.val_shards folders, then `enat data prepare`)")
+    return None
 
 
 def prepare_data(cfg: Config, progress: bool | None = None, log=print) -> None:
     """Make sure the tokenizer and the shards of both splits exist, building what is missing."""
     _refuse_stale(cfg)  # a manifest present but of another count or seed must not be taken as done
     prepare_tokenizer(cfg, log=log)
+    problem = tokenizer_mismatch(cfg)
+    if problem:
+        raise ShardError(problem)
     for split, out in (("train", cfg.data.shards), ("val", cfg.data.val_shards)):
         if out is None or (Path(out) / MANIFEST).is_file():
             continue
@@ -194,6 +247,9 @@ def check_data(cfg: Config) -> None:
                for what, out in (("training", cfg.data.shards), ("validation", cfg.data.val_shards))
                if out is not None and not (Path(out) / MANIFEST).is_file()]
     _refuse_stale(cfg)
+    problem = tokenizer_mismatch(cfg)
+    if problem:
+        raise ShardError(problem)
     if missing:
         raise ShardError(
             "the data of this run is not prepared (" + "; ".join(missing) + "). Prepare it first, with this "

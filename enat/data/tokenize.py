@@ -176,6 +176,37 @@ class AugmentedDigitsSource:
         return self.gen.image(i).repeat(3, 1, 1)  # a copy: the cached block stays the generator's
 
 
+class FashionSource:
+    """A Fashion-MNIST split (enat/data/fashion.py: train = the 60,000 training images, val = the
+    10,000 test images), at `resolution` (64: 28 px zero-padded to 32, bilinear 2x). Flips allowed."""
+
+    def __init__(self, split: str, resolution: int, root: str | None = None, limit: int | None = None):
+        from enat.data.fashion import DEFAULT_DIR, NUM_CLASSES, FashionError, load_fashion
+
+        try:
+            self.images, self.labels, self.indices = load_fashion(split, resolution, root, limit=limit)
+        except FashionError as e:
+            raise ShardError(str(e)) from None
+        self.num_classes = NUM_CLASSES
+        self.split = split
+        self.description = {"dataset": "fashion_mnist", "split": split, "dir": str(root or DEFAULT_DIR),
+                            "geometry": "28 px zero-padded to 32, bilinear (align_corners=False) to "
+                                        f"{resolution}", "images": len(self.labels), "subset": limit}
+        self.identity = {k: v for k, v in self.description.items() if k != "dir"}
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def name(self, i: int) -> str:
+        return f"fashion_mnist[{'train' if self.split == 'train' else 't10k'}, {int(self.indices[i])}]"
+
+    def label(self, i: int) -> int:
+        return int(self.labels[i])
+
+    def load(self, i: int) -> torch.Tensor:
+        return self.images[i].contiguous()
+
+
 class CaptionedDigitsSource(DigitsSource):
     """The embedded digits with captions from enat/data/captions.py (K = 5 per image, true of its
     pixels, flip-invariant); the class stays the digit (for evaluation)."""
@@ -247,11 +278,17 @@ class CocoSource:
 
 
 def make_source(input_: str, resolution: int, split: str = "train", captions: str | None = None,
-                captioned: bool = False, count: int | None = None, seed: int = 0):
+                captioned: bool = False, count: int | None = None, seed: int = 0, root: str | None = None,
+                limit: int | None = None):
     """The source of a split: COCO when a captions JSON is given, the digits (captioned or not),
-    the augmented digits ("digits_aug": `count` images from `seed`), else an image folder."""
+    the augmented digits ("digits_aug": `count` images from `seed`), Fashion-MNIST
+    ("fashion_mnist", from the IDX files in `root`; its first `limit` images), else an image folder."""
     if captions is not None:
         return CocoSource(input_, captions, resolution)
+    if input_ == "fashion_mnist":
+        if captioned:
+            raise ShardError("data.dataset=fashion_mnist has class labels, no captions: use model.condition=class")
+        return FashionSource(split, resolution, root, limit)
     if input_ == "digits_aug":
         if captioned:
             raise ShardError("data.dataset=digits_aug has no captions (the captioned demo is data.dataset=digits "

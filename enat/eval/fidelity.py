@@ -72,25 +72,57 @@ class DigitNet(nn.Module):
         return pool, self.fc(pool)
 
 
+class FashionNet(nn.Module):
+    """A small CNN for Fashion-MNIST at 32x32 (the 64 px images halved: the 28 px photograph
+    padded to 32): two 3x3 convolutions per stage, 256-d penultimate features ("pool")."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+
+        def stage(cin, cout):
+            return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
+                    nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+
+        self.conv = nn.Sequential(*stage(3, 32), nn.MaxPool2d(2), *stage(32, 64), nn.MaxPool2d(2),
+                                  *stage(64, 128), nn.MaxPool2d(2), nn.Conv2d(128, 256, 3, padding=1), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1))
+        self.fc = nn.Linear(256, num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pool = self.conv(x).flatten(1)
+        return pool, self.fc(pool)
+
+
+# The classifiers this project trains as FID feature extractors: name -> (network, weights format,
+# the data it was trained on, the size it sees, the penultimate feature size).
+CLASSIFIERS = {"digits-cnn": (DigitNet, "enat-digit-classifier", "digits", 32, 128),
+               "fashion-cnn": (FashionNet, "enat-fashion-classifier", "fashion_mnist", 32, 256)}
+
+
 def _register(tf) -> None:
     from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
-    class DigitsCNN(FeatureExtractorBase):
+    class ClassifierCNN(FeatureExtractorBase):
         def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
             super().__init__(name, features_list)
             if feature_extractor_weights_path is None:
-                raise EvalError("digits-cnn needs eval.extractor_weights (train it: `enat extractor train`)")
+                raise EvalError(f"{name} needs eval.extractor_weights (train it: `enat extractor train`)")
             from enat.models.weights import torch_load
 
-            obj = torch_load(feature_extractor_weights_path, "digit classifier")
-            self.net = DigitNet(obj["num_classes"])
+            net_cls, fmt, dataset, self.size, _ = CLASSIFIERS[name]
+            obj = torch_load(feature_extractor_weights_path, f"{name} classifier")
+            if obj.get("format") != fmt:
+                raise EvalError(f"{feature_extractor_weights_path} is a {obj.get('format')!r} file, not the {name} "
+                                f"classifier ({fmt}, trained on {dataset}): eval.extractor and "
+                                f"eval.extractor_weights disagree; train the right one with `{EXTRACTOR_COMMAND}`")
+            self.net = net_cls(obj["num_classes"])
             self.net.load_state_dict(obj["state_dict"])
             self.net.eval().requires_grad_(False)
 
         def forward(self, x):  # uint8 (N, 3, H, W), as torch-fidelity hands images over
             x = x.float() / 255.0
-            if x.shape[-1] != 32:
-                x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
+            if x.shape[-1] != self.size:  # 64 -> 32 bilinear at half-pixel centres: the 2x2 means
+                x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
             pool, logits = self.net(x)
             feats = {"pool": pool.double(), "logits_unbiased": logits.double()}
             return tuple(feats[f] for f in self.features_list)
@@ -111,7 +143,8 @@ def _register(tf) -> None:
         def get_dummy_input_for_compile():
             return (torch.rand([1, 3, 32, 32]) * 255).to(torch.uint8)
 
-    tf.register_feature_extractor("digits-cnn", DigitsCNN)
+    for name in CLASSIFIERS:
+        tf.register_feature_extractor(name, ClassifierCNN)
 
 
 def train_digit_classifier(out: str | Path, steps: int = 600, seed: int = 0, log=print) -> float:
@@ -141,6 +174,59 @@ def train_digit_classifier(out: str | Path, steps: int = 600, seed: int = 0, log
     return acc
 
 
+def train_fashion_classifier(out: str | Path, root: str | None = None, epochs: int = 4, seed: int = 0,
+                             batch_size: int = 128, lr: float = 2e-3, limit: int | None = None, log=print) -> float:
+    """Train the Fashion-MNIST extractor (FashionNet) on the 60,000 training images, as the FID
+    job sees them (64 px, halved to 32), with horizontal flips; AdamW, one-cycle cosine. Returns
+    its accuracy on the 10,000 test images (stored in the file, with what it was trained on).
+    `limit`: the first N images of each split only (smoke tests)."""
+    import time
+
+    from enat.data.fashion import load_fashion
+
+    torch.manual_seed(seed)
+    t0 = time.time()
+    half = lambda x: F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)  # noqa: E731
+    train, y, _ = load_fashion("train", 64, root, limit=limit)
+    x = torch.cat([half(c[:, :1]) for c in train.split(4096)])
+    xt, yt, _ = load_fashion("test", 64, root, limit=limit)
+    net = FashionNet()
+    batch_size = min(batch_size, len(y))
+    steps = epochs * (len(y) // batch_size)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    g = torch.Generator().manual_seed(seed)
+    net.train()
+    for step in range(steps):
+        if step % (len(y) // batch_size) == 0:
+            perm = torch.randperm(len(y), generator=g)
+        idx = perm[(step % (len(y) // batch_size)) * batch_size:][:batch_size]
+        xb = x[idx]
+        flip = torch.rand(len(idx), generator=g) < 0.5
+        xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb).expand(-1, 3, -1, -1)
+        loss = F.cross_entropy(net(xb)[1], y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if (step + 1) % 200 == 0:
+            log(f"fashion classifier step {step + 1}/{steps}: loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
+    net.eval()
+    with torch.no_grad():
+        correct = sum((net(half(c.contiguous()))[1].argmax(1) == yc).sum().item()
+                      for c, yc in zip(xt.split(1000), yt.split(1000)))
+    acc = correct / len(yt)
+    from enat.models.weights import torch_save_atomic
+
+    torch_save_atomic({"format": "enat-fashion-classifier", "num_classes": 10, "state_dict": net.state_dict(),
+                       "test_accuracy": acc, "trained_on": {"dataset": "fashion_mnist", "split": "train",
+                                                           "images": len(y), "resolution": 64, "epochs": epochs,
+                                                           "test_images": len(yt),
+                                                           "seed": seed}}, out)
+    log(f"wrote {out}: Fashion-MNIST classifier, test accuracy {acc:.4f} ({time.time() - t0:.0f}s)")
+    return acc
+
+
 # ---------------------------------------------------------------------------------------------
 # Features and metrics
 # ---------------------------------------------------------------------------------------------
@@ -151,12 +237,13 @@ EXTRACTOR_COMMAND = "enat extractor train --config CONFIG [key=value ...]"
 
 def extractor_error(name: str, weights: str | None) -> str | None:
     """Why the extractor `name` with weights `weights` cannot be built, naming the fix; None if it can."""
-    if name == "digits-cnn":
+    if name in CLASSIFIERS:
         if not weights:
-            return (f"digits-cnn needs eval.extractor_weights (the digit classifier's path); train it: "
-                    f"`{EXTRACTOR_COMMAND}`")
+            return (f"{name} needs eval.extractor_weights (the {CLASSIFIERS[name][2]} classifier's path); train "
+                    f"it: `{EXTRACTOR_COMMAND}`")
         if not Path(weights).is_file():
-            return (f"FID feature extractor (digit classifier) not found: {weights}. Train it with "
+            return (f"FID feature extractor ({name}, the {CLASSIFIERS[name][2]} classifier) not found: {weights}. "
+                    f"Train it with "
                     f"`{EXTRACTOR_COMMAND}` (`enat data prepare` and launch/tokenize.py / launch/pipeline.py "
                     f"also build it)")
     elif name.startswith("inception"):
@@ -176,7 +263,7 @@ def build_extractor(name: str, weights: str | None, device: torch.device | str =
     if name not in FEATURE_EXTRACTORS_REGISTRY:
         raise EvalError(f"unknown feature extractor {name!r}")
     cls = FEATURE_EXTRACTORS_REGISTRY[name]
-    layers = (["pool", "logits_unbiased"] if name == "digits-cnn" else ["2048", "logits_unbiased"])
+    layers = (["pool", "logits_unbiased"] if name in CLASSIFIERS else ["2048", "logits_unbiased"])
     problem = extractor_error(name, weights)  # missing weights: say which file and what makes it
     if problem:
         raise EvalError(problem)

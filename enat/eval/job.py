@@ -145,6 +145,12 @@ def reference_spec(cfg: Config) -> dict:
         return spec
     if cfg.data.dataset == "digits":
         return {"kind": "digits-val", "id": f"digits-val-{res}px-{cfg.eval.extractor}", "resolution": res}
+    if cfg.data.dataset == "fashion_mnist":  # the 10,000 real test images, not their reconstructions
+        w = cfg.eval.extractor_weights
+        weights = file_sha256(w)[:12] if w and Path(w).is_file() else "none"
+        subset = f"-first{cfg.data.subset}" if cfg.data.subset else ""
+        return {"kind": "fashion-test", "path": str(cfg.data.fashion_dir), "resolution": res, "subset": cfg.data.subset,
+                "id": f"fashion-test{subset}-{res}px-{cfg.eval.extractor}-{weights}"}
     if cfg.data.dataset == "coco":
         return images_spec(cfg)
     if cfg.data.val_shards is None:
@@ -154,6 +160,19 @@ def reference_spec(cfg: Config) -> dict:
         raise EvalError(f"no manifest at {manifest}: tokenize the validation split first")
     return {"kind": "shards", "path": str(cfg.data.val_shards), "resolution": res,
             "id": f"shards-{file_sha256(manifest)[:12]}-{res}px-{cfg.eval.extractor}"}
+
+
+def extractor_mismatch(cfg: Config) -> str | None:
+    """A classifier extractor of this project (digits-cnn, fashion-cnn) belongs to one dataset:
+    its features of another dataset's images say nothing. Why eval.extractor does not fit
+    data.dataset, or None."""
+    from enat.eval.fidelity import CLASSIFIERS
+
+    name = cfg.eval.extractor
+    if name in CLASSIFIERS and not cfg.data.dataset.startswith(CLASSIFIERS[name][2]):
+        return (f"eval.extractor={name} is the {CLASSIFIERS[name][2]} classifier but data.dataset="
+                f"{cfg.data.dataset}: use the extractor of this data (inception-v3-compat for natural images)")
+    return None
 
 
 def images_spec(cfg: Config) -> dict:
@@ -230,8 +249,9 @@ def _reference_record(cfg: Config, spec: dict, info: dict) -> dict:
     w = cfg.eval.extractor_weights
     return {"id": spec["id"], "kind": spec["kind"], "images": spec.get("path", "digits: validation split"),
             "captions": spec.get("captions"), "captions_sha256": spec.get("captions_sha256"),
-            "crop": spec.get("crop", "none (the demo's 32 px digits)" if spec["kind"] == "digits-val"
-                             else "decoded shards"),
+            "crop": spec.get("crop", {"digits-val": "none (the demo's 32 px digits)",
+                                      "fashion-test": "28 px zero-padded to 32, bilinear to the resolution"}
+                             .get(spec["kind"], "decoded shards")),
             "resolution": spec["resolution"], **info,
             "extractor": {"name": cfg.eval.extractor, "weights": w,
                           "weights_sha256": file_sha256(w) if w and Path(w).is_file() else None},
@@ -267,6 +287,15 @@ def reference_stats(cfg: Config, spec: dict, extractor, tokenizer, log=print) ->
             from enat.data.digits import load_digits
 
             images, labels, _ = load_digits("val", cfg.tokenizer.resolution)
+            u8 = torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2).contiguous()
+        elif spec["kind"] == "fashion-test":
+            from enat.data.fashion import FashionError, load_fashion
+
+            try:
+                images, labels, _ = load_fashion("test", cfg.tokenizer.resolution, cfg.data.fashion_dir,
+                                                 limit=spec.get("subset"))
+            except FashionError as e:
+                raise EvalError(str(e)) from None
             u8 = torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2).contiguous()
         else:
             from enat.data.loader import ShardSet
@@ -439,6 +468,11 @@ def evaluate(cfg: Config, run_dir: str | Path | None, checkpoint: str = "latest"
                             "(model.condition=text)")
         check_clip_model(cfg.eval.clip_model)  # a hub name or a missing directory fails before any sampling
 
+    from enat.data.prepare import tokenizer_mismatch
+
+    problem = tokenizer_mismatch(cfg) or extractor_mismatch(cfg)  # before any work: samples would be noise
+    if problem:
+        raise EvalError(problem)
     ck = load_checkpoint(cfg, run_dir, checkpoint, weights, log=log, rank=rank, world=world)
     spec = reference_spec(cfg)
     settings = eval_settings(cfg, weights, num_samples, spec)

@@ -39,8 +39,24 @@ def _sample_latents(z: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor
     return flat[torch.randint(0, flat.shape[0], (n,), generator=g)]
 
 
-def train_tokenizer(cfg: Config, images: torch.Tensor, out: str | Path, log=print, progress: bool | None = None) -> dict:
-    """Train on `images` (n, 3, R, R) in [0, 1]; write the tokenizer file; return final stats."""
+def reconstruction_stats(model: VQGAN, images: torch.Tensor, batch_size: int = 256) -> dict:
+    """MSE and PSNR (dB, peak 1, of the mean MSE) of encode -> decode, and the codes used."""
+    model.eval()
+    se, used = 0.0, torch.zeros(model.cfg.codebook_size, dtype=torch.bool)
+    with torch.no_grad():
+        for chunk in images.split(batch_size):
+            ids = model.encode(chunk)
+            used[ids.unique()] = True
+            se += F.mse_loss(model.decode(ids).clamp(0, 1), chunk, reduction="sum").item()
+    mse = se / images.numel()
+    return {"recon_mse": mse, "psnr_db": 10 * math.log10(1 / mse), "codes_used": int(used.sum()),
+            "images": int(images.shape[0])}
+
+
+def train_tokenizer(cfg: Config, images: torch.Tensor, out: str | Path, log=print, progress: bool | None = None,
+                    val_images: torch.Tensor | None = None) -> dict:
+    """Train on `images` (n, 3, R, R) in [0, 1]; write the tokenizer file; return final stats:
+    reconstruction on (at most 4,096 of) the training images, and on `val_images` when given."""
     import sys
 
     from tqdm import tqdm
@@ -87,12 +103,13 @@ def train_tokenizer(cfg: Config, images: torch.Tensor, out: str | Path, log=prin
             log(f"tokenizer step {step + 1}/{t.steps}: loss {loss.item():.4f} recon {rec.item():.4f} "
                 f"codebook {codebook.item():.4f} ({time.time() - t0:.0f}s)")
     bar.close()
-    model.eval()
-    with torch.no_grad():
-        ids = model.encode(images)
-        recon = model.decode(ids, batch_size=256)
-        stats["recon_mse"] = F.mse_loss(recon.clamp(0, 1), images).item()
-        stats["codes_used"] = int(ids.unique().numel())
+    train_rec = reconstruction_stats(model, images[:4096])
+    stats.update(recon_mse=train_rec["recon_mse"], codes_used=train_rec["codes_used"])
+    if val_images is not None:
+        stats["val"] = reconstruction_stats(model, val_images)
     save_tokenizer(out, model, {"stats": stats, "seed": cfg.seed, "num_images": int(images.shape[0])})
-    log(f"wrote {out}: reconstruction MSE {stats['recon_mse']:.5f}, {stats['codes_used']}/{tcfg.codebook_size} codes used")
+    held = (f"; held-out PSNR {stats['val']['psnr_db']:.2f} dB on {stats['val']['images']} images"
+            if val_images is not None else "")
+    log(f"wrote {out}: reconstruction MSE {stats['recon_mse']:.5f}, {stats['codes_used']}/{tcfg.codebook_size} "
+        f"codes used{held}")
     return stats
