@@ -6,6 +6,7 @@
     enat sample --config C --checkpoint W --prompts "a thick seven" [--prompts-file F] --out DIR
     enat convert official-enat IN OUT [--num-heads H --enc-depth E]
     enat tokenizer train --config C               the project's own tokenizer (digits, Fashion-MNIST)
+    enat tokenizer eval --config C [--out F.json]  its held-out PSNR and reconstruction FID
     enat tokenize --config C [--split val] [--num-parts K --part I | --merge]
     enat data prepare --config C                  build the tokenizer/shards (+ demo FID extractor) if missing
     enat train --config C [key=value ...]         under torchrun/srun/submitit or as one process
@@ -34,6 +35,7 @@ from pathlib import Path
 import torch
 
 from enat.config import ConfigError, load_config
+from enat.data.fashion import FashionError
 from enat.data.shards import ShardError
 from enat.train.checkpoint import CheckpointError
 from enat.train.lease import LeaseError, LeaseLost
@@ -258,6 +260,12 @@ def cmd_tokenizer_train(args) -> None:
     train_tokenizer(cfg, tokenizer_images(cfg, "train"), out, val_images=tokenizer_images(cfg, "val"))
 
 
+def cmd_tokenizer_eval(args) -> None:
+    from enat.eval.job import tokenizer_report
+
+    tokenizer_report(load_config(args.config, args.overrides), args.checkpoint, args.out)
+
+
 def cmd_tokenize(args) -> None:
     from enat.data.prepare import merge_split, tokenize_split
 
@@ -472,10 +480,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("tokenizer", help="the VQ tokenizer")
     tsub = s.add_subparsers(dest="action", required=True)
-    t = tsub.add_parser("train", help="train the demo tokenizer on the embedded digits")
+    t = tsub.add_parser("train", help="train the project's own tokenizer (digits, Fashion-MNIST)")
     _config_args(t)
     t.add_argument("--out", help="output file (default: tokenizer.checkpoint)")
     t.set_defaults(func=cmd_tokenizer_train)
+    t = tsub.add_parser("eval", help="held-out PSNR and reconstruction FID (the floor under a generator's FID)")
+    _config_args(t)
+    t.add_argument("--checkpoint", help="tokenizer file (default: tokenizer.checkpoint)")
+    t.add_argument("--out", help="also write the record to this JSON file")
+    t.set_defaults(func=cmd_tokenizer_eval)
 
     s = sub.add_parser("tokenize", help="images -> webdataset token shards (one part of K, or the merge)")
     _config_args(s)
@@ -593,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = args.func(args)
     except (ConfigError, WeightsError, ShardError, CheckpointError, NonFiniteError, EvalError, LeaseError,
-            LeaseLost, TextEncoderError) as e:
+            LeaseLost, TextEncoderError, FashionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if is_initialized() and not joined_before:  # a rank of a multi-process run: leave without interpreter teardown

@@ -176,6 +176,16 @@ def test_a_slice_of_the_real_data_through_the_launchers(fashion_dir, tmp_path):
     assert result["num_samples"] == 100 and result["reference"]["kind"] == "fashion-test"
     assert result["reference"]["id"].startswith("fashion-test-first512-64px-fashion-cnn-")
     assert 0 < result["metrics"]["fid"] < 1e4 and 0 <= result["metrics"]["precision"] <= 1
+    # the tokenizer's report: the held-out PSNR its training recorded, and the reconstruction FID
+    # against the same cached reference the FID job used
+    res = subprocess.run([sys.executable, "-m", "enat.cli", "tokenizer", "eval", "--config",
+                          "configs/experiments/fashion_enat.yaml", *over, "--out", "tok.json"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((tmp_path / "tok.json").read_text())
+    assert report["images"] == 512 and report["psnr_db"] == pytest.approx(tok["meta"]["stats"]["val"]["psnr_db"])
+    assert report["reference"]["id"] == result["reference"]["id"]
+    assert 0 <= report["reconstruction"]["fid"] < result["metrics"]["fid"]  # the floor under the generator's
 
 
 def test_shards_refuse_a_tokenizer_they_were_not_made_with(fashion_dir, tmp_path):

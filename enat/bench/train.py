@@ -91,9 +91,11 @@ def run(args) -> dict:
     shards = Path(tmp.name) / "shards"
     shards.mkdir()
     total = args.warmup + args.steps + 2 * args.sync_steps
-    write_synthetic(shards, max(batch * accum * total, 256), grid ** 2, shard_size=10000)
+    vocab = dict(codebook_size=recipe.model.codebook_size, num_classes=recipe.model.num_classes) if recipe else {}
+    write_synthetic(shards, max(batch * accum * total, 256), grid ** 2, shard_size=10000, **vocab)
     downsample = recipe.tokenizer.downsample if recipe else 16
-    over = [f"model.size={model}", f"model.grid_size={grid}", "tokenizer.checkpoint=null",
+    # a recipe with its own architecture (model.size null, width/depth set) keeps it
+    over = ([f"model.size={model}"] if model else []) + [f"model.grid_size={grid}", "tokenizer.checkpoint=null",
             f"tokenizer.resolution={grid * downsample}",
             "data.dataset=imagefolder", f"data.shards={shards}", "data.val_shards=null",
             f"train.run_dir={Path(tmp.name) / 'run'}", f"train.micro_batch={batch}",
@@ -168,7 +170,7 @@ def run(args) -> dict:
         result["bare_step_s"] = statistics.median(bare_times)
         result["overhead_ratio"] = step_s / result["bare_step_s"]
 
-    print(f"train-step benchmark: ENAT-{model} ({trainer.n_params / 1e6:.1f}M), grid {grid}, "
+    print(f"train-step benchmark: {cfg.model.arch.upper()}-{model or f'w{cfg.model.width} {cfg.model.enc_depth}+{cfg.model.dec_depth}'} ({trainer.n_params / 1e6:.1f}M), grid {grid}, "
           f"micro-batch {batch} x {accum}, ZeRO-{zero}, {precision}, compile {args.compile}, "
           f"{result['device_name']}, median of {args.steps} steps")
     print(f"{'s/step':>10}{'img/s':>10}{'TFLOP/s':>10}{'MFU':>8}{'mem GB':>8}{'syncs':>7}{'inside':>8}")
