@@ -104,8 +104,8 @@ class EvalJob:
 
 
 def prepare_job(config: dict) -> None:
-    """The demo's own models before the data is tokenized: the tokenizer (data) and the FID digit
-    classifier (evaluation), each built when missing."""
+    """The project's own models before the data is tokenized (digits, Fashion-MNIST): the
+    tokenizer (data) and the FID classifier (evaluation), each built when missing."""
     from enat.data.prepare import prepare_tokenizer
     from enat.eval.prepare import prepare_extractor
 

@@ -27,7 +27,7 @@ from launch.submit import add_launch_args, describe, executor, load, record, sub
 
 
 def needs_models(cfg: Config) -> bool:
-    """Whether the prepare job must run first: the demo tokenizer or the demo's FID extractor is missing."""
+    """Whether the prepare job must run first: the project's own tokenizer or FID classifier is missing."""
     return tokenizer_missing(cfg) or extractor_missing(cfg)
 
 
@@ -42,7 +42,7 @@ def submit_tokenize(cfg: Config, splits: list[str], parts: int, after=None) -> l
         prep = submit(ex, prepare_job, cfg_dict, after=deps)
         jobs.append(prep)
         deps = [prep]
-        print(describe([prep], "prepare (demo tokenizer, FID classifier)"))
+        print(describe([prep], "prepare (tokenizer, FID classifier)"))
     for split in splits:
         out = Path(split_dir(cfg, split))
         if (out / MANIFEST).is_file():

@@ -211,3 +211,41 @@ def test_shards_refuse_a_tokenizer_they_were_not_made_with(fashion_dir, tmp_path
             call()
     with pytest.raises(EvalError, match="is another tokenizer"):
         evaluate(cfg, None, str(tmp_path / "no-weights.pt"), num_samples=10, log=lambda *_: None)
+
+
+def test_a_smoke_tests_leftovers_are_refused_by_a_run_of_other_images(fashion_dir, tmp_path):
+    """Shards, tokenizer and classifier of a data.subset run left at the paths a full run reads:
+    each refused with what differs, never taken as the benchmark's."""
+    from enat.data.prepare import check_data, prepare_data
+    from enat.eval.fidelity import EvalError, FashionNet
+    from enat.eval.job import extractor_mismatch
+    from enat.models.weights import torch_save_atomic
+    from enat.tokenizer import VQGAN
+    from enat.tokenizer.train import save_tokenizer
+
+    paths = [f"tokenizer.checkpoint={tmp_path / 'tok.pt'}", f"data.shards={tmp_path / 'train'}",
+             f"data.val_shards={tmp_path / 'val'}", f"eval.extractor_weights={tmp_path / 'fx.pt'}"]
+    smoke = load_config(CONFIG, ["data.subset=8", *paths])
+    save_tokenizer(tmp_path / "tok.pt", VQGAN(smoke.tokenizer), {"num_images": 8})
+    prepare_data(smoke, progress=False, log=lambda *_: None)
+    bigger = load_config(CONFIG, ["data.subset=16", *paths])
+    with pytest.raises(ShardError, match=r"holds other Fashion-MNIST images: subset 8 \(config: 16\), images 8 "
+                                         r"\(config: 16\)"):
+        check_data(bigger)
+    with pytest.raises(ShardError, match=r"tokenizer .*tok.pt was trained on 8 images, this config reads 16"):
+        prepare_data(bigger, log=lambda *_: None)
+    torch_save_atomic({"format": "enat-fashion-classifier", "num_classes": 10, "state_dict": FashionNet().state_dict(),
+                       "trained_on": {"images": 8}}, tmp_path / "fx.pt")
+    assert extractor_mismatch(smoke) is None
+    assert "trained on 8 Fashion-MNIST images, this config reads 60000" in extractor_mismatch(load_config(CONFIG, paths))
+    digits = load_config(ROOT / "configs/experiments/demo.yaml", ["eval.extractor=fashion-cnn"])
+    assert "use the extractor of this data (digits-cnn)" in extractor_mismatch(digits)
+    # a file that is not Fashion-MNIST's (MNIST has the same names and shapes) is another reference
+    from enat.eval.job import reference_spec
+
+    other = tmp_path / "other"
+    shutil.copytree(fashion_dir, other)
+    labels = gzip.decompress((other / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    (other / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels[:8] + labels[8:][::-1]))
+    assert reference_spec(smoke)["id"] != reference_spec(load_config(CONFIG, ["data.subset=8", *paths,
+                                                                               f"data.fashion_dir={other}"]))["id"]

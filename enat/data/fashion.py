@@ -132,3 +132,21 @@ def load_fashion(split: str = "train", resolution: int = RESOLUTION, root: str |
     n = len(labels) if limit is None else min(limit, len(labels))
     x = torch.cat([to_resolution(images[i:min(i + 4096, n)], resolution) for i in range(0, n, 4096)])
     return x.expand(-1, 3, -1, -1), torch.from_numpy(labels[:n].astype(np.int64)), np.arange(n)
+
+
+def split_size(split: str, subset: int | None = None) -> int:
+    """How many images a split has (60,000 / 10,000), or the first `subset` of them."""
+    n = FILES[SPLITS[split]][2]
+    return n if subset is None else min(subset, n)
+
+
+@functools.lru_cache(maxsize=8)
+def files_id(split: str, root: str | None = None) -> str:
+    """A short content id of a split's labels file: MNIST's IDX files have the same names, counts
+    and shapes, so a cache or manifest keyed by path and size alone would take one for the other."""
+    import hashlib
+
+    path = check_dir(root) / FILES[SPLITS[split]][1]
+    if not path.is_file():
+        _read(path)  # raises, naming the package
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]

@@ -37,9 +37,13 @@ def tokenizer_images(cfg: Config, split: str):
 
 def stale_shards(cfg: Config) -> list[str]:
     """digits_aug: the splits whose existing manifest records another image set than the config
-    asks for (count, seed, split, generator version), each with what differs. Other datasets: []."""
+    asks for (count, seed, split, generator version), each with what differs; fashion_mnist: the
+    same for the subset and the files, and a tokenizer trained on another number of images (a
+    smoke test's left at the default paths). Other datasets: []."""
     import json
 
+    if cfg.data.dataset == "fashion_mnist":
+        return _stale_fashion(cfg)
     if cfg.data.dataset != "digits_aug":
         return []
     from enat.data.digits import AUGMENT_VERSION
@@ -57,6 +61,35 @@ def stale_shards(cfg: Config) -> list[str]:
         diff = [f"{k} {src.get(k)!r} (config: {v!r})" for k, v in want.items() if src.get(k) != v]
         if diff:
             out.append(f"{path} ({split}) holds another image set: " + ", ".join(diff))
+    return out
+
+
+def _stale_fashion(cfg: Config) -> list[str]:
+    import json
+
+    from enat.data.fashion import FashionError, files_id, split_size
+
+    d, out = cfg.data, []
+    for split, path in (("train", d.shards), ("val", d.val_shards)):
+        if path is None or not (Path(path) / MANIFEST).is_file():
+            continue
+        try:
+            src = json.loads((Path(path) / MANIFEST).read_text()).get("source", {})
+            want = {"subset": d.subset, "images": split_size(split, d.subset), "files": files_id(split, d.fashion_dir)}
+        except (ValueError, FashionError):
+            continue  # an unreadable manifest is the loader's to report, missing files the reader's
+        diff = [f"{k} {src.get(k)!r} (config: {v!r})" for k, v in want.items() if src.get(k) != v]
+        if diff:
+            out.append(f"{path} ({split}) holds other Fashion-MNIST images: " + ", ".join(diff))
+    tok = cfg.tokenizer.checkpoint
+    if tok is not None and Path(tok).is_file():
+        from enat.models.weights import torch_load
+
+        meta = torch_load(tok, "tokenizer checkpoint").get("meta") or {}
+        trained, want = meta.get("num_images"), split_size("train", d.subset)
+        if trained is not None and trained != want:
+            out.append(f"the tokenizer {tok} was trained on {trained} images, this config reads {want} "
+                       f"(data.subset={d.subset}); point tokenizer.checkpoint at a new path")
     return out
 
 

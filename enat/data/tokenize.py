@@ -181,17 +181,19 @@ class FashionSource:
     10,000 test images), at `resolution` (64: 28 px zero-padded to 32, bilinear 2x). Flips allowed."""
 
     def __init__(self, split: str, resolution: int, root: str | None = None, limit: int | None = None):
-        from enat.data.fashion import DEFAULT_DIR, NUM_CLASSES, FashionError, load_fashion
+        from enat.data.fashion import DEFAULT_DIR, NUM_CLASSES, FashionError, files_id, load_fashion
 
         try:
             self.images, self.labels, self.indices = load_fashion(split, resolution, root, limit=limit)
+            files = files_id(split, root)
         except FashionError as e:
             raise ShardError(str(e)) from None
         self.num_classes = NUM_CLASSES
         self.split = split
         self.description = {"dataset": "fashion_mnist", "split": split, "dir": str(root or DEFAULT_DIR),
                             "geometry": "28 px zero-padded to 32, bilinear (align_corners=False) to "
-                                        f"{resolution}", "images": len(self.labels), "subset": limit}
+                                        f"{resolution}", "images": len(self.labels), "subset": limit,
+                            "files": files}
         self.identity = {k: v for k, v in self.description.items() if k != "dir"}
 
     def __len__(self) -> int:

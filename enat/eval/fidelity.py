@@ -114,7 +114,8 @@ def _register(tf) -> None:
             if obj.get("format") != fmt:
                 raise EvalError(f"{feature_extractor_weights_path} is a {obj.get('format')!r} file, not the {name} "
                                 f"classifier ({fmt}, trained on {dataset}): eval.extractor and "
-                                f"eval.extractor_weights disagree; train the right one with `{EXTRACTOR_COMMAND}`")
+                                f"eval.extractor_weights disagree; set eval.extractor_weights to a new path and "
+                                f"train the right one there (`{EXTRACTOR_COMMAND}`)")
             self.net = net_cls(obj["num_classes"])
             self.net.load_state_dict(obj["state_dict"])
             self.net.eval().requires_grad_(False)
@@ -175,7 +176,8 @@ def train_digit_classifier(out: str | Path, steps: int = 600, seed: int = 0, log
 
 
 def train_fashion_classifier(out: str | Path, root: str | None = None, epochs: int = 4, seed: int = 0,
-                             batch_size: int = 128, lr: float = 2e-3, limit: int | None = None, log=print) -> float:
+                             batch_size: int = 128, lr: float = 2e-3, limit: int | None = None,
+                             resolution: int = 64, log=print) -> float:
     """Train the Fashion-MNIST extractor (FashionNet) on the 60,000 training images, as the FID
     job sees them (64 px, halved to 32), with horizontal flips; AdamW, one-cycle cosine. Returns
     its accuracy on the 10,000 test images (stored in the file, with what it was trained on).
@@ -187,9 +189,10 @@ def train_fashion_classifier(out: str | Path, root: str | None = None, epochs: i
     torch.manual_seed(seed)
     t0 = time.time()
     half = lambda x: F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)  # noqa: E731
-    train, y, _ = load_fashion("train", 64, root, limit=limit)
+    train, y, _ = load_fashion("train", resolution, root, limit=limit)  # as the FID job sees them
     x = torch.cat([half(c[:, :1]) for c in train.split(4096)])
-    xt, yt, _ = load_fashion("test", 64, root, limit=limit)
+    del train
+    xt, yt, _ = load_fashion("test", resolution, root, limit=limit)
     net = FashionNet()
     batch_size = min(batch_size, len(y))
     steps = epochs * (len(y) // batch_size)
@@ -220,7 +223,7 @@ def train_fashion_classifier(out: str | Path, root: str | None = None, epochs: i
 
     torch_save_atomic({"format": "enat-fashion-classifier", "num_classes": 10, "state_dict": net.state_dict(),
                        "test_accuracy": acc, "trained_on": {"dataset": "fashion_mnist", "split": "train",
-                                                           "images": len(y), "resolution": 64, "epochs": epochs,
+                                                           "images": len(y), "resolution": resolution, "epochs": epochs,
                                                            "test_images": len(yt),
                                                            "seed": seed}}, out)
     log(f"wrote {out}: Fashion-MNIST classifier, test accuracy {acc:.4f} ({time.time() - t0:.0f}s)")

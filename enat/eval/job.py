@@ -148,9 +148,12 @@ def reference_spec(cfg: Config) -> dict:
     if cfg.data.dataset == "fashion_mnist":  # the 10,000 real test images, not their reconstructions
         w = cfg.eval.extractor_weights
         weights = file_sha256(w)[:12] if w and Path(w).is_file() else "none"
+        from enat.data.fashion import files_id
+
         subset = f"-first{cfg.data.subset}" if cfg.data.subset else ""
+        files = files_id("test", cfg.data.fashion_dir)  # which files: MNIST's have the same names and shapes
         return {"kind": "fashion-test", "path": str(cfg.data.fashion_dir), "resolution": res, "subset": cfg.data.subset,
-                "id": f"fashion-test{subset}-{res}px-{cfg.eval.extractor}-{weights}"}
+                "files": files, "id": f"fashion-test{subset}-{files}-{res}px-{cfg.eval.extractor}-{weights}"}
     if cfg.data.dataset == "coco":
         return images_spec(cfg)
     if cfg.data.val_shards is None:
@@ -170,8 +173,21 @@ def extractor_mismatch(cfg: Config) -> str | None:
 
     name = cfg.eval.extractor
     if name in CLASSIFIERS and not cfg.data.dataset.startswith(CLASSIFIERS[name][2]):
+        fits = [n for n, c in CLASSIFIERS.items() if cfg.data.dataset.startswith(c[2])]
         return (f"eval.extractor={name} is the {CLASSIFIERS[name][2]} classifier but data.dataset="
-                f"{cfg.data.dataset}: use the extractor of this data (inception-v3-compat for natural images)")
+                f"{cfg.data.dataset}: use the extractor of this data ("
+                f"{fits[0] if fits else 'inception-v3-compat, by path'})")
+    w = cfg.eval.extractor_weights
+    if name == "fashion-cnn" and w and Path(w).is_file():
+        from enat.data.fashion import split_size
+        from enat.models.weights import torch_load
+
+        trained = (torch_load(w, "fashion-cnn classifier").get("trained_on") or {}).get("images")
+        want = split_size("train", cfg.data.subset)
+        if trained is not None and trained != want:
+            return (f"the classifier {w} was trained on {trained} Fashion-MNIST images, this config reads {want} "
+                    f"(data.subset={cfg.data.subset}): features of a smoke-test classifier are not the benchmark's. "
+                    f"Point eval.extractor_weights at a new path (`enat data prepare` trains it there)")
     return None
 
 
@@ -296,7 +312,8 @@ def reference_stats(cfg: Config, spec: dict, extractor, tokenizer, log=print) ->
                                                  limit=spec.get("subset"))
             except FashionError as e:
                 raise EvalError(str(e)) from None
-            u8 = torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2).contiguous()
+            # grey: convert one channel, then repeat (float copies of all three would be 3x the memory)
+            u8 = torch.from_numpy(to_uint8(images[:, :1])).permute(0, 3, 1, 2).expand(-1, 3, -1, -1).contiguous()
         else:
             from enat.data.loader import ShardSet
 
@@ -339,17 +356,19 @@ def _write_json(path: Path, obj) -> None:
 
 def compute_reference(cfg: Config, out: str | Path | None = None, log=print) -> tuple[Path, dict]:
     """`enat eval reference`: the statistics of the real held-out images (COCO val with the
-    tokenizing crop, an ImageFolder val tree, or the demo's validation digits), cached in
+    tokenizing crop, an ImageFolder val tree, the demo's validation digits, or Fashion-MNIST's
+    test images), cached in
     eval.cache_dir (the FID job uses them from there) and, with `out`, written to FILE.npz (mu,
     sigma, resolution) + FILE.json (images, crop, count, extractor) for eval.reference_npz."""
     from enat.eval.fidelity import build_extractor
 
-    if cfg.data.dataset == "digits":
+    if cfg.data.dataset in ("digits", "fashion_mnist"):
         spec = reference_spec(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, reference_npz=None)))
     elif cfg.data.val_image_dir or cfg.data.dataset == "coco":
         spec = images_spec(cfg)
     else:
-        raise EvalError("reference images: set data.val_image_dir (the held-out images), or data.dataset=digits")
+        raise EvalError("reference images: set data.val_image_dir (the held-out images), or use data.dataset "
+                        "digits or fashion_mnist (whose held-out images the project reads itself)")
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     extractor = build_extractor(cfg.eval.extractor, cfg.eval.extractor_weights, device)
     stats = reference_stats(cfg, spec, extractor, None, log=log)
@@ -635,20 +654,21 @@ def tokenizer_report(cfg: Config, checkpoint: str | None = None, out: str | Path
     from enat.tokenizer import load_tokenizer
     from enat.tokenizer.train import reconstruction_stats
 
-    if cfg.data.dataset not in ("fashion_mnist", "digits", "digits_aug"):
+    if cfg.data.dataset not in ("fashion_mnist", "digits"):
         raise EvalError(f"`enat tokenizer eval` reads the held-out images of fashion_mnist and the digits; "
                         f"data.dataset={cfg.data.dataset}")
+    problem = extractor_mismatch(cfg)
+    if problem:
+        raise EvalError(problem)
     path = checkpoint or cfg.tokenizer.checkpoint
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(cfg.tokenizer, path)
     images = tokenizer_images(cfg, "val")
-    rec = reconstruction_stats(tokenizer, images)
     spec = reference_spec(cfg)
     extractor = build_extractor(cfg.eval.extractor, cfg.eval.extractor_weights)
-    ref = reference_stats(cfg, spec, extractor, None, log=log)
-    with torch.no_grad():
-        u8 = torch.cat([torch.from_numpy(to_uint8(tokenizer.decode(tokenizer.encode(c)))).permute(0, 3, 1, 2)
-                        for c in images.split(256)])
+    ref = reference_stats(cfg, spec, extractor, tokenizer, log=log)
+    rec, recon = reconstruction_stats(tokenizer, images, keep=True)
+    u8 = torch.from_numpy(to_uint8(recon)).permute(0, 3, 1, 2).contiguous()
     values = metrics(extract(extractor, u8), ref, cfg.eval.kid_subset_size, cfg.eval.prc, cfg.eval.seed)
     record = {"tokenizer": str(path), "sha256": file_sha256(path), "codebook_size": cfg.tokenizer.codebook_size,
               "resolution": cfg.tokenizer.resolution, "grid": cfg.tokenizer.grid_size, **rec,

@@ -35,7 +35,8 @@ def train_extractor(cfg: Config, out: str | Path, log=print) -> float:
         raise ConfigError(f"eval.extractor={name} is the {dataset} classifier but data.dataset={cfg.data.dataset}: "
                           f"features of another dataset's classifier make a meaningless FID")
     if name == "fashion-cnn":
-        return train_fashion_classifier(out, cfg.data.fashion_dir, seed=cfg.seed, limit=cfg.data.subset, log=log)
+        return train_fashion_classifier(out, cfg.data.fashion_dir, seed=cfg.seed, limit=cfg.data.subset,
+                                        resolution=cfg.tokenizer.resolution, log=log)
     return train_digit_classifier(out, seed=cfg.seed, log=log)
 
 

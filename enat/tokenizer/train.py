@@ -39,18 +39,23 @@ def _sample_latents(z: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor
     return flat[torch.randint(0, flat.shape[0], (n,), generator=g)]
 
 
-def reconstruction_stats(model: VQGAN, images: torch.Tensor, batch_size: int = 256) -> dict:
-    """MSE and PSNR (dB, peak 1, of the mean MSE) of encode -> decode, and the codes used."""
+def reconstruction_stats(model: VQGAN, images: torch.Tensor, batch_size: int = 256, keep: bool = False):
+    """MSE and PSNR (dB, peak 1, of the mean MSE) of encode -> decode, and the codes used;
+    with `keep`, also the reconstructions (clamped to [0, 1])."""
     model.eval()
-    se, used = 0.0, torch.zeros(model.cfg.codebook_size, dtype=torch.bool)
+    se, used, kept = 0.0, torch.zeros(model.cfg.codebook_size, dtype=torch.bool), []
     with torch.no_grad():
         for chunk in images.split(batch_size):
             ids = model.encode(chunk)
             used[ids.unique()] = True
-            se += F.mse_loss(model.decode(ids).clamp(0, 1), chunk, reduction="sum").item()
+            recon = model.decode(ids).clamp(0, 1)
+            se += F.mse_loss(recon, chunk, reduction="sum").item()
+            if keep:
+                kept.append(recon)
     mse = se / images.numel()
-    return {"recon_mse": mse, "psnr_db": 10 * math.log10(1 / mse), "codes_used": int(used.sum()),
-            "images": int(images.shape[0])}
+    stats = {"recon_mse": mse, "psnr_db": 10 * math.log10(1 / mse), "codes_used": int(used.sum()),
+             "images": int(images.shape[0])}
+    return (stats, torch.cat(kept)) if keep else stats
 
 
 def train_tokenizer(cfg: Config, images: torch.Tensor, out: str | Path, log=print, progress: bool | None = None,
