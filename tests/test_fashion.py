@@ -250,3 +250,19 @@ def test_a_smoke_tests_leftovers_are_refused_by_a_run_of_other_images(fashion_di
     (other / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels[:8] + labels[8:][::-1]))
     assert reference_spec(smoke)["id"] != reference_spec(load_config(CONFIG, ["data.subset=8", *paths,
                                                                                f"data.fashion_dir={other}"]))["id"]
+
+
+def test_the_readme_commands_name_the_package_and_existing_recipes():
+    import re
+    import shlex
+
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    block = next(b for b in blocks if "dataset-fashion-mnist" in b)
+    lines = [shlex.split(line) for line in block.strip().splitlines()]
+    assert lines[0] == ["apt-get", "install", "dataset-fashion-mnist"]
+    for argv in lines[1:]:
+        assert argv[1] == "launch/pipeline.py" and argv[2] == "--config" and "--wait" in argv
+        cfg = load_config(ROOT / argv[3])
+        assert cfg.data.dataset == "fashion_mnist" and cfg.model.seq_len == 256
+    archs = {load_config(ROOT / argv[3]).model.arch for argv in lines[1:]}
+    assert archs == {"enat", "nat"}
