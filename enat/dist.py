@@ -10,9 +10,10 @@ import torch
 import torch.distributed as dist
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS says is free on `host` ("" for every address: one other nodes can reach)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 

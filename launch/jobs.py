@@ -14,13 +14,15 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import socket
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import submitit
 
-from enat.dist import close
+from enat.dist import close, free_port
 
 if TYPE_CHECKING:
     from enat.config import Config
@@ -47,6 +49,7 @@ def _distributed_env(cfg: Config) -> submitit.JobEnvironment:
 
     env = submitit.JobEnvironment()
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    os.environ["MASTER_PORT"] = str(_master_port(env, int(os.environ["MASTER_PORT"])))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         # The CPUs the task was given (SLURM's, else launch.cpus_per_task, else a share of the
@@ -56,6 +59,42 @@ def _distributed_env(cfg: Config) -> submitit.JobEnvironment:
         given = os.environ.get("SLURM_CPUS_PER_TASK") or cfg.launch.cpus_per_task
         torch.set_num_threads(int(given or max(1, (os.cpu_count() or 1) // per_node)))
     return env
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def _master_port(env: submitit.JobEnvironment, wanted: int, wait_s: float = 300.0) -> int:
+    """The process group's port. submitit derives it from the job id, so any process on the master
+    node that happens to hold that port (an ephemeral client port, another job's store) makes every
+    rank fail with EADDRINUSE. Rank 0 checks the port on its own node, takes a free one instead when
+    it is held, and publishes its choice in the job's folder (shared by every node, as submitit
+    needs it to be); the other ranks read it there. One file per restart: a requeued job (same id)
+    chooses again."""
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    note = Path(env.paths.folder) / f"{env.job_id}_master_port.{restarts}"
+    if env.global_rank == 0:
+        port = wanted if _port_is_free(wanted) else free_port(host="")
+        if port != wanted:
+            log(f"the job's default MASTER_PORT {wanted} is in use on {socket.gethostname()}: using {port}")
+        if env.num_tasks > 1:
+            tmp = note.with_name(f"{note.name}.tmp.{os.getpid()}")
+            tmp.write_text(str(port))
+            os.replace(tmp, note)
+        return port
+    deadline = time.time() + wait_s
+    while not note.is_file():
+        if time.time() > deadline:
+            raise RuntimeError(f"rank 0 of job {env.job_id} did not publish its MASTER_PORT in {note} within "
+                               f"{wait_s:.0f} s: did rank 0 start? (its log: {env.paths.stdout})")
+        time.sleep(0.2)
+    return int(note.read_text())
 
 
 class TrainJob(submitit.helpers.Checkpointable):

@@ -122,3 +122,49 @@ def test_jobs_do_not_inherit_the_launchers_process_group(tmp_path, monkeypatch):
     jobs = submit_array(ex, job_port_of, [0, 1], poll_s=0.2)
     assert [j.result() for j in jobs] == [None, None]
     assert os.environ["MASTER_PORT"] == "45249"  # the launcher's own environment is left as it was
+
+
+def test_a_held_default_master_port_is_replaced_and_every_rank_agrees(tmp_path, monkeypatch):
+    """CI failed a resubmitted job with EADDRINUSE: submitit's MASTER_PORT comes from the job id,
+    and another process on the node held it. Rank 0 now takes a free port and publishes it in the
+    job's folder; the other ranks use the published one, and a process group forms on it."""
+    import datetime
+    import socket
+
+    import submitit
+    import torch.distributed as dist
+
+    from enat.config import to_dict
+    from launch.jobs import _config, _distributed_env
+
+    cfg = _config(to_dict(load_config(ROOT / "configs/experiments/demo.yaml", ["launch.cluster=local"])))
+    for k in ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_RESTART_COUNT",
+              "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(k, raising=False)
+    env = dict(SUBMITIT_EXECUTOR="slurm", SUBMITIT_FOLDER=str(tmp_path / "%j"), SLURM_JOB_ID="95", SLURM_NTASKS="2",
+               SLURM_JOB_NUM_NODES="1", SLURM_NODEID="0", SLURM_JOB_NODELIST="localhost", SLURM_LOCALID="0")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    (tmp_path / "95").mkdir()
+    default = submitit.helpers.TorchDistributedEnvironment().master_port
+    chosen = {}
+    with socket.socket() as held:
+        held.bind(("", default))
+        held.listen()
+        for rank in (0, 1):  # rank 1 reads what rank 0 published
+            monkeypatch.setenv("SLURM_PROCID", str(rank))
+            monkeypatch.delenv("MASTER_PORT", raising=False)  # each task starts without one
+            _distributed_env(cfg)
+            chosen[rank] = int(os.environ["MASTER_PORT"])
+    assert chosen[0] == chosen[1] != default
+    store = dist.TCPStore("127.0.0.1", chosen[0], 1, True, timeout=datetime.timedelta(seconds=10))
+    store.set("k", "v")
+    assert store.get("k") == b"v"
+    del store
+    # A requeued job (same id, next restart) chooses again: the default, now free.
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    for rank in (0, 1):
+        monkeypatch.setenv("SLURM_PROCID", str(rank))
+        monkeypatch.delenv("MASTER_PORT", raising=False)
+        _distributed_env(cfg)
+        assert int(os.environ["MASTER_PORT"]) == default
