@@ -60,6 +60,23 @@ def parse_floats(text: str | None, what: str, default: list[float]) -> list[floa
         raise EvalError(f"{what} must be comma-separated numbers, got {text!r}") from None
 
 
+def parse_scales(text: str | None, default: list[float]) -> list[float] | dict[str, list[float]]:
+    """--cfg-scales: "0,2" for every model, or a scale per model ("ENAT=2.5,NAT=1", the names of
+    the table) when each is to be compared at the scale a held-out sweep chose for it."""
+    if not text or "=" not in text:
+        return parse_floats(text, "--cfg-scales", default)
+    out: dict[str, list[float]] = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        try:
+            out.setdefault(name.strip(), []).append(float(value))
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise EvalError(f"--cfg-scales: {item!r} is not NAME=SCALE (e.g. ENAT=2.5,NAT=1)")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Models and data
 # ---------------------------------------------------------------------------------------------
@@ -692,8 +709,8 @@ def pareto_front(points: list[dict]) -> list[int]:
     return sorted(front)
 
 
-def analyze_pareto(cfg: Config, subjects: list[Subject], steps_list: list[int], scales: list[float],
-                   num_samples: int | None, device, log=print) -> dict:
+def analyze_pareto(cfg: Config, subjects: list[Subject], steps_list: list[int],
+                   scales: list[float] | dict[str, list[float]], num_samples: int | None, device, log=print) -> dict:
     from tqdm import tqdm
 
     from enat.eval.job import generate_images
@@ -701,12 +718,18 @@ def analyze_pareto(cfg: Config, subjects: list[Subject], steps_list: list[int], 
     from enat.sampling import generate
     from enat.tokenizer import load_tokenizer
 
+    if isinstance(scales, dict):  # a scale per model
+        unknown = sorted(set(scales) - {s.name for s in subjects})
+        missing = [s.name for s in subjects if s.name not in scales]
+        if unknown or missing:
+            raise EvalError(f"--cfg-scales names {unknown or 'no unknown model'} and lacks {missing or 'none'}: "
+                            f"the models here are {[s.name for s in subjects]}")
     tokenizer = load_tokenizer(cfg.tokenizer).to(device)
     scorer = Scorer(cfg, tokenizer, device, log=log)
     n = num_samples or cfg.eval.num_samples
     indices = np.arange(n)
     plan = [(s, reuse, T, w) for s in subjects for reuse in ((True, False) if s.model.supports_reuse else (False,))
-            for T in steps_list for w in scales]
+            for T in steps_list for w in (scales[s.name] if isinstance(scales, dict) else scales)]
     points = []
     warm = set()
     for subject, reuse, T, w in tqdm(plan, desc="pareto", unit="point", disable=not _progress()):
@@ -821,7 +844,7 @@ def run_analysis(what: str, cfg: Config, run_dir: str | Path | None, checkpoint:
     t0 = time.perf_counter()
     if what == "pareto":  # parse the sweep before loading anything
         steps_list = [int(x) for x in parse_floats(steps, "--steps", [4, 8, 12, 16])]
-        scales = parse_floats(cfg_scales, "--cfg-scales", sorted({0.0, cfg.sample.cfg_scale}))
+        scales = parse_scales(cfg_scales, sorted({0.0, cfg.sample.cfg_scale}))
     elif steps or cfg_scales:
         raise EvalError("--steps and --cfg-scales belong to `enat analyze pareto`")
     default_ratios = [0.2, 0.4, 0.6, 0.8] if what == "one-step" else [0.25, 0.5, 0.75]

@@ -567,7 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weights", choices=["ema", "online"], help="default: eval.weights")
     s.add_argument("--ratios", help="attention (default 0.25,0.5,0.75), one-step (default 0.2,0.4,0.6,0.8)")
     s.add_argument("--steps", help="pareto: sampling steps (default 4,8,12,16)")
-    s.add_argument("--cfg-scales", help="pareto: CFG scales (default 0 and sample.cfg_scale)")
+    s.add_argument("--cfg-scales", help="pareto: CFG scales (default 0 and sample.cfg_scale), or one per model: "
+                                            "ENAT=2.5,NAT=1")
     s.add_argument("--num-samples", type=int, help="held-out maps or samples (default: eval.num_samples; "
                                                     "temporal: at most 100)")
     s.add_argument("--out", help="output folder (default RUN/analysis, or next to the checkpoint file)")

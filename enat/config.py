@@ -301,6 +301,9 @@ class EvalConfig:
     extractor: Literal["inception-v3-compat", "digits-cnn", "fashion-cnn"] = "inception-v3-compat"
     extractor_weights: str | None = None  # Inception (pt_inception-2015-12-05) or the digit classifier, by path
     reference_npz: str | None = None  # ADM-style statistics (mu, sigma); else data.val_shards decoded once
+    # fashion_mnist: the real images FID compares with. "test" (10,000) for results; "train" (60,000)
+    # for choosing a setting (CFG scale, steps) without looking at the images the results use.
+    reference_split: Literal["test", "train"] = "test"
     cache_dir: str = "runs/fid_cache"  # reference statistics, keyed by dataset, resolution and extractor
     num_samples: int = 50000  # class-balanced: num_samples / num_classes per class
     batch_size: int = 64
@@ -470,6 +473,9 @@ def resolve(cfg: Config) -> Config:
     if cfg.data.subset is not None and (cfg.data.dataset != "fashion_mnist" or cfg.data.subset < 1):
         raise ConfigError(f"data.subset={cfg.data.subset}: the first N images of each split, N >= 1, for "
                           f"data.dataset=fashion_mnist only")
+    if cfg.eval.reference_split != "test" and cfg.data.dataset != "fashion_mnist":
+        raise ConfigError(f"eval.reference_split={cfg.eval.reference_split} is for data.dataset=fashion_mnist; "
+                          f"other data give their reference by eval.reference_npz or data.val_shards")
     if cfg.data.dataset == "fashion_mnist" and cfg.model.condition == "text":
         raise ConfigError("data.dataset=fashion_mnist has class labels, no captions: use model.condition=class")
     if cfg.data.dataset == "coco" and cfg.data.flip:

@@ -257,6 +257,19 @@ def test_pareto_points_are_the_fid_jobs_numbers(demo):
     assert job["metrics"]["fid"] == pytest.approx(point["fid"], rel=1e-9)
 
 
+def test_pareto_compares_each_model_at_its_own_cfg_scale(demo):
+    """The main table compares models each at the CFG scale its held-out sweep chose."""
+    d, cfg = demo
+    kw = dict(baseline=str(d / "nat.pt"), steps="2", num_samples=10, out=str(d / "own"), log=lambda *_: None)
+    res = run_analysis("pareto", cfg, None, str(d / "enat.pt"), cfg_scales="ENAT=2.5,NAT=0", **kw)
+    assert sorted((p["model"], p["reuse"], p["cfg_scale"]) for p in res["points"]) == \
+        [("ENAT", False, 2.5), ("ENAT", True, 2.5), ("NAT", False, 0.0)]
+    for bad, match in (("ENAT=2", r"lacks \['NAT'\]"), ("ENAT=2,NAT=1,DiT=3", r"names \['DiT'\]"),
+                       ("ENAT=x", "is not NAME=SCALE")):
+        with pytest.raises(EvalError, match=match):
+            run_analysis("pareto", cfg, None, str(d / "enat.pt"), cfg_scales=bad, **kw)
+
+
 def test_command_writes_files_and_refuses_mismatches(demo, capsys):
     from enat.cli import main
 

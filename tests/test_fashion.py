@@ -143,6 +143,28 @@ def test_the_classifier_refuses_another_datasets_weights_and_data(fashion_dir, t
         train_extractor(demo, tmp_path / "x.pt")
 
 
+def test_a_setting_can_be_chosen_against_the_training_images_not_the_test_ones(fashion_dir, tmp_path):
+    """eval.reference_split=train: FID against training images, for sweeps whose choice the test
+    images (the results' reference) must not see. Another id, so another cache entry."""
+    from enat.eval.fidelity import FashionNet, build_extractor
+    from enat.eval.job import reference_spec, reference_stats
+    from enat.models.weights import torch_save_atomic
+
+    torch_save_atomic({"format": "enat-fashion-classifier", "num_classes": 10, "state_dict": FashionNet().state_dict()},
+                      tmp_path / "fx.pt")
+    common = ["data.subset=16", f"eval.extractor_weights={tmp_path / 'fx.pt'}", f"eval.cache_dir={tmp_path / 'c'}"]
+    test, train = (load_config(CONFIG, [*common, f"eval.reference_split={s}"]) for s in ("test", "train"))
+    specs = reference_spec(test), reference_spec(train)
+    assert [s["kind"] for s in specs] == ["fashion-test", "fashion-train"] and specs[0]["id"] != specs[1]["id"]
+    ex = build_extractor("fashion-cnn", str(tmp_path / "fx.pt"))
+    stats = [reference_stats(c, s, ex, None, log=lambda *_: None) for c, s in zip((test, train), specs)]
+    for split, st in zip(("test", "train"), stats):
+        assert st["labels"].tolist() == read_split(split)[1][:16].tolist()
+    assert not np.allclose(stats[0]["mu"], stats[1]["mu"])
+    with pytest.raises(ConfigError, match="eval.reference_split=train is for data.dataset=fashion_mnist"):
+        load_config(ROOT / "configs/experiments/demo.yaml", ["eval.reference_split=train"])
+
+
 @pytest.mark.slow
 def test_a_slice_of_the_real_data_through_the_launchers(fashion_dir, tmp_path):
     """The recipe end to end on the first 512 images of each split: the prepare job trains the

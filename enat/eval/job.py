@@ -145,15 +145,17 @@ def reference_spec(cfg: Config) -> dict:
         return spec
     if cfg.data.dataset == "digits":
         return {"kind": "digits-val", "id": f"digits-val-{res}px-{cfg.eval.extractor}", "resolution": res}
-    if cfg.data.dataset == "fashion_mnist":  # the 10,000 real test images, not their reconstructions
+    if cfg.data.dataset == "fashion_mnist":  # real images (the test split by default), not reconstructions
         w = cfg.eval.extractor_weights
         weights = file_sha256(w)[:12] if w and Path(w).is_file() else "none"
         from enat.data.fashion import files_id
 
+        split = cfg.eval.reference_split
         subset = f"-first{cfg.data.subset}" if cfg.data.subset else ""
-        files = files_id("test", cfg.data.fashion_dir)  # which files: MNIST's have the same names and shapes
-        return {"kind": "fashion-test", "path": str(cfg.data.fashion_dir), "resolution": res, "subset": cfg.data.subset,
-                "files": files, "id": f"fashion-test{subset}-{files}-{res}px-{cfg.eval.extractor}-{weights}"}
+        files = files_id(split, cfg.data.fashion_dir)  # which files: MNIST's have the same names and shapes
+        return {"kind": f"fashion-{split}", "split": split, "path": str(cfg.data.fashion_dir), "resolution": res,
+                "subset": cfg.data.subset, "files": files,
+                "id": f"fashion-{split}{subset}-{files}-{res}px-{cfg.eval.extractor}-{weights}"}
     if cfg.data.dataset == "coco":
         return images_spec(cfg)
     if cfg.data.val_shards is None:
@@ -266,7 +268,8 @@ def _reference_record(cfg: Config, spec: dict, info: dict) -> dict:
     return {"id": spec["id"], "kind": spec["kind"], "images": spec.get("path", "digits: validation split"),
             "captions": spec.get("captions"), "captions_sha256": spec.get("captions_sha256"),
             "crop": spec.get("crop", {"digits-val": "none (the demo's 32 px digits)",
-                                      "fashion-test": "28 px zero-padded to 32, bilinear to the resolution"}
+                                      "fashion-test": "28 px zero-padded to 32, bilinear to the resolution",
+                                      "fashion-train": "28 px zero-padded to 32, bilinear to the resolution"}
                              .get(spec["kind"], "decoded shards")),
             "resolution": spec["resolution"], **info,
             "extractor": {"name": cfg.eval.extractor, "weights": w,
@@ -304,11 +307,11 @@ def reference_stats(cfg: Config, spec: dict, extractor, tokenizer, log=print) ->
 
             images, labels, _ = load_digits("val", cfg.tokenizer.resolution)
             u8 = torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2).contiguous()
-        elif spec["kind"] == "fashion-test":
+        elif spec["kind"] in ("fashion-test", "fashion-train"):
             from enat.data.fashion import FashionError, load_fashion
 
             try:
-                images, labels, _ = load_fashion("test", cfg.tokenizer.resolution, cfg.data.fashion_dir,
+                images, labels, _ = load_fashion(spec["split"], cfg.tokenizer.resolution, cfg.data.fashion_dir,
                                                  limit=spec.get("subset"))
             except FashionError as e:
                 raise EvalError(str(e)) from None
