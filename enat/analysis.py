@@ -864,9 +864,15 @@ def run_analysis(what: str, cfg: Config, run_dir: str | Path | None, checkpoint:
     result["wall_time_s"] = time.perf_counter() - t0
     result["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
 
+    header, rows, png = write_analysis(what, result, output_dir(run_dir, checkpoint, out), log=log)
+    _log_wandb(cfg, run_dir, what.replace("-", "_"), header, rows, png, subjects[0].step)
+    return result
+
+
+def write_analysis(what: str, result: dict, folder: Path, log=print) -> tuple[list[str], list[list], Path]:
+    """FOLDER/NAME.json (the record), .md (the table) and .png (the figure)."""
     table, figure = ANALYSES[what]
     name = what.replace("-", "_")
-    folder = output_dir(run_dir, checkpoint, out)
     folder.mkdir(parents=True, exist_ok=True)
     header, rows = table(result)
     md = markdown(header, rows)
@@ -877,9 +883,55 @@ def run_analysis(what: str, cfg: Config, run_dir: str | Path | None, checkpoint:
     tmp = files["json"].with_name(files["json"].name + ".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(files["json"])
-    _log_wandb(cfg, run_dir, name, header, rows, files["png"], subjects[0].step)
     log(md + f"wrote {files['json']}, {files['md'].name}, {files['png'].name} "
              f"({result['wall_time_s']:.0f} s)")
+    return header, rows, files["png"]
+
+
+# What pareto records merged from several jobs must share: points measured otherwise do not compare.
+PARETO_PROTOCOL = ("num_samples", "grid", "reference", "extractor", "extractor_weights", "weights")
+
+
+def merge_pareto(paths: list[str | Path], out: str | Path, log=print) -> dict:
+    """`enat analyze pareto --merge A.json B.json --out DIR`: one Pareto sweep split over jobs (by
+    model or steps, to use more machines) -> one record, the front taken over all the points."""
+    records = []
+    for path in map(Path, paths):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise EvalError(f"--merge: cannot read {path}: {e}") from None
+        if record.get("analysis") != "pareto":
+            raise EvalError(f"--merge: {path} is not a pareto record (analysis: {record.get('analysis')!r})")
+        records.append((path, record))
+    if len(records) < 2:
+        raise EvalError("--merge needs two or more pareto.json files")
+    first_path, first = records[0]
+    for path, record in records[1:]:
+        for key in PARETO_PROTOCOL:
+            if record.get(key) != first.get(key):
+                raise EvalError(f"--merge: {path} and {first_path} differ in {key} ({record.get(key)!r} against "
+                                f"{first.get(key)!r}): their FIDs do not compare")
+    points, seen, models = [], {}, {}
+    for path, record in records:
+        for p in record["points"]:
+            key = (p["model"], p["reuse"], p["steps"], p["cfg_scale"])
+            if key in seen:
+                raise EvalError(f"--merge: the point {key} is in both {seen[key]} and {path}")
+            seen[key] = path
+            points.append({k: v for k, v in p.items() if k != "pareto"})
+        for m in record["models"]:
+            if models.setdefault(m["name"], m) != m:
+                raise EvalError(f"--merge: {path} has another {m['name']} ({m}) than {models[m['name']]}")
+    for i in pareto_front(points):
+        points[i]["pareto"] = True
+    result = {**{k: v for k, v in first.items() if k not in ("files", "created", "wall_time_s", "device", "threads")},
+              "models": list(models.values()), "points": points,
+              "merged_from": [{"path": str(path), "device": r.get("device"), "threads": r.get("threads"),
+                               "created": r.get("created"), "wall_time_s": r.get("wall_time_s")} for path, r in records],
+              "wall_time_s": sum(r.get("wall_time_s", 0.0) for _, r in records),
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    write_analysis("pareto", result, Path(out), log=log)
     return result
 
 

@@ -397,8 +397,13 @@ def cmd_eval(args) -> None:
 
 
 def cmd_analyze(args) -> None:
-    from enat.analysis import run_analysis
+    from enat.analysis import merge_pareto, run_analysis
 
+    if args.merge:
+        if args.what != "pareto" or not args.out:
+            raise ConfigError("--merge belongs to `enat analyze pareto --merge A.json B.json --out DIR`")
+        merge_pareto(args.merge, args.out)
+        return
     config = args.config or (Path(args.run) / "config.yaml" if args.run else None)
     if config is None or not Path(config).is_file():
         raise ConfigError(f"no config: give --config (or --run with a config.yaml inside); looked at {config}")
@@ -572,6 +577,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-samples", type=int, help="held-out maps or samples (default: eval.num_samples; "
                                                     "temporal: at most 100)")
     s.add_argument("--out", help="output folder (default RUN/analysis, or next to the checkpoint file)")
+    s.add_argument("--merge", nargs="+", metavar="PARETO_JSON",
+                   help="pareto: merge the records of one sweep split over jobs (same samples and reference) "
+                        "into one table and front under --out")
     s.set_defaults(func=cmd_analyze)
 
     s = sub.add_parser("extractor", help="the demo's FID feature extractor")

@@ -260,6 +260,8 @@ def test_pareto_points_are_the_fid_jobs_numbers(demo):
 def test_pareto_compares_each_model_at_its_own_cfg_scale(demo):
     """The main table compares models each at the CFG scale its held-out sweep chose."""
     d, cfg = demo
+    if cfg.model.grid_size != 8:
+        pytest.skip("bookkeeping of points, the same at any grid: the 256-like models are enough")
     kw = dict(baseline=str(d / "nat.pt"), steps="2", num_samples=10, out=str(d / "own"), log=lambda *_: None)
     res = run_analysis("pareto", cfg, None, str(d / "enat.pt"), cfg_scales="ENAT=2.5,NAT=0", **kw)
     assert sorted((p["model"], p["reuse"], p["cfg_scale"]) for p in res["points"]) == \
@@ -268,6 +270,36 @@ def test_pareto_compares_each_model_at_its_own_cfg_scale(demo):
                        ("ENAT=x", "is not NAME=SCALE")):
         with pytest.raises(EvalError, match=match):
             run_analysis("pareto", cfg, None, str(d / "enat.pt"), cfg_scales=bad, **kw)
+
+
+@pytest.mark.slow
+def test_a_pareto_sweep_split_over_jobs_merges_into_one_front(demo):
+    """Models (or steps) measured by separate jobs: one table, the front over every point, and
+    records that do not compare (other samples, another reference) refused."""
+    from enat.analysis import merge_pareto, pareto_front
+
+    d, cfg = demo
+    if cfg.model.grid_size != 8:
+        pytest.skip("bookkeeping of points, the same at any grid: the 256-like models are enough")
+    kw = dict(baseline=str(d / "nat.pt"), num_samples=10, log=lambda *_: None)
+    run_analysis("pareto", cfg, None, str(d / "enat.pt"), steps="2", cfg_scales="2", out=str(d / "m1"), **kw)
+    run_analysis("pareto", cfg, None, str(d / "enat.pt"), steps="3", cfg_scales="0,2", out=str(d / "m2"), **kw)
+    parts = [json.loads((d / f"m{i}/pareto.json").read_text()) for i in (1, 2)]
+    merged = merge_pareto([d / "m1/pareto.json", d / "m2/pareto.json"], d / "merged", log=lambda *_: None)
+    assert [(p["model"], p["fid"]) for p in merged["points"]] == \
+        [(p["model"], p["fid"]) for r in parts for p in r["points"]]
+    front = [i for i, p in enumerate(merged["points"]) if p.get("pareto")]
+    assert front == pareto_front(merged["points"]) and {m["name"] for m in merged["models"]} == {"ENAT", "NAT"}
+    assert json.loads((d / "merged/pareto.json").read_text())["points"] == merged["points"]
+    with pytest.raises(EvalError, match="is in both"):
+        merge_pareto([d / "m1/pareto.json", d / "m1/pareto.json"], d / "x", log=lambda *_: None)
+    run_analysis("pareto", cfg, None, str(d / "enat.pt"), steps="4", cfg_scales="1", out=str(d / "m3"),
+                 **{**kw, "num_samples": 12})
+    with pytest.raises(EvalError, match="differ in num_samples"):
+        merge_pareto([d / "m1/pareto.json", d / "m3/pareto.json"], d / "x", log=lambda *_: None)
+    (d / "other.json").write_text(json.dumps({"analysis": "one-step"}))
+    with pytest.raises(EvalError, match="not a pareto record"):
+        merge_pareto([d / "m1/pareto.json", d / "other.json"], d / "x", log=lambda *_: None)
 
 
 def test_command_writes_files_and_refuses_mismatches(demo, capsys):
