@@ -99,6 +99,32 @@ def test_float64_npz_path_matches_torch_fidelity(ref, tmp_path):
     assert {"isc_mean", "kid_mean", "precision", "recall"} <= set(full)
 
 
+def test_precision_recall_use_as_many_reference_features_as_samples():
+    """A reference larger than the samples is subsampled for precision/recall (equal-size sets):
+    all 60,000 Fashion-MNIST training features took 22 GB and were killed. The subsample is the
+    seeded one; a reference no larger than the samples is used whole."""
+    tf = import_torch_fidelity()
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    g = torch.Generator().manual_seed(0)
+    gen = torch.randn(200, 16, generator=g, dtype=torch.float64)
+    ref = torch.cat([torch.randn(200, 16, generator=g, dtype=torch.float64) + 0.5,
+                     torch.randn(800, 16, generator=g, dtype=torch.float64) * 3])
+    logits = torch.randn(200, 10, generator=g, dtype=torch.float64).numpy()
+    mu, sigma = statistics(ref.numpy())
+
+    def prc(a, b):
+        pr = prc_features_to_metric(a, b, prc_neighborhood=3, prc_batch_size=10000, verbose=False)
+        return pr[tf.KEY_METRIC_PRECISION], pr[tf.KEY_METRIC_RECALL]
+
+    out = metrics({"pool": gen.numpy(), "logits": logits}, {"mu": mu, "sigma": sigma, "pool": ref.numpy()}, seed=3)
+    sub = ref[torch.randperm(1000, generator=torch.Generator().manual_seed(3))[:200]]
+    assert (out["precision"], out["recall"]) == pytest.approx(prc(gen, sub), rel=1e-12)
+    assert (out["precision"], out["recall"]) != pytest.approx(prc(gen, ref), rel=1e-3)
+    small = metrics({"pool": gen.numpy(), "logits": logits}, {"mu": mu, "sigma": sigma, "pool": ref[:150].numpy()})
+    assert (small["precision"], small["recall"]) == pytest.approx(prc(gen, ref[:150]), rel=1e-12)
+
+
 # --- the job --------------------------------------------------------------------------------
 
 
