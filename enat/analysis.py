@@ -780,6 +780,7 @@ def pareto_figure(result: dict, path: Path) -> Path:
     scales = sorted({p["cfg_scale"] for p in points})
     for k, (model, reuse) in enumerate(series):
         color = plt.get_cmap("tab10")(k)
+        largest = max(p["cfg_scale"] for p in points if (p["model"], p["reuse"]) == (model, reuse))
         for j, w in enumerate(scales):
             pts = sorted((p for p in points if p["model"] == model and p["reuse"] == reuse and p["cfg_scale"] == w),
                          key=lambda p: p["tflops"])
@@ -787,7 +788,7 @@ def pareto_figure(result: dict, path: Path) -> Path:
                 continue
             label = f"{model}{' + reuse' if reuse else (' no reuse' if model.startswith('ENAT') else '')}, CFG {w:g}"
             ax.plot([p["tflops"] for p in pts], [p["fid"] for p in pts], marker=markers[j % len(markers)],
-                    color=color, ls="-" if j == len(scales) - 1 else ":", label=label)
+                    color=color, ls="-" if w == largest else ":", label=label)
             for p in pts:
                 ax.annotate(str(p["steps"]), (p["tflops"], p["fid"]), fontsize=6, xytext=(3, 3),
                             textcoords="offset points")

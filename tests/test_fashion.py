@@ -288,3 +288,24 @@ def test_the_readme_commands_name_the_package_and_existing_recipes():
         assert cfg.data.dataset == "fashion_mnist" and cfg.model.seq_len == 256
     archs = {load_config(ROOT / argv[3]).model.arch for argv in lines[1:]}
     assert archs == {"enat", "nat"}
+
+
+def test_the_readme_result_commands_parse_and_name_existing_configs():
+    """Every `enat` command of the README's Fashion-MNIST section parses, and its config
+    overrides are real keys: the section's tables come from these commands."""
+    import re
+    import shlex
+
+    from enat.cli import build_parser
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Real images: Fashion-MNIST"):]
+    section = section[:section.index("\n## ", 1)]
+    commands = [c for b in re.findall(r"```bash\n(.*?)```", section, re.S)
+                for c in b.replace("\\\n", " ").splitlines() if c.startswith(".venv/bin/enat ")]
+    assert len(commands) >= 5, commands
+    for command in commands:
+        argv = shlex.split(command.replace("$E", "runs/sweeps/fashion_size/enat-w64-4+1"))[1:]
+        args, extra = build_parser().parse_known_args(argv)
+        assert not extra, (command, extra)
+        load_config(CONFIG, [o for o in getattr(args, "overrides", []) or []])  # unknown keys raise
