@@ -296,7 +296,7 @@ def test_the_readme_result_commands_parse_and_name_existing_configs():
     import re
     import shlex
 
-    from enat.cli import build_parser
+    from enat.cli import OVERRIDE, build_parser
 
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## Real images: Fashion-MNIST"):]
@@ -307,5 +307,5 @@ def test_the_readme_result_commands_parse_and_name_existing_configs():
     for command in commands:
         argv = shlex.split(command.replace("$E", "runs/sweeps/fashion_size/enat-w64-4+1"))[1:]
         args, extra = build_parser().parse_known_args(argv)
-        assert not extra, (command, extra)
-        load_config(CONFIG, [o for o in getattr(args, "overrides", []) or []])  # unknown keys raise
+        assert all(OVERRIDE.fullmatch(x) for x in extra), (command, extra)  # as enat.cli.main takes them
+        load_config(CONFIG, [*(getattr(args, "overrides", None) or []), *extra])  # unknown keys raise
