@@ -890,7 +890,8 @@ def write_analysis(what: str, result: dict, folder: Path, log=print) -> tuple[li
 
 
 # What pareto records merged from several jobs must share: points measured otherwise do not compare.
-PARETO_PROTOCOL = ("num_samples", "grid", "reference", "extractor", "extractor_weights", "weights")
+# img/s compares only on one kind of machine: "device" too.
+PARETO_PROTOCOL = ("num_samples", "grid", "reference", "extractor", "extractor_weights", "weights", "device")
 
 
 def merge_pareto(paths: list[str | Path], out: str | Path, log=print) -> dict:
@@ -902,8 +903,15 @@ def merge_pareto(paths: list[str | Path], out: str | Path, log=print) -> dict:
             record = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise EvalError(f"--merge: cannot read {path}: {e}") from None
-        if record.get("analysis") != "pareto":
-            raise EvalError(f"--merge: {path} is not a pareto record (analysis: {record.get('analysis')!r})")
+        if not isinstance(record, dict) or record.get("analysis") != "pareto":
+            what = record.get("analysis") if isinstance(record, dict) else type(record).__name__
+            raise EvalError(f"--merge: {path} is not a pareto record (analysis: {what!r})")
+        points, models = record.get("points"), record.get("models")
+        if not (isinstance(points, list) and isinstance(models, list)
+                and all(isinstance(p, dict) and {"model", "reuse", "steps", "cfg_scale", "tflops", "fid"} <= set(p)
+                        for p in points)
+                and all(isinstance(m, dict) and "name" in m for m in models)):
+            raise EvalError(f"--merge: {path} is a damaged pareto record (its points or models lack fields)")
         records.append((path, record))
     if len(records) < 2:
         raise EvalError("--merge needs two or more pareto.json files")

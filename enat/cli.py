@@ -402,6 +402,11 @@ def cmd_analyze(args) -> None:
     if args.merge:
         if args.what != "pareto" or not args.out:
             raise ConfigError("--merge belongs to `enat analyze pareto --merge A.json B.json --out DIR`")
+        ignored = [f"--{k.replace('_', '-')}" for k in ("run", "config", "baseline", "weights", "ratios", "steps",
+                                                        "cfg_scales", "num_samples") if getattr(args, k, None)]
+        if ignored or args.overrides:
+            raise ConfigError(f"--merge joins measured records and takes only --out; drop "
+                              f"{' '.join(ignored + list(args.overrides))}")
         merge_pareto(args.merge, args.out)
         return
     config = args.config or (Path(args.run) / "config.yaml" if args.run else None)

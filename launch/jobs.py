@@ -62,7 +62,10 @@ def _distributed_env(cfg: Config) -> submitit.JobEnvironment:
 
 
 def _port_is_free(port: int) -> bool:
+    """Bindable as the process group's store binds it (SO_REUSEADDR: a closed port still in
+    TIME_WAIT counts as free)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("", port))
         except OSError:
@@ -77,8 +80,7 @@ def _master_port(env: submitit.JobEnvironment, wanted: int, wait_s: float = 300.
     it is held, and publishes its choice in the job's folder (shared by every node, as submitit
     needs it to be); the other ranks read it there. One file per restart: a requeued job (same id)
     chooses again."""
-    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
-    note = Path(env.paths.folder) / f"{env.job_id}_master_port.{restarts}"
+    note = _port_note(env)
     if env.global_rank == 0:
         port = wanted if _port_is_free(wanted) else free_port(host="")
         if port != wanted:
@@ -97,6 +99,18 @@ def _master_port(env: submitit.JobEnvironment, wanted: int, wait_s: float = 300.
     return int(note.read_text())
 
 
+def _port_note(env: submitit.JobEnvironment) -> Path:
+    return Path(env.paths.folder) / f"{env.job_id}_master_port.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+
+
+def _forget_master_port(env: submitit.JobEnvironment) -> None:
+    """Rank 0, once every rank has joined: a restart under the same job id and restart count
+    (submitit's local executor requeues so, without SLURM_RESTART_COUNT) must not read this
+    start's port."""
+    if env.global_rank == 0:
+        _port_note(env).unlink(missing_ok=True)
+
+
 class TrainJob(submitit.helpers.Checkpointable):
     """`takeover` applies to the first start only: a requeue retakes its own lease anyway, and a
     requeued job must never seize a run directory someone else has started writing since."""
@@ -113,6 +127,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         log(f"rank {env.global_rank}/{env.num_tasks} of job {env.job_id} (restart {restarts}): "
             f"run {cfg.train.run_dir}")
         result = train(cfg, stop_at=stop_at, should_stop=stop.is_set, log=log, takeover=takeover and restarts == 0)
+        _forget_master_port(env)  # every rank joined the process group long ago
         if not result.get("interrupted"):
             close()
             return result

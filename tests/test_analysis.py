@@ -273,7 +273,7 @@ def test_pareto_compares_each_model_at_its_own_cfg_scale(demo):
 
 
 @pytest.mark.slow
-def test_a_pareto_sweep_split_over_jobs_merges_into_one_front(demo):
+def test_a_pareto_sweep_split_over_jobs_merges_into_one_front(demo, capsys):
     """Models (or steps) measured by separate jobs: one table, the front over every point, and
     records that do not compare (other samples, another reference) refused."""
     from enat.analysis import merge_pareto, pareto_front
@@ -300,6 +300,14 @@ def test_a_pareto_sweep_split_over_jobs_merges_into_one_front(demo):
     (d / "other.json").write_text(json.dumps({"analysis": "one-step"}))
     with pytest.raises(EvalError, match="not a pareto record"):
         merge_pareto([d / "m1/pareto.json", d / "other.json"], d / "x", log=lambda *_: None)
+    (d / "bad.json").write_text(json.dumps({**parts[1], "points": [{"model": "NAT"}]}))
+    with pytest.raises(EvalError, match="damaged pareto record"):
+        merge_pareto([d / "m1/pareto.json", d / "bad.json"], d / "x", log=lambda *_: None)
+    from enat.cli import main
+
+    rc = main(["analyze", "pareto", "--merge", str(d / "m1/pareto.json"), str(d / "m2/pareto.json"), "--out",
+               str(d / "x"), "--steps", "4", "sample.steps=4"])
+    assert rc == 2 and "takes only --out; drop --steps sample.steps=4" in capsys.readouterr().err
 
 
 def test_command_writes_files_and_refuses_mismatches(demo, capsys):

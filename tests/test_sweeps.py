@@ -132,15 +132,20 @@ def test_a_held_default_master_port_is_replaced_and_every_rank_agrees(tmp_path, 
     import socket
 
     import submitit
+    import torch
     import torch.distributed as dist
 
     from enat.config import to_dict
     from launch.jobs import _config, _distributed_env
 
     cfg = _config(to_dict(load_config(ROOT / "configs/experiments/demo.yaml", ["launch.cluster=local"])))
-    for k in ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_RESTART_COUNT",
-              "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
-        monkeypatch.delenv(k, raising=False)
+    # setenv first, so that monkeypatch restores (or removes) what _distributed_env sets: a RANK=1
+    # left in this process would make a later in-process run wait for its rank 0
+    for k in ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+              "SLURM_RESTART_COUNT", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "DS_ACCELERATOR"):
+        monkeypatch.setenv(k, "")
+        monkeypatch.delenv(k)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # keep this process's threads
     env = dict(SUBMITIT_EXECUTOR="slurm", SUBMITIT_FOLDER=str(tmp_path / "%j"), SLURM_JOB_ID="95", SLURM_NTASKS="2",
                SLURM_JOB_NUM_NODES="1", SLURM_NODEID="0", SLURM_JOB_NODELIST="localhost", SLURM_LOCALID="0")
     for k, v in env.items():
@@ -168,3 +173,12 @@ def test_a_held_default_master_port_is_replaced_and_every_rank_agrees(tmp_path, 
         monkeypatch.delenv("MASTER_PORT", raising=False)
         _distributed_env(cfg)
         assert int(os.environ["MASTER_PORT"]) == default
+    # Once every rank has joined, rank 0 removes the note: a restart under the same id and count
+    # (the local executor's requeue) waits for the new start's rank 0 instead of reading it.
+    from launch.jobs import _forget_master_port, _master_port
+
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    _forget_master_port(submitit.JobEnvironment())
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    with pytest.raises(RuntimeError, match="did not publish its MASTER_PORT"):
+        _master_port(submitit.JobEnvironment(), default, wait_s=0.5)
