@@ -86,9 +86,9 @@ def _master_port(env: submitit.JobEnvironment, wanted: int, wait_s: float = 300.
         if port != wanted:
             log(f"the job's default MASTER_PORT {wanted} is in use on {socket.gethostname()}: using {port}")
         if env.num_tasks > 1:
-            tmp = note.with_name(f"{note.name}.tmp.{os.getpid()}")
-            tmp.write_text(str(port))
-            os.replace(tmp, note)
+            from enat.train.checkpoint import write_atomic
+
+            write_atomic(note, str(port))
         return port
     deadline = time.time() + wait_s
     while not note.is_file():

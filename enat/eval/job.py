@@ -155,6 +155,7 @@ def reference_spec(cfg: Config) -> dict:
         files = files_id(split, cfg.data.fashion_dir)  # which files: MNIST's have the same names and shapes
         return {"kind": f"fashion-{split}", "split": split, "path": str(cfg.data.fashion_dir), "resolution": res,
                 "subset": cfg.data.subset, "files": files,
+                "crop": "28 px zero-padded to 32, bilinear to the resolution",
                 "id": f"fashion-{split}{subset}-{files}-{res}px-{cfg.eval.extractor}-{weights}"}
     if cfg.data.dataset == "coco":
         return images_spec(cfg)
@@ -267,10 +268,8 @@ def _reference_record(cfg: Config, spec: dict, info: dict) -> dict:
     w = cfg.eval.extractor_weights
     return {"id": spec["id"], "kind": spec["kind"], "images": spec.get("path", "digits: validation split"),
             "captions": spec.get("captions"), "captions_sha256": spec.get("captions_sha256"),
-            "crop": spec.get("crop", {"digits-val": "none (the demo's 32 px digits)",
-                                      "fashion-test": "28 px zero-padded to 32, bilinear to the resolution",
-                                      "fashion-train": "28 px zero-padded to 32, bilinear to the resolution"}
-                             .get(spec["kind"], "decoded shards")),
+            "crop": spec.get("crop", "none (the demo's 32 px digits)" if spec["kind"] == "digits-val"
+                             else "decoded shards"),
             "resolution": spec["resolution"], **info,
             "extractor": {"name": cfg.eval.extractor, "weights": w,
                           "weights_sha256": file_sha256(w) if w and Path(w).is_file() else None},
@@ -307,7 +306,7 @@ def reference_stats(cfg: Config, spec: dict, extractor, tokenizer, log=print) ->
 
             images, labels, _ = load_digits("val", cfg.tokenizer.resolution)
             u8 = torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2).contiguous()
-        elif spec["kind"] in ("fashion-test", "fashion-train"):
+        elif spec["kind"].startswith("fashion-"):
             from enat.data.fashion import FashionError, load_fashion
 
             try:
