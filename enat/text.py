@@ -32,6 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from enat.files import file_sha256
+from enat.torchvision_guard import import_guarded
+
 MARKER = "enat_text_encoder.json"
 VOCAB = "vocab.json"
 # <eos> is id 3, not 2: transformers' CLIP pooling treats eos_token_id == 2 as "take the
@@ -50,11 +53,10 @@ class TextEncoderError(ValueError):
 
 def _transformers():
     """transformers, importable on a CPU-only torch: its CLIP classes pull in torchvision, whose
-    missing op schemas the FID module registers first."""
+    missing op schemas the guard defines first. Imported here, not at the top: an optional
+    dependency (enat[text]) and seconds of start-up."""
     os.environ["HF_HUB_OFFLINE"] = "1"  # belt and braces: local_files_only is passed everywhere too
-    from enat.eval.fidelity import import_torch_fidelity
-
-    import_torch_fidelity()
+    import_guarded("torchvision")
     import transformers
 
     transformers.logging.set_verbosity_error()  # tiny demo configs trip harmless config warnings
@@ -206,8 +208,6 @@ class TextEncoder:
 
     def sha256(self) -> str:
         if self._sha256 is None:
-            from enat.data.shards import file_sha256
-
             w = _weights_file(self.path)
             self._sha256 = file_sha256(w) if w is not None else ""
         return self._sha256

@@ -21,9 +21,10 @@ from enat.data.captions import (DEMO_WORDS, AttributeModel, attribute_agreement,
                                 digit_captions)
 from enat.data.digits import load_digits
 from enat.data.loader import ShardSet, TokenLoader
-from enat.data.shards import NULL_CONTEXT, Manifest, ShardError, file_sha256, index_path
+from enat.data.shards import NULL_CONTEXT, Manifest, ShardError, index_path
 from enat.data.tokenize import (CaptionedDigitsSource, CocoSource, DigitsSource, merge_parts, tokenize_part,
                                 uvit_center_crop)
+from enat.files import file_sha256
 from enat.text import (TextEncoderError, build_demo_text_encoder, clip_score, load_text_encoder, words_of)
 
 L, C = 16, 32  # a tiny demo encoder: hidden 32, 2 layers

@@ -45,7 +45,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from enat.data.shards import Manifest, ShardError, file_sha256, read_index
+from enat.data.shards import Manifest, ShardError, read_index
+from enat.files import file_sha256
 from enat.rng import derive_seed, hash_uniform
 
 CAPTION_TAG = 0xCA9  # the counter stream of the caption choice (the drop uses 0xCF6, as labels)

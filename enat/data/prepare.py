@@ -14,6 +14,7 @@ from pathlib import Path
 
 from enat.config import Config
 from enat.data.shards import MANIFEST, ShardError
+from enat.files import file_sha256
 
 # The datasets whose tokenizer this project trains itself (no released tokenizer fits them): the
 # embedded digits, and Fashion-MNIST read from its local IDX files.
@@ -231,8 +232,6 @@ def tokenizer_mismatch(cfg: Config) -> str | None:
     record its sha256), or None: ids of one codebook decoded by another are noise, and a
     retrained tokenizer at the same path is the easy way to get there."""
     import json
-
-    from enat.data.shards import file_sha256
 
     tok = cfg.tokenizer.checkpoint
     if tok is None or not Path(tok).is_file():

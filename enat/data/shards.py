@@ -23,7 +23,6 @@ of the empty caption '', (L, C) float16 in `null_context.npy`, with its sha256) 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -162,14 +161,6 @@ def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def index_path(tar_path: str | Path) -> Path:

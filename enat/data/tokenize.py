@@ -37,7 +37,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from enat.data.shards import (NULL_CONTEXT, Manifest, ShardError, TextLayout, file_sha256, scan_shard, write_atomic,
+from enat.files import file_sha256
+from enat.data.shards import (NULL_CONTEXT, Manifest, ShardError, TextLayout, scan_shard, write_atomic,
                               write_index)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG"}

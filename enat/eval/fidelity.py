@@ -1,9 +1,7 @@
 """Features and metrics through torch-fidelity.
 
-torch-fidelity imports torchvision, whose PyPI build is a CUDA build: on a CPU-only torch its
-import fails with `operator torchvision::nms does not exist`. `import_torch_fidelity` defines the
-two missing operator schemas (no kernels; torch-fidelity uses none of torchvision's compiled ops)
-only when that happens, and only here.
+torch-fidelity imports torchvision, whose PyPI build fails to import on a CPU-only torch;
+`import_torch_fidelity` goes through `enat.torchvision_guard` and registers the project's extractors.
 
 Extractors: torch-fidelity's Inception ("inception-v3-compat", the TF-FID network of the standard
 protocol; weights by path for offline nodes) and "digits-cnn", a small classifier the project
@@ -23,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from enat.torchvision_guard import import_guarded
+
 _TF = None
 
 
@@ -31,24 +31,13 @@ class EvalError(ValueError):
 
 
 def import_torch_fidelity():
+    """torch-fidelity, through the ground floor's torchvision guard, with the project's
+    extractors registered."""
     global _TF
-    if _TF is not None:
-        return _TF
-    try:
-        import torch_fidelity
-    except RuntimeError as e:
-        if "torchvision::nms" not in str(e):
-            raise
-        for name in [m for m in list(__import__("sys").modules) if m.startswith(("torchvision", "torch_fidelity"))]:
-            del __import__("sys").modules[name]
-        lib = torch.library.Library("torchvision", "DEF")  # schemas only, for the import to succeed
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
-        import_torch_fidelity._lib = lib
-        import torch_fidelity
-    _TF = torch_fidelity
-    _register(torch_fidelity)
-    return torch_fidelity
+    if _TF is None:
+        _TF = import_guarded("torch_fidelity")
+        _register(_TF)
+    return _TF
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,9 +40,9 @@ import numpy as np
 import torch
 
 from enat.config import Config, ModelConfig, from_dict
-from enat.data.shards import file_sha256
 from enat.dist import setup_env
 from enat.eval.fidelity import EvalError
+from enat.files import file_sha256
 from enat.images import to_uint8
 
 

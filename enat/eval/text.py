@@ -35,6 +35,7 @@ import torch
 
 from enat.config import Config
 from enat.eval.fidelity import EvalError
+from enat.files import file_sha256
 from enat.rng import hash_uniform
 
 ORDER_TAG, CAPTION_TAG = 0xE7C0, 0xE7C1  # the FID job's own counters (the loader's are 0xCA9, 0xCF6)
@@ -71,8 +72,6 @@ def select_captions(seed: int, num_captions: np.ndarray, indices: np.ndarray,
 
 def caption_spec(cfg: Config) -> dict:
     """What the captions of a text FID are, without reading the shards (it keys the result)."""
-    from enat.data.shards import file_sha256
-
     if cfg.data.val_shards is None:
         raise EvalError("a text-conditioned FID takes its captions from held-out caption shards: set "
                         "data.val_shards (tokenize the validation split: `enat tokenize --config C --split val`)")
