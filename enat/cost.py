@@ -22,7 +22,14 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from enat.config import ZOO, Config, ConfigError, load_config
+from enat.flops import expected_train_flops, sampling_flops
+from enat.models import build_model
+from enat.models.zoo import parameter_counts
+from enat.sampling import generate
+from enat.sweeps import global_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESOLUTION = {16: 256, 32: 512}
@@ -41,11 +48,6 @@ def recipe(size: str, grid: int) -> tuple[Config, str]:
 
 def measure_images_per_s(cfg: Config, batch: int = 4, device: str = "cpu") -> float:
     """Sampling images/s of a randomly initialised model of this config (one warm-up, one timed run)."""
-    import torch
-
-    from enat.models import build_model
-    from enat.sampling import generate
-
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device).eval()
     if cfg.model.condition == "text":  # random contexts: the cost does not depend on what they say
@@ -76,10 +78,6 @@ def cost_row(size: str, grid: int, peak_tflops: float, mfu: float, gpus: int | N
 def config_cost(cfg: Config, source: str, peak_tflops: float, mfu: float, gpus: int | None = None,
                 bench: dict | list | None = None, measure: bool = False) -> dict:
     """The cost row of one experiment config (a text-conditioned one counts its context tokens)."""
-    from enat.flops import expected_train_flops, sampling_flops
-    from enat.models.zoo import parameter_counts
-    from enat.sweeps import global_batch
-
     m, t, s = cfg.model, cfg.train, cfg.sample
     size, grid = m.size or "custom", m.grid_size
     total, nonembed = parameter_counts(m)

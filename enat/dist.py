@@ -3,6 +3,7 @@ the environment (torchrun, srun through submitit, or none: a single process)."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 
@@ -83,9 +84,7 @@ def init_deepspeed_comm() -> None:
     on every start: a process killed in that window leaves the lock behind and every later run
     sharing the home directory waits on it forever (a fresh machine also compiles it for
     minutes). Idempotent; the engine's own init goes through the same hook."""
-    import importlib
-
-    import deepspeed
+    import deepspeed  # deepspeed: seconds to import; launchers and the CLI import this module without needing it
 
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     if not is_initialized():

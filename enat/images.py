@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -15,8 +17,6 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, pad: int = 2) -> Path:
-    from PIL import Image
-
     arr = to_uint8(images)
     B, H, W, C = arr.shape
     nrow = nrow or math.ceil(math.sqrt(B))
@@ -47,10 +47,6 @@ def save_captioned_grid(images: torch.Tensor, captions: list[str], path: str | P
                         cell: int = 160, pad: int = 6) -> Path:
     """Images with their captions written underneath (PIL's built-in font: nothing to download);
     small images are enlarged (nearest) to the cell width. The captions also go to PATH.txt."""
-    import textwrap
-
-    from PIL import Image, ImageDraw, ImageFont
-
     arr = to_uint8(images)
     B, H, W, _ = arr.shape
     if len(captions) != B:

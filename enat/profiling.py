@@ -198,7 +198,7 @@ class CudaSyncCounter:
 def _synchronize_functions():
     """Explicit device synchronizes: torch.cuda's, and DeepSpeed's accelerator (its timers)."""
     out = [(torch.cuda, "synchronize")]
-    try:
+    try:  # deepspeed: optional here (the counters work without it), and seconds to import
         from deepspeed.accelerator import get_accelerator
 
         out.append((get_accelerator(), "synchronize"))
@@ -250,7 +250,7 @@ def _tensors(x):
 
 def count_graphs(fn, *args, **kwargs) -> tuple[int, int, list[str]]:
     """(graphs, graph breaks, break reasons) dynamo makes of fn(*args, **kwargs)."""
-    import torch._dynamo
+    import torch._dynamo  # dynamo: about 2 s to import, only for counting graphs (the sync counters do without)
 
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(fn)(*args, **kwargs)

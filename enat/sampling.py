@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
 from enat.config import SampleConfig
 from enat.rng import generator
@@ -185,8 +186,6 @@ def generate_all(model: nn.Module, cond: torch.Tensor, cfg: SampleConfig, first_
     """generate() over any number of conditions (labels or contexts) in batches of
     cfg.batch_size; sample k gets global index first_index + k. kwargs go to generate
     (autocast_dtype, compile)."""
-    from tqdm import tqdm
-
     out = []
     starts = range(0, cond.shape[0], cfg.batch_size)
     for start in tqdm(starts, desc="sampling", unit="batch", disable=not progress):

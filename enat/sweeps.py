@@ -26,6 +26,8 @@ from pathlib import Path
 import yaml
 
 from enat.config import Config, ConfigError, load_config
+from enat.flops import expected_train_flops
+from enat.models.zoo import parameter_counts
 
 MANIFEST = "sweep.json"
 KEYS = {"name", "config", "out_dir", "overrides", "grid", "runs"}
@@ -123,9 +125,6 @@ def global_batch(cfg: Config) -> int:
 
 def run_entry(run: SweepRun, cfg: Config) -> dict:
     """What the manifest says of a run: its grid values and its size and compute budget."""
-    from enat.flops import expected_train_flops
-    from enat.models.zoo import parameter_counts
-
     n_params, n_nonembed = parameter_counts(cfg.model)
     per_sample = expected_train_flops(cfg.model, tuple(cfg.train.mask_beta), cfg.train.reuse_prob)
     batch = global_batch(cfg)
