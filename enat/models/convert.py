@@ -19,7 +19,8 @@ import re
 from pathlib import Path
 
 from enat.config import ZOO, ConfigError, ModelConfig, resolve_model_config
-from enat.models.weights import WeightsError, save_weights, torch_load
+from enat.models.enat import ENAT
+from enat.models.weights import WeightsError, load_state, save_weights, torch_load
 
 UNUSED_PREFIX = "prev_embedder."
 
@@ -159,9 +160,6 @@ def to_official(sd: dict, cfg: ModelConfig) -> dict:
 def convert_official(src: str | Path, dst: str | Path, num_heads: int | None = None,
                      enc_depth: int | None = None, which: str = "ema", log=print) -> ModelConfig:
     """Read an official checkpoint, check it loads into ENAT, write an enat-weights file."""
-    from enat.models.enat import ENAT
-    from enat.models.weights import load_state
-
     raw = torch_load(src, "official ENAT checkpoint")
     if isinstance(raw, dict) and "state_dict" in raw and isinstance(raw["state_dict"], dict):
         raw = raw["state_dict"]  # a dict wrapping the state dict (as the golden files do)

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from enat.config import ConfigError, ModelConfig, from_dict
+from enat.models.zoo import build_model
 
 FORMAT = "enat-weights"
 VERSION = 1
@@ -99,8 +100,6 @@ def load_state(model: nn.Module, state_dict: dict, source: str) -> None:
 
 def load_model(path: str | Path, which: str = "ema", device: str | torch.device = "cpu") -> nn.Module:
     """Build the network a weights file describes and load it, in eval mode."""
-    from enat.models.zoo import build_model
-
     cfg, sd, _ = load_weights(path, which)
     model = build_model(cfg)
     load_state(model, sd, f"{path} [{which}]")

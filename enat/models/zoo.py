@@ -7,9 +7,12 @@ what is and is not published) are plain data in enat/config.py, next to ModelCon
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from enat.config import ZOO, ModelConfig, resolve_model_config
+from enat.models.enat import ENAT
+from enat.models.nat import NAT
 
 __all__ = ["ZOO", "NETWORK_FIELDS", "build_model", "count_parameters", "model_config", "model_differences",
            "parameter_counts", "resolve_model_config"]
@@ -35,9 +38,6 @@ def model_config(size: str, **overrides) -> ModelConfig:
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    from enat.models.enat import ENAT
-    from enat.models.nat import NAT
-
     cfg = resolve_model_config(cfg)
     return {"enat": ENAT, "nat": NAT}[cfg.arch](cfg)
 
@@ -53,8 +53,6 @@ EMBEDDING_PREFIXES = ("embed.", "label_embed.", "head.bias")
 
 def parameter_counts(cfg: ModelConfig) -> tuple[int, int]:
     """(total, non-embedding) parameters, counted on the meta device (XL without allocating 4 GB)."""
-    import torch
-
     with torch.device("meta"):
         model = build_model(cfg)
     embed = sum(p.numel() for n, p in model.named_parameters() if n.startswith(EMBEDDING_PREFIXES))
