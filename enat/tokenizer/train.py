@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from enat.config import Config
+from enat.models.weights import torch_save_atomic
 from enat.tokenizer.vqgan import VQGAN
 
 FORMAT = "enat-tokenizer"
@@ -25,8 +28,6 @@ FORMAT = "enat-tokenizer"
 def save_tokenizer(path: str | Path, model: VQGAN, meta: dict) -> None:
     """Official key layout inside {'state_dict': ...}, so load_tokenizer (and the official
     loader) read it; the config and provenance ride along."""
-    from enat.models.weights import torch_save_atomic
-
     cfg = dataclasses.asdict(model.cfg)
     cfg.pop("train")
     obj = {"format": FORMAT, "tokenizer_config": cfg, "meta": meta,
@@ -62,10 +63,6 @@ def train_tokenizer(cfg: Config, images: torch.Tensor, out: str | Path, log=prin
                     val_images: torch.Tensor | None = None) -> dict:
     """Train on `images` (n, 3, R, R) in [0, 1]; write the tokenizer file; return final stats:
     reconstruction on (at most 4,096 of) the training images, and on `val_images` when given."""
-    import sys
-
-    from tqdm import tqdm
-
     tcfg = cfg.tokenizer
     t = tcfg.train
     if images.shape[-1] != tcfg.resolution:

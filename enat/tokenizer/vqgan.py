@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from enat.config import TokenizerConfig
+from enat.models.weights import WeightsError, load_state, torch_load
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -184,8 +185,6 @@ def build_tokenizer(cfg: TokenizerConfig) -> VQGAN:
 def load_tokenizer(cfg: TokenizerConfig, path: str | Path | None = None) -> VQGAN:
     """Build from the config and load official-format weights (a state dict, possibly wrapped in
     {'state_dict': ...}; loss/discriminator keys of a training checkpoint are ignored)."""
-    from enat.models.weights import WeightsError, load_state, torch_load
-
     path = path or cfg.checkpoint
     if path is None:
         raise WeightsError("no tokenizer checkpoint: set tokenizer.checkpoint (or train the demo tokenizer "
