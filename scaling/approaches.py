@@ -24,23 +24,12 @@ column (loss_key, e.g. "val_loss_r0.7").
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
-# At import, not inside the fit: a BLAS library first loaded within threadpool_limits(1) escapes the
-# limit, and its threads spinning on these tiny problems made the fit ~10x slower on 2 busy cores.
-from scipy.ndimage import minimum_filter
-from scipy.optimize import minimize
-from threadpoolctl import threadpool_limits
 
 from scaling.collect import ScalingError
-from scaling.fit import BOUNDS, PARAMS, _objective, check_sweep, init_grid
+from scaling.search import BOUNDS, PARAMS, SCAN, best_of, check_sweep, init_grid, law_of, quiet, scan_starts
 
 ENVELOPE_GRID = 60  # compute values the envelope is read at (log-spaced over the points' range)
-LBFGS = {"ftol": 1e-15, "gtol": 1e-12, "maxiter": 10000}
-SCAN = np.geomspace(0.01, 3.0, 48)  # the alpha and beta values the profile scan visits (fit.py's bounds)
-_FACES = [[0], [1], [2], [0, 1], [0, 2], [1, 2], [0, 1, 2]]  # of the orthant A, B, E >= 0
-_LO_HI = np.array(BOUNDS).T
 
 
 def _ci(draws) -> tuple[float, float]:
@@ -238,91 +227,17 @@ def isoflop_exponent(final_points: list[dict], loss_key: str, bootstrap: int = 1
 # ---------------------------------------------------------------------------------------------
 
 
-def _scaled_objective(theta, logN, logD, logL, delta):
-    """fit.py's Huber objective as a mean over points divided by delta: for residuals beyond delta
-    this is about the mean absolute log-error, O(0.1-10) at the grid's starts and O(noise) at the
-    optimum, with O(1) gradients, so L-BFGS-B's tolerances mean what they say. (The raw sum is
-    ~1e-4 near the optimum with gradients ~1e-3: scipy's default tolerances are met early.)"""
-    f, g = _objective(theta, logN, logD, logL, delta)
-    s = 1.0 / (len(logN) * delta)
-    return f * s, g * s
-
-
-def _polish(x0, logN, logD, logL, delta):
-    return minimize(_scaled_objective, np.clip(np.asarray(x0, float), *_LO_HI), args=(logN, logD, logL, delta),
-                    method="L-BFGS-B", jac=True, bounds=BOUNDS, options=LBFGS)
-
-
-def _best(starts, logN, logD, logL, delta):
-    """L-BFGS-B from every start, the lowest end point."""
-    best = None
-    for x0 in starts:
-        res = _polish(x0, logN, logD, logL, delta)
-        if best is None or res.fun < best.fun:
-            best = res
-    return best
-
-
-def _profile(N, D, L):
-    """For every (alpha, beta) on SCAN x SCAN: min over A, B, E >= 0 of sum((A N^-alpha + B D^-beta
-    + E) / L - 1)^2 (relative residuals ~ log-residuals), solved exactly: the minimum of a convex
-    quadratic on the non-negative orthant is the unconstrained minimum on one of its 7 faces, so
-    solve all 7 (batched 1-3 variable systems, columns scaled to unit diagonal) and keep the best
-    feasible one. -> (residual sum [G, G], (A, B, E) [G, G, 3])."""
-    q = 1.0 / L ** 2
-    V, U = N[None, :] ** -SCAN[:, None], D[None, :] ** -SCAN[:, None]
-    g = len(SCAN)
-    G, h = np.empty((g, g, 3, 3)), np.empty((g, g, 3))
-    G[..., 0, 0], G[..., 1, 1], G[..., 2, 2] = ((V * V) @ q)[:, None], ((U * U) @ q)[None, :], q.sum()
-    G[..., 0, 1] = G[..., 1, 0] = (V * q) @ U.T
-    G[..., 0, 2] = G[..., 2, 0] = (V @ q)[:, None]
-    G[..., 1, 2] = G[..., 2, 1] = (U @ q)[None, :]
-    h[..., 0], h[..., 1], h[..., 2] = (V @ (q * L))[:, None], (U @ (q * L))[None, :], (q * L).sum()
-    d = np.sqrt(np.einsum("...ii->...i", G))
-    G, h = G / d[..., :, None] / d[..., None, :], h / d
-    best, coef = np.full((g, g), float(len(L))), np.zeros((g, g, 3))  # all zero: sum(1^2)
-    for face in _FACES:
-        c = np.linalg.solve(G[..., face, :][..., face] + 1e-12 * np.eye(len(face)), h[..., face, None])[..., 0]
-        val = len(L) - (c * h[..., face]).sum(-1)
-        ok = (c >= 0).all(-1) & (val < best)
-        best = np.where(ok, val, best)
-        full = np.zeros_like(coef)
-        full[..., face] = c / d[..., face]
-        coef = np.where(ok[..., None], full, coef)
-    return best, coef
-
-
-def _scan_starts(N, D, L, most=3) -> list[np.ndarray]:
-    """The `most` lowest local minima of the profile over (alpha, beta), as optimiser coordinates:
-    one start per basin of the grid, rather than many starts that mostly fall into the same one."""
-    prof, coef = _profile(N, D, L)
-    cells = np.flatnonzero(prof == minimum_filter(prof, size=3, mode="nearest"))
-    cells = cells[np.argsort(prof.ravel()[cells], kind="stable")][:most]
-    starts = []
-    for cell in cells:
-        i, j = divmod(cell, len(SCAN))
-        A, B, E = np.log(np.maximum(coef[i, j], 1e-30))  # a zero term starts at its lower bound
-        starts.append(np.array([A, B, E, SCAN[i], SCAN[j]]))
-    return starts
-
-
-def _law(x) -> dict:
-    a, b, e, alpha, beta = x
-    return {"E": float(np.exp(e)), "A": float(np.exp(a)), "B": float(np.exp(b)), "alpha": float(alpha),
-            "beta": float(beta)}
-
-
 def huber_exponent(points: list[dict], loss_key: str, bootstrap: int = 1000, seed: int = 0,
                    delta: float = 1e-3) -> dict:
     """Approach 3: L(N, D) = E + A/N^alpha + B/D^beta fitted to convergence, a = beta / (alpha + beta).
 
-    Huber (delta) on log-residuals as fit.py, but averaged and scaled to O(1) and finished by
-    L-BFGS-B with ftol 1e-15, gtol 1e-12 (what Besiroglu et al. found the original fit lacked).
-    The fit: every start of fit.py's grid (128) plus the profile scan's. Every bootstrap resample
-    (runs drawn with replacement) gets a global search of its own, not starts near the full fit;
-    L-BFGS-B from all 128 grid starts costs 1-20 s per resample (hours for 1000), so resamples use
-    the profile scan over fit.py's whole (alpha, beta) range (48 x 48, (A, B, E) exact at each
-    cell) and L-BFGS-B from its best local minima. "scan_gap" checks that search on the full data:
+    scaling/search.py's robust search, as fit.py's law: Huber (delta) on log-residuals, averaged
+    and scaled to O(1), finished by L-BFGS-B with ftol 1e-15, gtol 1e-12 (what Besiroglu et al.
+    found the original fit lacked). The fit: every start of the grid (128) plus the profile scan's.
+    Every bootstrap resample (runs drawn with replacement) gets a global search of its own, not
+    starts near the full fit; L-BFGS-B from all 128 grid starts costs 1-20 s per resample (hours
+    for 1000), so resamples use the profile scan over the bounds' whole (alpha, beta) range
+    (48 x 48, (A, B, E) exact at each cell) and L-BFGS-B from its best local minima. "scan_gap" checks that search on the full data:
     its objective minus the 128-start one (0 when the scan finds the same optimum).
     """
     method = "Huber fit (approach 3)"
@@ -340,19 +255,18 @@ def huber_exponent(points: list[dict], loss_key: str, bootstrap: int = 1000, see
     members = [np.flatnonzero(runs == r) for r in ids]
     rng = np.random.default_rng(seed)
     draws = []
-    with warnings.catch_warnings(), threadpool_limits(1):  # 5-parameter problems: threads only spin
-        warnings.simplefilter("ignore")
-        scan = _scan_starts(N, D, L)
+    with quiet():
+        scan = scan_starts(N, D, L)
         grid = init_grid(logL)
-        best = _best(grid + scan, logN, logD, logL, delta)
-        scan_gap = float(_best(scan, logN, logD, logL, delta).fun - best.fun)
+        best = best_of(grid + scan, logN, logD, logL, delta)
+        scan_gap = float(best_of(scan, logN, logD, logL, delta).fun - best.fun)
         for _ in range(bootstrap):
             idx = np.concatenate([members[i] for i in rng.integers(0, len(ids), len(ids))])
             if len(np.unique(N[idx])) < 2 or len(np.unique(D[idx])) < 2:
                 continue
-            res = _best(_scan_starts(N[idx], D[idx], L[idx]), logN[idx], logD[idx], logL[idx], delta)
-            draws.append(_law(res.x))
-    law = _law(best.x)
+            res = best_of(scan_starts(N[idx], D[idx], L[idx]), logN[idx], logD[idx], logL[idx], delta)
+            draws.append(law_of(res.x))
+    law = law_of(best.x)
     at_bounds = [k for k, x, (lo, hi) in zip(("A", "B", "E", "alpha", "beta"), best.x, BOUNDS)
                  if min(x - lo, hi - x) < 1e-6]
     if "E" not in at_bounds and law["E"] < 0.01 * L.min():

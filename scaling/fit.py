@@ -3,7 +3,7 @@ implies, FID against compute, and a hold-out prediction check.
 
 The law is fitted as Hoffmann et al. (2022) do: the Huber loss (delta 1e-3) of
 log L_hat - log L, with L_hat = exp(LSE(a - alpha log N, b - beta log D, e)), minimised by L-BFGS
-from a grid of starting points; the best end point wins. The minimiser is scaling/approaches.py's
+from a grid of starting points; the best end point wins. The minimiser is scaling/search.py's
 (Besiroglu et al. 2024): the objective averaged and scaled to O(1), L-BFGS-B with tight
 tolerances, from the grid's 128 starts plus the best local minima of a profile scan over
 (alpha, beta). Uncertainty: a bootstrap over runs (all points of a run drawn together, since they
@@ -19,18 +19,14 @@ G = (alpha A / (beta B))^(1/(alpha+beta)).
 
 from __future__ import annotations
 
-import itertools
 import warnings
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from scipy.optimize import curve_fit
 
 from scaling.collect import ScalingError
-
-PARAMS = ("E", "A", "B", "alpha", "beta")
-# In the optimiser's coordinates (log A, log B, log E, alpha, beta).
-BOUNDS = [(-10.0, 60.0), (-10.0, 60.0), (-10.0, 10.0), (0.0, 3.0), (0.0, 3.0)]
+from scaling.search import BOUNDS, PARAMS, check_sweep, objective, resample_fits, search
 
 
 @dataclass
@@ -56,102 +52,6 @@ class LawFit:
         return asdict(self)
 
 
-def _huber(r: np.ndarray, delta: float) -> np.ndarray:
-    a = np.abs(r)
-    return np.where(a <= delta, 0.5 * r ** 2, delta * (a - 0.5 * delta))
-
-
-def _objective(theta, logN, logD, logL, delta):
-    """Huber loss of the log-residuals and its gradient (analytic: L-BFGS needs ~5x fewer evaluations)."""
-    a, b, e, alpha, beta = theta
-    u = np.stack([a - alpha * logN, b - beta * logD, np.full_like(logN, e)])
-    m = u.max(axis=0)
-    w = np.exp(u - m)
-    total = w.sum(axis=0)
-    r = m + np.log(total) - logL
-    w /= total  # softmax: d pred / d u
-    g = np.clip(r, -delta, delta)  # Huber'
-    grad = np.array([(g * w[0]).sum(), (g * w[1]).sum(), (g * w[2]).sum(),
-                     -(g * w[0] * logN).sum(), -(g * w[1] * logD).sum()])
-    return _huber(r, delta).sum(), grad
-
-
-def _approaches():
-    """scaling/approaches.py, which holds the robust search (and imports this module's objective,
-    bounds and grid): imported here, at call time, so that neither import is circular."""
-    from scaling import approaches
-
-    return approaches
-
-
-@contextmanager
-def _quiet():
-    """One BLAS thread (5-parameter problems: threads spinning for them made the fit 5-10x slower
-    on a busy 2-core machine) and no optimiser warnings."""
-    from threadpoolctl import threadpool_limits
-
-    with warnings.catch_warnings(), threadpool_limits(1):
-        warnings.simplefilter("ignore")
-        yield
-
-
-def search(N, D, L, delta: float = 1e-3, grid: bool = True, extra=()):
-    """The global search for the law's optimum (scaling/approaches.py's): L-BFGS-B on the scaled
-    Huber objective with tight tolerances, from the best local minima of the profile scan over
-    (alpha, beta), from init_grid's 128 starts too with grid=True (1-2 s more), and from `extra`
-    (points in the optimiser's coordinates); the lowest end point wins. Points must be valid
-    (finite, positive). -> scipy's result; x = (log A, log B, log E, alpha, beta)."""
-    ap = _approaches()
-    N, D, L = (np.asarray(x, float) for x in (N, D, L))
-    logN, logD, logL = np.log(N), np.log(D), np.log(L)
-    with _quiet():
-        starts = ap._scan_starts(N, D, L) + [np.asarray(x, float) for x in extra]
-        if grid:
-            starts = init_grid(logL) + starts
-        return ap._best(starts, logN, logD, logL, delta)
-
-
-def resample_fits(N, D, L, runs, bootstrap: int, seed: int = 0, delta: float = 1e-3) -> np.ndarray:
-    """The bootstrap over runs: `bootstrap` resamples (runs drawn with replacement, a run's points
-    together), each with a global search of its own (the profile scan + L-BFGS-B from its best
-    local minima). Resamples with < 2 sizes or < 2 sample counts are skipped.
-    -> [resamples used, 5] rows of (E, A, B, alpha, beta)."""
-    ap = _approaches()
-    N, D, L = (np.asarray(x, float) for x in (N, D, L))
-    runs = np.asarray(runs)
-    logN, logD, logL = np.log(N), np.log(D), np.log(L)
-    ids = np.unique(runs)
-    members = [np.flatnonzero(runs == r) for r in ids]
-    rng = np.random.default_rng(seed)
-    draws = []
-    with _quiet():
-        for _ in range(bootstrap):
-            idx = np.concatenate([members[i] for i in rng.integers(0, len(ids), len(ids))])
-            if len(np.unique(N[idx])) < 2 or len(np.unique(D[idx])) < 2:
-                continue
-            x = ap._best(ap._scan_starts(N[idx], D[idx], L[idx]), logN[idx], logD[idx], logL[idx], delta).x
-            draws.append([np.exp(x[2]), np.exp(x[0]), np.exp(x[1]), x[3], x[4]])
-    return np.asarray(draws, float).reshape(-1, len(PARAMS))
-
-
-def init_grid(logL: np.ndarray) -> list[tuple]:
-    e0 = [np.log(max(np.exp(logL.min()) * f, 1e-6)) for f in (0.5, 0.9)]
-    return list(itertools.product([0.0, 5.0, 10.0, 20.0], [0.0, 5.0, 10.0, 20.0], e0, [0.2, 0.6], [0.2, 0.6]))
-
-
-def check_sweep(N: np.ndarray, D: np.ndarray, runs: np.ndarray) -> None:
-    sizes, budgets = np.unique(N), np.unique(D)
-    if len(sizes) < 2:
-        raise ScalingError(f"only one model size in the sweep (N={sizes[0]:.4g}): A and alpha cannot be told "
-                           f"apart from E. Add at least two more sizes (three or more for a meaningful alpha).")
-    if len(budgets) < 2:
-        raise ScalingError("every point has the same number of samples D: beta cannot be fitted. Log validation "
-                           "loss during training (train.val_every) or add training budgets.")
-    if len(N) < len(PARAMS) + 1:
-        raise ScalingError(f"{len(N)} points for a {len(PARAMS)}-parameter law: log validation loss more often "
-                           f"(train.val_every) or add runs")
-
-
 def fit_law(N, D, L, runs=None, delta: float = 1e-3, bootstrap: int = 200, seed: int = 0) -> LawFit:
     """Fit L(N, D) to points (one per run and validation step). `runs` labels each point's run for
     the bootstrap (default: every point its own run). The optimum: search() from the grid and the
@@ -164,7 +64,7 @@ def fit_law(N, D, L, runs=None, delta: float = 1e-3, bootstrap: int = 200, seed:
     best = search(N, D, L, delta)
     a, b, e, alpha, beta = best.x
     fit = LawFit(E=float(np.exp(e)), A=float(np.exp(a)), B=float(np.exp(b)), alpha=float(alpha), beta=float(beta),
-                 loss=float(_objective(best.x, np.log(N), np.log(D), np.log(L), delta)[0]), n_points=len(N),
+                 loss=float(objective(best.x, np.log(N), np.log(D), np.log(L), delta)[0]), n_points=len(N),
                  n_runs=len(np.unique(runs)), n_sizes=len(np.unique(N)),
                  at_bounds=[name for name, x, (lo, hi) in zip(("A", "B", "E", "alpha", "beta"), best.x, BOUNDS)
                             if min(x - lo, hi - x) < 1e-6])
@@ -240,8 +140,6 @@ def holdout(points: list[dict], loss_key: str, hold: str | None = None, bootstra
 
 def fit_fid(C, fid, min_points: int = 4) -> dict:
     """FID(C) = F_inf + K C^-gamma for one size, or the reason it is reported as points only."""
-    from scipy.optimize import curve_fit
-
     C, fid = np.asarray(C, float), np.asarray(fid, float)
     ok = np.isfinite(fid)
     C, fid = C[ok], fid[ok]

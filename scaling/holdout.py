@@ -68,7 +68,8 @@ from pathlib import Path
 import numpy as np
 
 from scaling.collect import ScalingError, collect
-from scaling.fit import check_sweep, fit_law, search
+from scaling.fit import fit_law
+from scaling.search import check_sweep, search
 
 PREREG = "preregistration.json"
 MIN_N_RATIO, MIN_C_RATIO = 2.0, 3.0

@@ -328,9 +328,9 @@ def plot_residuals(res: dict, key: str, out: Path) -> Path:
 
 
 def _point_fit(points: list[dict], key: str, delta: float, start=()) -> dict:
-    """The law's point estimate (no bootstrap) on these points: fit.py's global search (the
+    """The law's point estimate (no bootstrap) on these points: scaling/search.py's global search (the
     profile scan, plus `start`) under Huber delta `delta`."""
-    from scaling.fit import check_sweep, search
+    from scaling.search import check_sweep, search
 
     N = np.array([p["n_params_nonembed"] for p in points], float)
     D = np.array([p["samples"] for p in points], float)

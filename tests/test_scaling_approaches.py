@@ -204,7 +204,7 @@ def test_huber_reaches_a_large_E_and_gives_honest_intervals():
     assert old_a == pytest.approx(res["a"], abs=1e-3)  # same point estimate ...
     assert (old_lo, old_hi) == pytest.approx((lo, hi), rel=1e-6)  # ... and the same interval: the same search
     # This fit is at least as good as fit_law's end point on the objective both minimise.
-    from scaling.approaches import _scaled_objective
+    from scaling.search import _scaled_objective
 
     logs = [np.log([p[k] for p in pts]) for k in ("n_params_nonembed", "samples", KEY)]
     x_old = np.array([np.log(old.A), np.log(old.B), np.log(old.E), old.alpha, old.beta])
