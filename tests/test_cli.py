@@ -205,7 +205,7 @@ def test_data_prepare_builds_shards_and_the_demo_extractor_train_launcher_checks
     """`enat data prepare` builds what is missing for the data (shards; the tokenizer is given
     here) and for evaluation (the demo's FID extractor, a stand-in here); the train launcher
     refuses to submit while the shards are missing, naming the command."""
-    import enat.eval.fidelity as fidelity
+    import enat.eval.prepare as extractor_prep
     from enat.config import load_config
     from enat.data.prepare import check_data
     from enat.data.shards import ShardError
@@ -224,7 +224,7 @@ def test_data_prepare_builds_shards_and_the_demo_extractor_train_launcher_checks
     torch.manual_seed(0)
     save_tokenizer(tmp_path / "tok.pt", VQGAN(cfg.tokenizer), {})
     trained = []
-    monkeypatch.setattr(fidelity, "train_digit_classifier",
+    monkeypatch.setattr(extractor_prep, "train_digit_classifier",
                         lambda out, seed=0, log=print: trained.append(out) or open(out, "wb").close())
     assert main(["data", "prepare", "--config", config, *over]) == 0
     for split in ("train", "val"):

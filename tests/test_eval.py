@@ -203,26 +203,26 @@ def test_eval_jobs_filling_the_reference_cache_at_once_all_succeed(setup, tmp_pa
     """The eval jobs of a sweep start together and each computes the missing reference statistics.
     Here a second job finishes while the first is still writing: both must succeed with the same
     numbers, and no temp file is left (a shared temp name once let one job rename away the other's)."""
-    import enat.eval.job as job
+    import enat.eval.reference as reference
 
     d, _ = setup
     cfg = load_config(d / "config.yaml", [f"eval.cache_dir={tmp_path}"])
     ex = build_extractor(cfg.eval.extractor, cfg.eval.extractor_weights)
-    spec = job.reference_spec(cfg)
+    spec = reference.reference_spec(cfg)
     real_savez, other = np.savez, {}
 
     def savez_while_another_job_finishes(file, **arrays):
         real_savez(file, **arrays)
         if not other:
             other["started"] = True
-            other["stats"] = job.reference_stats(cfg, spec, ex, None, log=lambda *_: None)
+            other["stats"] = reference.reference_stats(cfg, spec, ex, None, log=lambda *_: None)
 
     monkeypatch.setattr(np, "savez", savez_while_another_job_finishes)
-    first = job.reference_stats(cfg, spec, ex, None, log=lambda *_: None)
+    first = reference.reference_stats(cfg, spec, ex, None, log=lambda *_: None)
     assert "stats" in other
     np.testing.assert_array_equal(first["mu"], other["stats"]["mu"])
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{spec['id']}.json", f"{spec['id']}.npz"]
-    cached = job.reference_stats(cfg, spec, ex, None, log=lambda *_: None)  # read back from the cache
+    cached = reference.reference_stats(cfg, spec, ex, None, log=lambda *_: None)  # read back from the cache
     np.testing.assert_array_equal(cached["sigma"], first["sigma"])
 
 
@@ -273,7 +273,7 @@ def test_one_and_two_ranks_give_the_same_samples(setup, tmp_path):
 def test_missing_extractor_names_the_command_and_prepare_builds_it(tmp_path, monkeypatch):
     """The FID job does not build the demo extractor: a missing one is an error naming the command;
     data preparation's prepare_extractor trains it (here a stand-in) only when the config uses it."""
-    import enat.eval.fidelity as fidelity
+    import enat.eval.prepare as extractor_prep
     from enat.eval.prepare import extractor_missing, prepare_extractor
 
     with pytest.raises(EvalError, match=r"not found: .*fx\.pt\. Train it with `enat extractor train --config CONFIG"):
@@ -282,7 +282,7 @@ def test_missing_extractor_names_the_command_and_prepare_builds_it(tmp_path, mon
         build_extractor("inception-v3-compat", str(tmp_path / "inception.pth"))
 
     trained = []
-    monkeypatch.setattr(fidelity, "train_digit_classifier",
+    monkeypatch.setattr(extractor_prep, "train_digit_classifier",
                         lambda out, seed=0, log=print: trained.append(out) or open(out, "wb").close())
     cfg = load_config(CONFIG, [f"eval.extractor_weights={tmp_path / 'fx.pt'}"])
     assert extractor_missing(cfg)

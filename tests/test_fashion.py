@@ -147,7 +147,7 @@ def test_a_setting_can_be_chosen_against_the_training_images_not_the_test_ones(f
     """eval.reference_split=train: FID against training images, for sweeps whose choice the test
     images (the results' reference) must not see. Another id, so another cache entry."""
     from enat.eval.fidelity import FashionNet, build_extractor
-    from enat.eval.job import reference_spec, reference_stats
+    from enat.eval.reference import reference_spec, reference_stats
     from enat.models.weights import torch_save_atomic
 
     torch_save_atomic({"format": "enat-fashion-classifier", "num_classes": 10, "state_dict": FashionNet().state_dict()},
@@ -241,7 +241,7 @@ def test_a_smoke_tests_leftovers_are_refused_by_a_run_of_other_images(fashion_di
     each refused with what differs, never taken as the benchmark's."""
     from enat.data.prepare import check_data, prepare_data
     from enat.eval.fidelity import EvalError, FashionNet
-    from enat.eval.job import extractor_mismatch
+    from enat.eval.reference import extractor_mismatch
     from enat.models.weights import torch_save_atomic
     from enat.tokenizer import VQGAN
     from enat.tokenizer.train import save_tokenizer
@@ -264,7 +264,7 @@ def test_a_smoke_tests_leftovers_are_refused_by_a_run_of_other_images(fashion_di
     digits = load_config(ROOT / "configs/experiments/demo.yaml", ["eval.extractor=fashion-cnn"])
     assert "use the extractor of this data (digits-cnn)" in extractor_mismatch(digits)
     # a file that is not Fashion-MNIST's (MNIST has the same names and shapes) is another reference
-    from enat.eval.job import reference_spec
+    from enat.eval.reference import reference_spec
 
     other = tmp_path / "other"
     shutil.copytree(fashion_dir, other)

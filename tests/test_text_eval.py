@@ -73,7 +73,7 @@ def setup(tmp_path_factory):
 
 
 def test_caption_selection_is_world_size_invariant_deterministic_and_follows_the_rule():
-    from enat.eval.text import CAPTION_TAG, caption_order, select_captions
+    from enat.eval.captions import CAPTION_TAG, caption_order, select_captions
 
     R, N, seed = 37, 100, 3  # N > R: the rows are cycled
     K = np.random.default_rng(0).integers(4, 8, R)
@@ -102,7 +102,7 @@ def test_caption_selection_is_world_size_invariant_deterministic_and_follows_the
 
 def test_held_out_contexts_from_embeddings_and_ids_agree(setup):
     from enat.data.loader import ShardSet
-    from enat.eval.text import HeldOutCaptions
+    from enat.eval.captions import HeldOutCaptions
 
     d, cfg = setup
     emb = HeldOutCaptions(cfg, **QUIET)
@@ -121,7 +121,7 @@ def test_held_out_contexts_from_embeddings_and_ids_agree(setup):
 def test_text_fid_job_records_the_protocol_and_the_captions(setup, tmp_path):
     from enat.data.loader import ShardSet
     from enat.eval.job import evaluate
-    from enat.eval.text import SELECTION_RULE, select_captions
+    from enat.eval.captions import SELECTION_RULE, select_captions
 
     d, cfg = setup
     r = evaluate(cfg, tmp_path, str(d / "w.pt"), num_samples=24, **QUIET)  # not a multiple of 10: fine for text
@@ -164,9 +164,9 @@ def test_shards_of_another_encoder_are_refused(setup, tmp_path):
 
 
 def test_clip_score_in_the_job_and_a_hub_name_fails_cleanly(setup, tmp_path, monkeypatch):
-    import enat.sampling
+    import enat.eval.job
     from enat.eval.job import evaluate
-    from enat.eval.text import clip_score
+    from enat.eval.captions import clip_score
 
     d, cfg = setup
     clip_dir = tiny_clip(tmp_path / "clip")
@@ -184,7 +184,7 @@ def test_clip_score_in_the_job_and_a_hub_name_fails_cleanly(setup, tmp_path, mon
     def no_sampling(*a, **k):
         raise AssertionError("sampled before checking eval.clip_model")
 
-    monkeypatch.setattr(enat.sampling, "generate", no_sampling)
+    monkeypatch.setattr(enat.eval.job, "generate", no_sampling)
     hub = replace(cfg, eval=replace(cfg.eval, clip_model="openai/clip-vit-large-patch14"))
     with pytest.raises(EvalError, match="hub name.*local path only"):
         evaluate(hub, tmp_path / "hub", str(d / "w.pt"), num_samples=4, **QUIET)
@@ -227,7 +227,7 @@ SIZES = [(40, 32), (32, 50), (64, 64), (90, 70), (33, 33), (48, 80), (100, 40), 
 
 def test_reference_from_imagefolder_and_coco_images_equals_by_hand(setup, tmp_path):
     from enat.data.tokenize import adm_center_crop, uvit_center_crop
-    from enat.eval.job import compute_reference, reference_spec, reference_stats
+    from enat.eval.reference import compute_reference, reference_spec, reference_stats
 
     d, cfg = setup
     extractor = build_extractor("digits-cnn", str(d / "fx.pt"))
@@ -503,7 +503,6 @@ def test_control_scores_near_chance_without_the_caption_and_high_on_the_ceiling(
     training digits' terciles). A lossless tokenizer makes the ceiling row the held-out digits
     themselves against their own captions: agreement 1, digit accuracy that of the classifier."""
     import enat.eval.text as text_eval
-    import enat.tokenizer
     from enat.data.digits import load_digits
     from enat.images import to_uint8
 
@@ -518,7 +517,7 @@ def test_control_scores_near_chance_without_the_caption_and_high_on_the_ceiling(
         def decode(self, z):
             return z
 
-    monkeypatch.setattr(enat.tokenizer, "load_tokenizer", lambda *a, **k: Lossless())
+    monkeypatch.setattr(text_eval, "load_tokenizer", lambda *a, **k: Lossless())
     monkeypatch.setattr(text_eval, "_RECONSTRUCTIONS", {})  # not the random tokenizer's, cached by its file
     d, cfg = setup
     cfg = replace(cfg, eval=replace(cfg.eval, extractor_weights=str(classifier)))

@@ -13,14 +13,20 @@ float64 from (mu, sigma).
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from pathlib import Path
 
 import numpy as np
+import scipy.linalg
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
+from enat.data.digits import load_digits
+from enat.data.fashion import load_fashion
+from enat.models.weights import torch_load, torch_save_atomic
 from enat.torchvision_guard import import_guarded
 
 _TF = None
@@ -96,8 +102,6 @@ def _register(tf) -> None:
             super().__init__(name, features_list)
             if feature_extractor_weights_path is None:
                 raise EvalError(f"{name} needs eval.extractor_weights (train it: `enat extractor train`)")
-            from enat.models.weights import torch_load
-
             net_cls, fmt, dataset, self.size, _ = CLASSIFIERS[name]
             obj = torch_load(feature_extractor_weights_path, f"{name} classifier")
             if obj.get("format") != fmt:
@@ -139,8 +143,6 @@ def _register(tf) -> None:
 
 def train_digit_classifier(out: str | Path, steps: int = 600, seed: int = 0, log=print) -> float:
     """Train the demo extractor on the digits training split; returns held-out accuracy."""
-    from enat.data.digits import load_digits
-
     torch.manual_seed(seed)
     x, y, _ = load_digits("train")
     xv, yv, _ = load_digits("val")
@@ -156,8 +158,6 @@ def train_digit_classifier(out: str | Path, steps: int = 600, seed: int = 0, log
         opt.step()
     with torch.no_grad():
         acc = (net(xv)[1].argmax(1) == yv).float().mean().item()
-    from enat.models.weights import torch_save_atomic
-
     torch_save_atomic({"format": "enat-digit-classifier", "num_classes": 10, "state_dict": net.state_dict(),
                        "val_accuracy": acc}, out)
     log(f"wrote {out}: digit classifier, held-out accuracy {acc:.3f}")
@@ -171,10 +171,6 @@ def train_fashion_classifier(out: str | Path, root: str | None = None, epochs: i
     job sees them (64 px, halved to 32), with horizontal flips; AdamW, one-cycle cosine. Returns
     its accuracy on the 10,000 test images (stored in the file, with what it was trained on).
     `limit`: the first N images of each split only (smoke tests)."""
-    import time
-
-    from enat.data.fashion import load_fashion
-
     torch.manual_seed(seed)
     t0 = time.time()
     half = lambda x: F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)  # noqa: E731
@@ -208,8 +204,6 @@ def train_fashion_classifier(out: str | Path, root: str | None = None, epochs: i
         correct = sum((net(half(c.contiguous()))[1].argmax(1) == yc).sum().item()
                       for c, yc in zip(xt.split(1000), yt.split(1000)))
     acc = correct / len(yt)
-    from enat.models.weights import torch_save_atomic
-
     torch_save_atomic({"format": "enat-fashion-classifier", "num_classes": 10, "state_dict": net.state_dict(),
                        "test_accuracy": acc, "trained_on": {"dataset": "fashion_mnist", "split": "train",
                                                            "images": len(y), "resolution": resolution, "epochs": epochs,
@@ -265,8 +259,6 @@ def build_extractor(name: str, weights: str | None, device: torch.device | str =
 @torch.no_grad()
 def extract(extractor, images_uint8: torch.Tensor, batch_size: int = 100, progress: bool = False) -> dict:
     """(N, 3, H, W) uint8 -> {"pool": (N, D) float64, "logits": (N, C) float64}."""
-    from tqdm import tqdm
-
     device = next(extractor.parameters()).device
     pools, logits = [], []
     for s in tqdm(range(0, len(images_uint8), batch_size), desc="features", unit="batch", disable=not progress):
@@ -285,8 +277,6 @@ def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """FID between two Gaussians, in float64 (as the ADM evaluation suite does)."""
-    import scipy.linalg  # here, not at module level: every `enat` command imports this module
-
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:

@@ -10,12 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from enat.config import Config, ConfigError
+from enat.eval.fidelity import CLASSIFIERS, train_digit_classifier, train_fashion_classifier
 
 
 def extractor_missing(cfg: Config) -> bool:
     """Whether the configured classifier must be trained first (`prepare_extractor` would)."""
-    from enat.eval.fidelity import CLASSIFIERS
-
     ev = cfg.eval
     weights = ev.extractor_weights
     return ev.extractor in CLASSIFIERS and bool(weights) and not Path(weights).is_file()
@@ -24,8 +23,6 @@ def extractor_missing(cfg: Config) -> bool:
 def train_extractor(cfg: Config, out: str | Path, log=print) -> float:
     """Train the classifier eval.extractor names (on the data it belongs to) into `out`; returns
     its held-out accuracy."""
-    from enat.eval.fidelity import CLASSIFIERS, train_digit_classifier, train_fashion_classifier
-
     name = cfg.eval.extractor
     if name not in CLASSIFIERS:
         raise ConfigError(f"`enat extractor train` trains the project's own extractors ({', '.join(CLASSIFIERS)}); "

@@ -1,16 +1,4 @@
-"""Evaluation of text-conditioned models: which caption each sample gets, and text control.
-
-Captions of the FID job (COCO FID-30K and the captioned demo). Sample i takes a caption of one
-held-out image, a row of data.val_shards (R rows, K_r captions each):
-
-    row(i) = perm[i mod R],  perm = the rows sorted by hash_uniform(eval.seed, 0xE7C0, row)
-    k(i)   = floor(hash_uniform(eval.seed, 0xE7C1, i) * K_row(i))
-
-so N <= R samples take N distinct images (30,000 of val2014's 40,504, one caption each), N > R
-cycles through the rows again (another caption draw), and the condition of sample i is a pure
-function of (eval.seed, i, the shards): the same on 1 or N ranks, in any batch. The contexts
-come from the shards (text.storage=embeddings) or are encoded from the stored ids with the
-encoder the manifest names (text.storage=ids). The shards' null context must be the model's.
+"""Text control of text-conditioned models (the captions of their FID: enat/eval/captions.py).
 
 Text control (`enat eval control`, the captioned digits demo): prompts from the caption
 templates, every digit x thickness (thin / unsaid / thick) x width (narrow / unsaid / wide),
@@ -34,157 +22,15 @@ import numpy as np
 import torch
 
 from enat.config import Config
-from enat.eval.fidelity import EvalError
-from enat.files import file_sha256
-from enat.rng import hash_uniform
-
-ORDER_TAG, CAPTION_TAG = 0xE7C0, 0xE7C1  # the FID job's own counters (the loader's are 0xCA9, 0xCF6)
-SELECTION_RULE = ("sample i -> held-out row perm[i mod R] (perm: the R rows of data.val_shards sorted by "
-                  "hash_uniform(eval.seed, 0xE7C0, row)), caption k = floor(hash_uniform(eval.seed, 0xE7C1, i) * K_row)")
-
-
-# ---------------------------------------------------------------------------------------------
-# Which caption each sample gets
-# ---------------------------------------------------------------------------------------------
-
-
-def caption_order(seed: int, num_rows: int) -> np.ndarray:
-    """The order in which samples visit the held-out rows (a permutation of range(num_rows)), from
-    counters: the same with any numpy version."""
-    return np.argsort(hash_uniform(seed, ORDER_TAG, np.arange(num_rows)), kind="stable")
-
-
-def select_captions(seed: int, num_captions: np.ndarray, indices: np.ndarray,
-                    order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, caption indices) of the global sample indices `indices` (see the module docstring);
-    a pure function of (seed, index, captions per row): any split over ranks gives the same."""
-    num_captions = np.asarray(num_captions, dtype=np.int64)
-    if len(num_captions) == 0:
-        raise EvalError("no held-out captions to condition on (data.val_shards is empty)")
-    if (num_captions < 1).any():
-        raise EvalError(f"{int((num_captions < 1).sum())} held-out rows have no caption")
-    indices = np.asarray(indices, dtype=np.int64)
-    order = caption_order(seed, len(num_captions)) if order is None else order
-    rows = order[indices % len(num_captions)]
-    ks = np.floor(hash_uniform(seed, CAPTION_TAG, indices) * num_captions[rows]).astype(np.int64)
-    return rows, ks
-
-
-def caption_spec(cfg: Config) -> dict:
-    """What the captions of a text FID are, without reading the shards (it keys the result)."""
-    if cfg.data.val_shards is None:
-        raise EvalError("a text-conditioned FID takes its captions from held-out caption shards: set "
-                        "data.val_shards (tokenize the validation split: `enat tokenize --config C --split val`)")
-    manifest = Path(cfg.data.val_shards) / "manifest.json"
-    if not manifest.is_file():
-        raise EvalError(f"no manifest at {manifest}: tokenize the validation split first")
-    digest = file_sha256(manifest)
-    return {"source": "shards", "path": str(cfg.data.val_shards), "manifest_sha256": digest,
-            "rule": SELECTION_RULE, "seed": cfg.eval.seed, "id": f"captions-{digest[:12]}-seed{cfg.eval.seed}-v2"}
-
-
-class HeldOutCaptions:
-    """The held-out caption shards as the FID job uses them: captions per row, labels (the digit
-    for the demo, 0 for COCO), and the (n, L, C) contexts of chosen (row, caption) pairs."""
-
-    def __init__(self, cfg: Config, data=None, encoder=None, device="cpu", log=print):
-        if data is None:
-            from enat.data.loader import ShardSet
-
-            if cfg.data.val_shards is None:
-                caption_spec(cfg)  # raises, naming the fix
-            data = ShardSet(cfg.data.val_shards, strict=cfg.data.strict, log=log)
-        text = data.manifest.text
-        if not text:
-            raise EvalError(f"{cfg.data.val_shards} holds class shards (no captions): a text-conditioned model "
-                            f"needs caption shards (tokenize the validation split with model.condition=text)")
-        self.cfg, self.data, self.text, self.device = cfg, data, text, device
-        self.num_captions = np.asarray(data.num_captions, dtype=np.int64)
-        self.labels = np.asarray(data.label, dtype=np.int64)
-        self.order = caption_order(cfg.eval.seed, len(self.num_captions)) if len(self.num_captions) else None
-        self._encoder = encoder
-
-    def __len__(self) -> int:
-        return len(self.num_captions)
-
-    def select(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return select_captions(self.cfg.eval.seed, self.num_captions, indices, self.order)
-
-    def captions(self, rows: np.ndarray, ks: np.ndarray) -> list[str]:
-        from enat.data.loader import _Reader
-
-        reader = _Reader(self.data.paths)  # one set of open files for all rows, not one per sample
-        return [self.data.captions(int(r), reader)[int(k)] for r, k in zip(rows, ks)]
-
-    @property
-    def storage(self) -> str:
-        return self.text.get("storage", "embeddings")
-
-    def encoder(self):
-        """The encoder of ids-only shards: text.encoder if set, else the manifest's path; its
-        weights must be the ones the shards were made with."""
-        if self._encoder is None:
-            from enat.text import TextEncoderError, encoder_for
-
-            path = self.cfg.text.encoder or self.text["encoder"]["path"]
-            try:
-                self._encoder = encoder_for(path, self.device, sha256=self.text["encoder"].get("sha256"),
-                                            what=str(self.cfg.data.val_shards))
-            except TextEncoderError as e:
-                raise EvalError(f"the held-out shards store caption ids only; encoding them needs their text "
-                                f"encoder: {e}") from None
-        return self._encoder
-
-    def contexts(self, rows: np.ndarray, ks: np.ndarray) -> torch.Tensor:
-        """(n, L, C) float16 contexts of the (row, caption) pairs, in their order (ids-only shards:
-        encoded here, rounded to fp16 as stored contexts are)."""
-        rows, ks = np.asarray(rows, np.int64), np.asarray(ks, np.int64)
-        if self.storage == "ids":
-            ids = torch.from_numpy(np.asarray(self.data.caption_ids(rows, ks), dtype=np.int64))
-            return self.encoder().encode_ids(ids).half().cpu()
-        return torch.from_numpy(np.asarray(self.data.contexts(rows, ks)))
-
-    def check_model(self, model) -> None:
-        """The shards' null context (the encoding of '') must be the model's: else the captions
-        were encoded by another encoder than the one the model was trained with."""
-        ours = torch.as_tensor(np.asarray(self.data.null_context())).float()
-        theirs = model.text_embed.null_context.detach().float().cpu()
-        if ours.shape != theirs.shape:
-            raise EvalError(f"held-out contexts are {tuple(ours.shape)} (L x C) but the model takes "
-                            f"{tuple(theirs.shape)}")
-        from enat.text import null_gap
-
-        ok, gap = null_gap(ours, theirs)
-        if not ok:
-            raise EvalError(f"{self.cfg.data.val_shards} was encoded with another text encoder than the model was "
-                            f"trained with: the null contexts (encodings of '') differ by up to {gap:.3g}")
-
-
-# ---------------------------------------------------------------------------------------------
-# CLIP score
-# ---------------------------------------------------------------------------------------------
-
-
-def check_clip_model(path: str) -> None:
-    """Fail before any sampling when eval.clip_model is not a local CLIP directory."""
-    from enat.text import TextEncoderError, local_model_dir
-
-    try:
-        local_model_dir(path, what="CLIP model", key="eval.clip_model")
-    except TextEncoderError as e:
-        raise EvalError(str(e)) from None
-
-
-def clip_score(images: np.ndarray, captions: list[str], clip_model: str, device="cpu") -> tuple[float, int]:
-    """(mean CLIP score, count) of uint8 images (n, H, W, 3) against their captions."""
-    from enat.text import TextEncoderError, clip_score as _clip_score
-
-    if len(captions) == 0:
-        return float("nan"), 0
-    try:
-        return float(_clip_score(images, captions, clip_model, device=device)), len(captions)
-    except TextEncoderError as e:
-        raise EvalError(str(e)) from None
+from enat.data.captions import AttributeModel, attribute_agreement, caption_attributes, captions_for
+from enat.data.digits import load_digits
+from enat.eval.fidelity import EvalError, build_extractor, extract, frechet_distance, statistics
+from enat.eval.load import load_checkpoint
+from enat.eval.reference import reference_stats
+from enat.images import save_captioned_grid, to_uint8
+from enat.sampling import generate
+from enat.text import TextEncoderError, encoder_for
+from enat.tokenizer import load_tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,8 +46,6 @@ def control_prompts(n: int) -> list[dict]:
     """n prompts, balanced over digit x thickness x width (90 combinations, "" = unsaid): prompt i
     is combination i mod 90, in a template stating exactly those words (cycling over the
     templates that do, by i // 90)."""
-    from enat.data.captions import caption_attributes, captions_for
-
     combos = [(d, t, w) for d in range(10) for t in THICKNESS for w in WIDTH]
     out = []
     for i in range(n):
@@ -217,8 +61,6 @@ def control_prompts(n: int) -> list[dict]:
 def prompt_encoder(cfg: Config, model, device="cpu"):
     """The text encoder prompts go through: text.encoder, else the one the shards' manifest
     names; checked to be the model's (its encoding of '' is the model's null context)."""
-    from enat.text import TextEncoderError, encoder_for
-
     path = cfg.text.encoder
     for shards in (cfg.data.val_shards, cfg.data.shards):
         manifest = Path(shards) / "manifest.json" if shards else None
@@ -236,9 +78,6 @@ def prompt_encoder(cfg: Config, model, device="cpu"):
 @torch.no_grad()
 def sample_images(model, tokenizer, cond: torch.Tensor, sample_cfg, indices: np.ndarray, batch_size: int) -> np.ndarray:
     """uint8 (n, H, W, 3) images of conditions `cond` with the noise of the global `indices`."""
-    from enat.images import to_uint8
-    from enat.sampling import generate
-
     out = []
     for s in range(0, len(indices), batch_size):
         ids = generate(model, cond[s:s + batch_size], sample_cfg, indices=torch.from_numpy(indices[s:s + batch_size]))
@@ -249,8 +88,6 @@ def sample_images(model, tokenizer, cond: torch.Tensor, sample_cfg, indices: np.
 @torch.no_grad()
 def reconstruct(tokenizer, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
     """Real images (n, 3, H, W) in [0, 1] through the tokenizer (encode, decode) -> uint8 (n, H, W, 3)."""
-    from enat.images import to_uint8
-
     device = next(tokenizer.parameters()).device
     return np.concatenate([to_uint8(tokenizer.decode(tokenizer.encode(c.to(device))))
                            for c in images.split(batch_size)])
@@ -261,8 +98,6 @@ _RECONSTRUCTIONS: dict = {}
 
 def reconstructed_digits(tokenizer, split: str, key=None) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """(images, labels, reconstructions) of a digits split; cached per tokenizer file `key`."""
-    from enat.data.digits import load_digits
-
     x, y, _ = load_digits(split)
     if key is None or (key, split) not in _RECONSTRUCTIONS:
         rec = reconstruct(tokenizer, x)
@@ -278,8 +113,6 @@ def tokenizer_attributes(tokenizer, key=None):
     """The attribute thresholds refitted on the tokenizer's reconstructions of the training
     digits: what a decoded image can show (a tokenizer that evens out stroke width moves every
     image towards the middle third of the real images' thresholds)."""
-    from enat.data.captions import AttributeModel
-
     _, y, rec = reconstructed_digits(tokenizer, "train", key)
     return AttributeModel.fit(rec, y)
 
@@ -287,8 +120,6 @@ def tokenizer_attributes(tokenizer, key=None):
 def reconstruction_ceiling(tokenizer, extractor, models: dict, key=None) -> dict:
     """The same measures on the held-out digits encoded and decoded by the tokenizer, against
     their own captions' words: what a perfect generator of these tokens would score."""
-    from enat.eval.fidelity import extract
-
     x, y, rec = reconstructed_digits(tokenizer, "val", key)
     said = models["pixels"].judge(x, y)  # the words the held-out images' captions state
     logits = extract(extractor, torch.from_numpy(rec).permute(0, 3, 1, 2).contiguous())["logits"]
@@ -338,12 +169,6 @@ def evaluate_control(cfg: Config, run_dir: str | Path | None, checkpoint: str, c
                      log=print) -> dict:
     """Digit accuracy and attribute agreement (and FID) of a captioned-demo model by CFG scale,
     with and without reuse; writes OUT/control.json and OUT/control.md, returns the record."""
-    from enat.data.captions import AttributeModel, attribute_agreement
-    from enat.eval.fidelity import build_extractor, extract, frechet_distance, statistics
-    from enat.eval.job import load_checkpoint, reference_stats
-    from enat.images import save_captioned_grid
-    from enat.tokenizer import load_tokenizer
-
     if cfg.model.condition != "text" or cfg.data.dataset != "digits":
         raise EvalError("the text-control evaluation is for the captioned digits demo (data.dataset=digits, "
                         "model.condition=text)")

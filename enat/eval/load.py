@@ -1,0 +1,48 @@
+"""The model an evaluation or an analysis samples from: a weights file or a verified run
+checkpoint (EMA or raw weights), checked against the config's model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from enat.config import Config, ModelConfig, from_dict
+from enat.eval.fidelity import EvalError
+from enat.files import file_sha256
+from enat.models.weights import load_state, load_weights
+from enat.models.zoo import build_model, model_differences
+from enat.train.checkpoint import checkpoint_dir, checkpoint_weights, require_intact, resolve_tag
+
+
+def check_model(expected: ModelConfig, found: ModelConfig, source: str) -> None:
+    diff = model_differences(expected, found)
+    if diff:
+        raise EvalError(f"{source} holds another model than the config describes: " + "; ".join(diff))
+
+
+def load_checkpoint(cfg: Config, run_dir: Path | None, checkpoint: str, weights: str, log=print, rank: int = 0,
+                    world: int = 1, check=check_model) -> dict:
+    """-> {"model", "step", "id", "sha256", "model_cfg", "flops_seen"} from a weights file or a run checkpoint
+    (verified against its manifest first: a damaged checkpoint is named, never evaluated).
+    check(cfg.model, checkpoint's model config, source) raises when they do not match."""
+    path = Path(checkpoint)
+    if path.suffix in (".pt", ".pth") or path.is_file():
+        if not path.is_file():
+            raise EvalError(f"checkpoint file {path} not found")
+        mcfg, sd, meta = load_weights(path, weights)
+        step, ident, digest = int(meta.get("step", 0)), str(path), file_sha256(path)
+        flops = meta.get("flops_seen")
+    else:
+        if run_dir is None:
+            raise EvalError("give --run RUN_DIR to evaluate a training checkpoint by step")
+        ckpt_dir = checkpoint_dir(run_dir)
+        tag = resolve_tag(ckpt_dir, checkpoint)
+        require_intact(ckpt_dir, tag, log=log, rank=rank, world=world)  # the ranks share the reading
+        state, sds = checkpoint_weights(ckpt_dir, tag, kinds=(weights,))
+        mcfg, sd = from_dict(ModelConfig, state["config"]["model"]), sds[weights]
+        states = sorted((ckpt_dir / tag).glob("*model_states.pt"))
+        step, ident, digest = state["step"], str(ckpt_dir / tag), file_sha256(states[0])
+        flops = state.get("flops_seen")  # the training FLOPs that made these weights (exact, from the step plans)
+    check(cfg.model, mcfg, ident)
+    model = build_model(mcfg)
+    load_state(model, {k: v.float() for k, v in sd.items()}, f"{ident} [{weights}]")
+    return {"model": model.eval(), "step": step, "id": ident, "sha256": digest, "model_cfg": mcfg, "flops_seen": flops}
