@@ -26,23 +26,31 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import re
 import sys
 from pathlib import Path
 
-import torch
-
 from enat.config import ConfigError, load_config
-from enat.data.fashion import FashionError
-from enat.data.shards import ShardError
-from enat.train.checkpoint import CheckpointError
-from enat.train.lease import LeaseError, LeaseLost
-from enat.eval.job import EvalError
-from enat.train.trainer import NonFiniteError
-from enat.models.weights import WeightsError
-from enat.text import TextEncoderError
+
+# Each subcommand imports the module it hands over to when it runs, not here: `enat --help` and
+# argument errors answer at once instead of after the seconds torch and its users take to import.
+
+
+def named_errors() -> tuple[type[Exception], ...]:
+    """The errors whose message names the problem and its fix: printed without a traceback, exit 2.
+    Imported when a command failed (their modules bring torch; see above)."""
+    from enat.data.fashion import FashionError
+    from enat.data.shards import ShardError
+    from enat.eval.fidelity import EvalError
+    from enat.models.weights import WeightsError
+    from enat.text import TextEncoderError
+    from enat.train.checkpoint import CheckpointError
+    from enat.train.lease import LeaseError, LeaseLost
+    from enat.train.trainer import NonFiniteError
+
+    return (ConfigError, WeightsError, ShardError, CheckpointError, NonFiniteError, EvalError, LeaseError, LeaseLost,
+            TextEncoderError, FashionError)
 
 
 def _table(rows: list[list], header: list[str]) -> str:
@@ -105,17 +113,6 @@ def cmd_flops(args) -> None:
           f"(reuse-mode steps p=0.5), {tr_plain / 1e9:.2f} without reuse steps; NAT {tr_nat / 1e9:.2f}")
 
 
-def _parse_labels(text: str, num_classes: int) -> torch.Tensor:
-    try:
-        labels = [int(x) for x in text.split(",") if x.strip() != ""]
-    except ValueError:
-        raise ConfigError(f"--labels must be comma-separated class ids, got {text!r}") from None
-    bad = [x for x in labels if not 0 <= x < num_classes]
-    if not labels or bad:
-        raise ConfigError(f"--labels must be class ids in [0, {num_classes}); got {text!r}")
-    return torch.tensor(labels)
-
-
 OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.\w+)+=.*")
 
 
@@ -129,27 +126,6 @@ def _read_prompts(args) -> list[str]:
     return prompts
 
 
-def text_condition(cfg, model, prompts: list[str], device="cpu") -> torch.Tensor:
-    """Prompts -> contexts through the configured encoder (text.encoder), checked to be the one
-    the model was trained with. Words the demo vocabulary lacks fail; over-long prompts warn."""
-    from enat.text import encoder_for
-
-    if not cfg.text.encoder:
-        raise ConfigError("sampling from prompts needs the text encoder the model was trained with: set "
-                          "text.encoder=/local/dir (the shards' manifest.json names it under text.encoder.path)")
-    m = model.cfg
-    encoder = encoder_for(cfg.text.encoder, device, length=m.text_len, dim=m.text_dim,
-                          null_context=model.text_embed.null_context, what="this checkpoint")
-    unknown, cut = encoder.prompt_problems(prompts)
-    if unknown:
-        raise ConfigError("words the text encoder does not know (they would become <unk>): "
-                          + "; ".join(f"{p!r}: {', '.join(w)}" for p, w in unknown.items())
-                          + f". Its vocabulary: {encoder.path}/vocab.json")
-    for p in cut:
-        print(f"warning: prompt longer than {encoder.length} tokens, cut: {p!r}", file=sys.stderr)
-    return torch.cat([encoder.encode(prompts[i:i + 256]).cpu() for i in range(0, len(prompts), 256)])
-
-
 def cmd_cost(args) -> None:
     from enat.cost import main_cost
 
@@ -157,93 +133,16 @@ def cmd_cost(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    import numpy as np
-
-    from enat.models.weights import load_weights, load_state
-    from enat.models.zoo import build_model, model_differences
-    from enat.sampling import generate_all
+    from enat.eval.samples import sample_to_folder
 
     cfg = load_config(args.config, args.overrides)
-    if args.checkpoint:
-        mcfg, sd, meta = load_weights(args.checkpoint, args.weights)
-        diff = model_differences(cfg.model, mcfg) if args.config else []
-        if diff:
-            raise ConfigError("the checkpoint's model differs from the config's model section: " + "; ".join(diff))
-        model = build_model(mcfg)
-        load_state(model, sd, f"{args.checkpoint} [{args.weights}]")
-        cfg.model = mcfg
-        source = str(args.checkpoint)
-    else:
-        print("warning: no --checkpoint given: sampling from a randomly initialised model "
-              f"(seed {cfg.seed}); the tokens are noise", file=sys.stderr)
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model)
-        source = "random-init"
-    model.eval()
     prompts = _read_prompts(args)
     if any(OVERRIDE.fullmatch(p) for p in prompts):  # argparse gave the overrides to --prompts
         raise ConfigError(f"{[p for p in prompts if OVERRIDE.fullmatch(p)]} look like config overrides, not prompts: "
                           "put overrides before --prompts (or use --prompts-file)")
-    text = cfg.model.condition == "text"
-    if text and (args.labels or not prompts):
-        raise ConfigError("a text-conditioned model samples from prompts: give --prompts \"...\" or --prompts-file F")
-    if not text and (prompts or not args.labels):
-        raise ConfigError("a class-conditional model samples from --labels (model.condition=class); "
-                          "--prompts need a text-conditioned model")
-    if text:
-        captions = [p for p in prompts for _ in range(args.per_label)]
-        cond = text_condition(cfg, model, captions)
-    else:
-        cond = _parse_labels(args.labels, cfg.model.num_classes).repeat_interleave(args.per_label)
-    ids = generate_all(model, cond, cfg.sample, progress=sys.stderr.isatty())
-    g = cfg.model.grid_size
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "tokens.npy", ids.view(-1, g, g).numpy().astype(np.uint16))
-    if text:
-        (out / "prompts.json").write_text(json.dumps(captions, indent=1))
-    else:
-        np.save(out / "labels.npy", cond.numpy())
-    record = {"source": source, "num_samples": int(ids.shape[0]), "model": dataclasses.asdict(cfg.model),
-              "sample": dataclasses.asdict(cfg.sample)}
-    if text:
-        record["text_encoder"] = cfg.text.encoder
-    tok_path = cfg.tokenizer.checkpoint
-    if not args.no_images and tok_path and Path(tok_path).is_file():
-        from enat.images import save_captioned_grid, save_grid
-        from enat.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(cfg.tokenizer)
-        images = tokenizer.decode(ids, batch_size=64)
-        record["tokenizer"] = str(tok_path)
-        if text:
-            grid = save_captioned_grid(images, captions, out / "samples.png",
-                                       ncol=args.per_label if args.per_label > 1 else None)
-        else:
-            grid = save_grid(images, out / "samples.png", nrow=args.per_label if args.per_label > 1 else None)
-        print(f"wrote {grid}")
-        if args.save_steps:
-            record["steps_grid"] = str(save_steps_grid(model, cond, cfg, tokenizer, ids, out / "steps.png"))
-            print(f"wrote {record['steps_grid']}")
-    elif not args.no_images:
-        print(f"no tokenizer at {tok_path}: token ids only (build it with `enat data prepare`)", file=sys.stderr)
-    (out / "sample.json").write_text(json.dumps(record, indent=2))
-    print(f"wrote {ids.shape[0]} samples ({g}x{g} token ids, uint16) to {out / 'tokens.npy'}")
-
-
-def save_steps_grid(model, cond, cfg, tokenizer, ids, path, rows: int = 8) -> Path:
-    """The first `rows` samples decoded after every step (undecided tokens grey), one row per
-    sample, one column per step: the progressive-decoding figure."""
-    from enat.images import decode_partial, save_grid
-    from enat.sampling import generate
-
-    k = min(rows, len(cond))
-    trace = []
-    final = generate(model, cond[:k], cfg.sample, indices=torch.arange(k), trace=trace)
-    if not torch.equal(final.cpu(), ids[:k]):  # the noise is per sample index: they must be the same
-        raise RuntimeError("the traced samples differ from the sampled ones")
-    steps = torch.stack([decode_partial(tokenizer, t.ids, cfg.model.mask_id) for t in trace], dim=1)
-    return save_grid(steps.flatten(0, 1), path, nrow=len(trace))
+    sample_to_folder(cfg, args.checkpoint, args.weights, args.out, labels=args.labels, prompts=prompts,
+                     per_label=args.per_label, images=not args.no_images, steps_grid=args.save_steps,
+                     check_config=bool(args.config))
 
 
 def cmd_tokenizer_train(args) -> None:
@@ -261,20 +160,23 @@ def cmd_tokenizer_train(args) -> None:
 
 
 def cmd_tokenizer_eval(args) -> None:
-    from enat.eval.job import tokenizer_report
+    from enat.eval.reconstruction import tokenizer_report
 
     tokenizer_report(load_config(args.config, args.overrides), args.checkpoint, args.out)
 
 
 def cmd_tokenize(args) -> None:
+    import torch
+
     from enat.data.prepare import merge_split, tokenize_split
 
     cfg = load_config(args.config, args.overrides)
     if args.merge:
         merge_split(cfg, args.split, args.out)
         return
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenize_split(cfg, args.split, input_=args.input, out=args.out, part=args.part, num_parts=args.num_parts,
-                   device=args.device)
+                   device=device)
 
 
 def cmd_data_prepare(args) -> None:
@@ -306,7 +208,7 @@ def cmd_ckpt_universal(args) -> None:
 
 
 def _ckpt_statuses(args, checksums: bool):
-    from enat.train.checkpoint import ckpt_dir_of, latest_pointer, resolve_tag, tag_dirs, verify_tag
+    from enat.train.checkpoint import CheckpointError, ckpt_dir_of, latest_pointer, resolve_tag, tag_dirs, verify_tag
 
     ckpt = ckpt_dir_of(args.run)
     if not ckpt.is_dir():
@@ -340,6 +242,8 @@ def cmd_ckpt_list(args) -> None:
 
 
 def cmd_ckpt_verify(args) -> int:
+    from enat.train.checkpoint import CheckpointError
+
     ckpt, latest, statuses = _ckpt_statuses(args, True)
     if not statuses:
         raise CheckpointError(f"no checkpoints in {ckpt}")
@@ -372,7 +276,8 @@ def cmd_ckpt_verify(args) -> int:
 
 
 def cmd_eval(args) -> None:
-    from enat.eval.job import compute_reference, evaluate
+    from enat.eval.job import evaluate
+    from enat.eval.reference import compute_reference
 
     # `enat eval reference|control ...`: the action is the first positional word (then overrides).
     action = args.overrides[0] if args.overrides and args.overrides[0] in ("reference", "control") else None
@@ -397,7 +302,8 @@ def cmd_eval(args) -> None:
 
 
 def cmd_analyze(args) -> None:
-    from enat.analysis import merge_pareto, run_analysis
+    from enat.analysis.pareto import merge_pareto
+    from enat.analysis.run import run_analysis
 
     if args.merge:
         if args.what != "pareto" or not args.out:
@@ -508,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-parts", type=int, default=1)
     s.add_argument("--part", type=int, default=0)
     s.add_argument("--merge", action="store_true", help="check all parts finished and write manifest.json")
-    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    s.add_argument("--device", help="default: cuda when available, else cpu")
     s.set_defaults(func=cmd_tokenize)
 
     s = sub.add_parser("data", help="data preparation")
@@ -608,19 +514,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from enat.dist import close, is_initialized
-
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # overrides after options (argparse gives a positional list one run only)
         if not hasattr(args, "overrides") or not all(OVERRIDE.fullmatch(x) for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
+    from enat.dist import close, is_initialized  # torch: after parsing (see the note at the top)
+
     joined_before = is_initialized()  # a caller's process group (main() called from Python) is left alone
     try:
         rc = args.func(args)
-    except (ConfigError, WeightsError, ShardError, CheckpointError, NonFiniteError, EvalError, LeaseError,
-            LeaseLost, TextEncoderError, FashionError) as e:
+    except Exception as e:
+        if not isinstance(e, named_errors()):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     if is_initialized() and not joined_before:  # a rank of a multi-process run: leave without interpreter teardown

@@ -11,7 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT
-from enat.analysis import (attention_shares, mask_positions, pareto_front, run_analysis, temporal_similarity)
+from enat.analysis.attention import attention_shares
+from enat.analysis.pareto import pareto_front
+from enat.analysis.run import run_analysis
+from enat.analysis.subjects import mask_positions
+from enat.analysis.temporal import temporal_similarity
 from enat.config import SampleConfig, dump_config, load_config
 from enat.eval.fidelity import EvalError
 from enat.models import build_model
@@ -204,7 +208,7 @@ def demo(request, tmp_path_factory):
 def test_one_step_at_ratio_zero_is_the_tokenizers_reconstruction(demo):
     from enat.data.loader import ShardSet
     from enat.eval.fidelity import build_extractor, extract, metrics
-    from enat.eval.job import reference_spec, reference_stats
+    from enat.eval.reference import reference_spec, reference_stats
     from enat.images import to_uint8
     from enat.tokenizer import load_tokenizer
 
@@ -276,7 +280,7 @@ def test_pareto_compares_each_model_at_its_own_cfg_scale(demo):
 def test_a_pareto_sweep_split_over_jobs_merges_into_one_front(demo, capsys):
     """Models (or steps) measured by separate jobs: one table, the front over every point, and
     records that do not compare (other samples, another reference) refused."""
-    from enat.analysis import merge_pareto, pareto_front
+    from enat.analysis.pareto import merge_pareto, pareto_front
 
     d, cfg = demo
     if cfg.model.grid_size != 8:
