@@ -95,6 +95,8 @@ CLASSIFIERS = {"digits-cnn": (DigitNet, "enat-digit-classifier", "digits", 32, 1
 
 
 def _register(tf) -> None:
+    # torch-fidelity's modules only after import_torch_fidelity: on a CPU-only torch, torchvision's
+    # op schemas must be defined first (enat/torchvision_guard.py)
     from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
     class ClassifierCNN(FeatureExtractorBase):
@@ -244,7 +246,7 @@ def extractor_error(name: str, weights: str | None) -> str | None:
 
 def build_extractor(name: str, weights: str | None, device: torch.device | str = "cpu"):
     import_torch_fidelity()  # registers digits-cnn
-    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY  # after the guard (see _register)
 
     if name not in FEATURE_EXTRACTORS_REGISTRY:
         raise EvalError(f"unknown feature extractor {name!r}")
@@ -297,7 +299,7 @@ def metrics(gen: dict, ref: dict, kid_subset_size: int = 1000, prc: bool = True,
     precision/recall (on as many reference features as samples), through torch-fidelity's metric
     functions."""
     tf = import_torch_fidelity()
-    from torch_fidelity.metric_isc import isc_features_to_metric
+    from torch_fidelity.metric_isc import isc_features_to_metric  # after the guard (see _register)
     from torch_fidelity.metric_kid import kid_features_to_metric
     from torch_fidelity.metric_prc import prc_features_to_metric
 
