@@ -27,6 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from enat.data.digits import load_digits
+from enat.text import words_of
+
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # attribute -> (measurement, (word below the class's 1/3 quantile, word above its 2/3 quantile))
 ATTRIBUTES = {"thickness": ("ink", ("thin", "thick")), "width": ("width", ("narrow", "wide"))}
@@ -86,8 +89,6 @@ class AttributeModel:
     @functools.lru_cache(maxsize=1)
     def default(cls) -> "AttributeModel":
         """Fitted on the embedded digits training split (32 px): the same every time."""
-        from enat.data.digits import load_digits
-
         images, labels, _ = load_digits("train")
         return cls.fit(images, labels.numpy())
 
@@ -146,8 +147,6 @@ _WORD_TO_DIGIT = {**{n: d for d, n in enumerate(NAMES)}, **{str(d): d for d in r
 def caption_attributes(caption: str) -> dict:
     """What a caption asks for: {"digit": 7, "thickness": "thick", "width": "wide"}, with only the
     attributes it names ("digit" is None when it names none)."""
-    from enat.text import words_of
-
     words = words_of(caption)
     out: dict = {"digit": next((_WORD_TO_DIGIT[w] for w in words if w in _WORD_TO_DIGIT), None)}
     for attr, (_, pair) in ATTRIBUTES.items():

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import struct
 from pathlib import Path
 
@@ -144,8 +145,6 @@ def split_size(split: str, subset: int | None = None) -> int:
 def files_id(split: str, root: str | None = None) -> str:
     """A short content id of a split's labels file: MNIST's IDX files have the same names, counts
     and shapes, so a cache or manifest keyed by path and size alone would take one for the other."""
-    import hashlib
-
     path = check_dir(root) / FILES[SPLITS[split]][1]
     if not path.is_file():
         _read(path)  # raises, naming the package

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import webdataset as wds
 
 from enat.data.shards import Manifest, ShardError, read_index
 from enat.files import file_sha256
@@ -368,8 +369,6 @@ class TokenLoader:
             yield batch
 
     def _iter_resampled(self):
-        import webdataset as wds
-
         def worker_seed():
             info = torch.utils.data.get_worker_info()
             return derive_seed(self.seed, "resampled", self.rank, info.id if info else 0, self.position)

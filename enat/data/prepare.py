@@ -9,12 +9,21 @@ makes them. (The demo's FID feature extractor is evaluation's: enat/eval/prepare
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 from enat.config import Config
+from enat.data.captions import DEMO_WORDS
+from enat.data.digits import AUGMENT_VERSION, load_digits
+from enat.data.fashion import FashionError, files_id, load_fashion, split_size
 from enat.data.shards import MANIFEST, ShardError
+from enat.data.tokenize import make_source, merge_parts, tokenize_part
 from enat.files import file_sha256
+from enat.models.weights import torch_load
+from enat.text import TextEncoderError, build_demo_text_encoder, encoder_for, local_model_dir
+from enat.tokenizer import load_tokenizer
+from enat.tokenizer.train import train_tokenizer
 
 # The datasets whose tokenizer this project trains itself (no released tokenizer fits them): the
 # embedded digits, and Fashion-MNIST read from its local IDX files.
@@ -25,14 +34,10 @@ def tokenizer_images(cfg: Config, split: str):
     """(n, 3, R, R) float images the project's own tokenizer trains on (split train) and reports
     its held-out reconstruction on (split val): the plain digits (for digits_aug too), or Fashion-MNIST."""
     if cfg.data.dataset == "fashion_mnist":
-        from enat.data.fashion import FashionError, load_fashion
-
         try:
             return load_fashion(split, cfg.tokenizer.resolution, cfg.data.fashion_dir, limit=cfg.data.subset)[0]
         except FashionError as e:
             raise ShardError(str(e)) from None
-    from enat.data.digits import load_digits
-
     return load_digits(split, cfg.tokenizer.resolution)[0]
 
 
@@ -41,14 +46,10 @@ def stale_shards(cfg: Config) -> list[str]:
     asks for (count, seed, split, generator version), each with what differs; fashion_mnist: the
     same for the subset and the files, and a tokenizer trained on another number of images (a
     smoke test's left at the default paths). Other datasets: []."""
-    import json
-
     if cfg.data.dataset == "fashion_mnist":
         return _stale_fashion(cfg)
     if cfg.data.dataset != "digits_aug":
         return []
-    from enat.data.digits import AUGMENT_VERSION
-
     d, out = cfg.data, []
     for split, path, count in (("train", d.shards, d.augmented_train), ("val", d.val_shards, d.augmented_val)):
         if path is None or not (Path(path) / MANIFEST).is_file():
@@ -66,10 +67,6 @@ def stale_shards(cfg: Config) -> list[str]:
 
 
 def _stale_fashion(cfg: Config) -> list[str]:
-    import json
-
-    from enat.data.fashion import FashionError, files_id, split_size
-
     d, out = cfg.data, []
     for split, path in (("train", d.shards), ("val", d.val_shards)):
         if path is None or not (Path(path) / MANIFEST).is_file():
@@ -84,8 +81,6 @@ def _stale_fashion(cfg: Config) -> list[str]:
             out.append(f"{path} ({split}) holds other Fashion-MNIST images: " + ", ".join(diff))
     tok = cfg.tokenizer.checkpoint
     if tok is not None and Path(tok).is_file():
-        from enat.models.weights import torch_load
-
         meta = torch_load(tok, "tokenizer checkpoint").get("meta") or {}
         trained, want = meta.get("num_images"), split_size("train", d.subset)
         if trained is not None and trained != want:
@@ -111,8 +106,6 @@ def split_dir(cfg: Config, split: str) -> str:
 
 def merge_split(cfg: Config, split: str, out: str | None = None, log=print):
     """Check every part of a split finished and write its manifest."""
-    from enat.data.tokenize import merge_parts
-
     out = out or split_dir(cfg, split)
     manifest = merge_parts(out, cfg.tokenizer.checkpoint,
                            extra={"resolution": cfg.tokenizer.resolution, "flip": cfg.data.flip, "split": split})
@@ -126,9 +119,6 @@ def tokenize_split(cfg: Config, split: str, input_: str | None = None, out: str 
                    progress: bool | None = None, log=print):
     """Tokenize one split (train/val) of the configured data; merge when all parts are done
     (by default when there is a single part)."""
-    from enat.data.tokenize import make_source, tokenize_part
-    from enat.tokenizer import load_tokenizer
-
     d = cfg.data
     if input_ is None:
         input_ = d.dataset if d.dataset in EMBEDDED else (d.image_dir if split == "train" else d.val_image_dir)
@@ -149,8 +139,6 @@ def tokenize_split(cfg: Config, split: str, input_: str | None = None, out: str 
                          root=d.fashion_dir, limit=d.subset)
     text_encoder = None
     if getattr(source, "captioned", False):
-        from enat.text import TextEncoderError, encoder_for
-
         try:
             text_encoder = encoder_for(cfg.text.encoder, device, length=cfg.model.text_len, dim=cfg.model.text_dim)
         except TextEncoderError as e:  # the data commands report ShardErrors
@@ -192,15 +180,10 @@ def prepare_text_encoder(cfg: Config, log=print) -> None:
     if (Path(enc) / "config.json").is_file():
         return
     if cfg.data.dataset != "digits":
-        from enat.text import TextEncoderError, local_model_dir
-
         try:
             local_model_dir(enc)  # raises, naming the problem (a hub name, a missing folder) and the fix
         except TextEncoderError as e:
             raise ShardError(str(e)) from None
-    from enat.data.captions import DEMO_WORDS
-    from enat.text import build_demo_text_encoder
-
     log(f"no text encoder at {enc}: building the demo text encoder ({len(DEMO_WORDS)} words, "
         f"{cfg.model.text_len} x {cfg.model.text_dim})")
     build_demo_text_encoder(enc, list(DEMO_WORDS), cfg.model.text_len, cfg.model.text_dim, seed=0)
@@ -210,8 +193,6 @@ def prepare_tokenizer(cfg: Config, log=print) -> None:
     """The tokenizers the data is tokenized with: the image tokenizer (the demo's is trained here
     when missing; any other must be given by path, tokenizer.checkpoint) and, for text-to-image,
     the text encoder (`prepare_text_encoder`)."""
-    from enat.tokenizer.train import train_tokenizer
-
     prepare_text_encoder(cfg, log=log)
     tok = cfg.tokenizer
     if tok.checkpoint is None:
@@ -231,8 +212,6 @@ def tokenizer_mismatch(cfg: Config) -> str | None:
     """Why tokenizer.checkpoint is not the tokenizer the shards were made with (their manifests
     record its sha256), or None: ids of one codebook decoded by another are noise, and a
     retrained tokenizer at the same path is the easy way to get there."""
-    import json
-
     tok = cfg.tokenizer.checkpoint
     if tok is None or not Path(tok).is_file():
         return None

@@ -35,11 +35,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import webdataset as wds
+from PIL import Image
 from tqdm import tqdm
 
-from enat.files import file_sha256
+from enat.data.captions import digit_captions
+from enat.data.digits import NUM_CLASSES as DIGITS_CLASSES
+from enat.data.digits import AugmentedDigits, load_digits
+from enat.data.fashion import DEFAULT_DIR as FASHION_DIR
+from enat.data.fashion import NUM_CLASSES as FASHION_CLASSES
+from enat.data.fashion import FashionError, files_id, load_fashion
 from enat.data.shards import (NULL_CONTEXT, Manifest, ShardError, TextLayout, scan_shard, write_atomic,
                               write_index)
+from enat.files import file_sha256
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG"}
 
@@ -51,8 +59,6 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", "
 
 def adm_center_crop(image, size: int) -> np.ndarray:
     """PIL image -> (size, size, 3) uint8, the crop of ADM's (and ENAT's) data pipeline."""
-    from PIL import Image
-
     image = image.convert("RGB")
     while min(image.size) >= 2 * size:
         image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
@@ -67,8 +73,6 @@ def uvit_center_crop(image, size: int) -> np.ndarray:
     """PIL image -> (size, size, 3) uint8, U-ViT's MS-COCO crop: the central square of the short
     side, resized to size x size with Lanczos (the filter of U-ViT's `center_crop`, which its
     COCO reference statistics were computed with)."""
-    from PIL import Image
-
     arr = np.asarray(image.convert("RGB"))
     crop = min(arr.shape[:2])
     h, w = arr.shape[:2]
@@ -104,8 +108,6 @@ class ImageFolderSource:
         return self.items[i][1]
 
     def load(self, i: int) -> torch.Tensor:
-        from PIL import Image
-
         with Image.open(self.items[i][0]) as im:
             arr = adm_center_crop(im, self.resolution)
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
@@ -115,10 +117,8 @@ class DigitsSource:
     """The embedded digits split (enat/data/digits.py)."""
 
     def __init__(self, split: str, resolution: int):
-        from enat.data.digits import NUM_CLASSES, load_digits
-
         self.images, self.labels, self.indices = load_digits(split, resolution)
-        self.num_classes = NUM_CLASSES
+        self.num_classes = DIGITS_CLASSES
         self.description = {"dataset": "digits", "split": split}
 
     def __len__(self) -> int:
@@ -145,8 +145,6 @@ class AugmentedDigitsSource:
     no_flip_reason = "a mirrored digit is not a digit"
 
     def __init__(self, split: str, count: int, seed: int, resolution: int):
-        from enat.data.digits import NUM_CLASSES, AugmentedDigits
-
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ShardError(f"digits_aug needs a positive image count for the {split} split "
                              f"(data.augmented_{split}), got {count!r}")
@@ -155,7 +153,7 @@ class AugmentedDigitsSource:
         except ValueError as e:
             raise ShardError(f"digits_aug: {e} (data.augment_seed)") from None
         self.count = count
-        self.num_classes = NUM_CLASSES
+        self.num_classes = DIGITS_CLASSES
         self._bases = self.gen.bases(np.arange(count))  # positions into the split's base digits
         self._labels = self.gen.base_labels[self._bases]
         self.description = {"dataset": "digits_aug", "split": split, "count": count, **self.gen.describe()}
@@ -182,16 +180,14 @@ class FashionSource:
     10,000 test images), at `resolution` (64: 28 px zero-padded to 32, bilinear 2x). Flips allowed."""
 
     def __init__(self, split: str, resolution: int, root: str | None = None, limit: int | None = None):
-        from enat.data.fashion import DEFAULT_DIR, NUM_CLASSES, FashionError, files_id, load_fashion
-
         try:
             self.images, self.labels, self.indices = load_fashion(split, resolution, root, limit=limit)
             files = files_id(split, root)
         except FashionError as e:
             raise ShardError(str(e)) from None
-        self.num_classes = NUM_CLASSES
+        self.num_classes = FASHION_CLASSES
         self.split = split
-        self.description = {"dataset": "fashion_mnist", "split": split, "dir": str(root or DEFAULT_DIR),
+        self.description = {"dataset": "fashion_mnist", "split": split, "dir": str(root or FASHION_DIR),
                             "geometry": "28 px zero-padded to 32, bilinear (align_corners=False) to "
                                         f"{resolution}", "images": len(self.labels), "subset": limit,
                             "files": files}
@@ -218,8 +214,6 @@ class CaptionedDigitsSource(DigitsSource):
     flip_allowed = True  # thickness and width do not change under a horizontal flip
 
     def __init__(self, split: str, resolution: int):
-        from enat.data.captions import digit_captions
-
         super().__init__(split, resolution)
         self._captions = digit_captions(self.images, self.labels.numpy())
         self.description = {"dataset": "digits", "split": split, "captions": "enat.data.captions"}
@@ -273,8 +267,6 @@ class CocoSource:
         return self.items[i][1]
 
     def load(self, i: int) -> torch.Tensor:
-        from PIL import Image
-
         with Image.open(self.items[i][0]) as im:
             arr = uvit_center_crop(im, self.resolution)
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
@@ -357,8 +349,6 @@ def part_file(out_dir: Path, part: int, num_parts: int) -> Path:
 
 def _write_shard(path: Path, samples: list[tuple], seq_len: int, text: TextLayout | None = None) -> int:
     """samples: (key, tokens, label[, {"captions.json": [...], "ids.npy": ..., "context.npy": ...}])."""
-    import webdataset as wds
-
     tmp = path.with_name(path.name + ".tmp")
     with wds.TarWriter(str(tmp)) as sink:
         for key, tokens, label, *extra in samples:
