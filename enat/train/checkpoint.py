@@ -41,7 +41,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from enat.config import ModelConfig, from_dict
 from enat.dist import all_gather_object, barrier, broadcast_object
+from enat.models.weights import save_weights
+from enat.train.lease import LeaseLost
 
 LATEST = "latest"
 META = "enat_meta.json"
@@ -324,8 +329,6 @@ class Checkpointer:
         self.log = log
 
     def _check_fence(self) -> None:
-        from enat.train.lease import LeaseLost
-
         lost = self.fence() if self.rank == 0 and self.fence is not None else None
         lost = broadcast_object(lost)
         if lost:
@@ -441,8 +444,6 @@ def to_universal(ckpt_dir: Path, tag: str, log=print) -> str:
 
 def read_client_state(ckpt_dir: Path, tag: str) -> dict:
     """The enat client state of a checkpoint, without an engine (rank 0's model-states file)."""
-    import torch
-
     files = sorted((ckpt_dir / tag).glob("*model_states.pt"))
     if not files:
         raise CheckpointError(f"no model states file in {ckpt_dir / tag}")
@@ -465,6 +466,7 @@ def checkpoint_weights(ckpt_dir: Path, tag: str, kinds=("ema", "online")) -> tup
         elif kind == "online" and read_meta(ckpt_dir, tag).get("zero_stage", 0) == 0:
             sd = state["module"]
         elif kind == "online":
+            # deepspeed: seconds to import, only for a ZeRO-sharded checkpoint (launchers import this module)
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
             sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
@@ -476,9 +478,6 @@ def checkpoint_weights(ckpt_dir: Path, tag: str, kinds=("ema", "online")) -> tup
 
 def export_weights(run_or_ckpt: str | Path, out: str | Path, which: str | None = None, log=print) -> Path:
     """Consolidated fp32 EMA and online weights of a checkpoint -> one enat-weights file."""
-    from enat.config import ModelConfig, from_dict
-    from enat.models.weights import save_weights
-
     ckpt_dir = ckpt_dir_of(run_or_ckpt)
     tag = resolve_tag(ckpt_dir, which)
     require_intact(ckpt_dir, tag, log=log)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 import uuid
 from pathlib import Path
@@ -33,8 +34,6 @@ def peak_tflops(override: float | None) -> float | None:
 def peak_memory_gb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 1e9
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
 
 
@@ -58,7 +57,7 @@ class MetricsWriter:
         self.path = run_dir / name
         self.wandb = None
         if enabled and wandb_cfg is not None and wandb_cfg.mode != "disabled":
-            import wandb
+            import wandb  # wandb: seconds of start-up, only when logging to it
 
             os.environ.setdefault("WANDB_SILENT", "true")
             self.wandb = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, group=wandb_cfg.group,
@@ -104,7 +103,7 @@ class MetricsWriter:
         if self.wandb is not None:
             data = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
             if images:
-                import wandb
+                import wandb  # wandb: loaded by __init__ already (self.wandb is set); not at module top, see there
 
                 data.update({k: wandb.Image(str(v)) for k, v in images.items()})
             self.wandb.log(data, step=record["step"])

@@ -26,15 +26,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from enat.config import Config, dump_config, to_dict
-from enat.data.loader import TokenLoader
+from enat.data.loader import ShardSet, TokenLoader
 from enat.data.prepare import check_data
 from enat.data.shards import ShardError
 from enat.dist import all_reduce, barrier, broadcast_object, device_for, init_deepspeed_comm, setup_env
 from enat.flops import expected_train_flops, masked_count, train_step_flops
+from enat.images import save_captioned_grid, save_grid
 from enat.models import build_model, count_parameters
+from enat.models.zoo import parameter_counts
 from enat.rng import derive_seed
+from enat.sampling import generate
+from enat.text import encoder_for, null_gap
+from enat.tokenizer import load_tokenizer
 from enat.train.checkpoint import (Checkpointer, CheckpointError, checkpoint_dir, find_resume_tag, read_meta,
                                    to_universal)
 from enat.train.ema import EMA
@@ -200,7 +206,7 @@ class Trainer:
             raise
 
     def _build(self, cfg: Config) -> None:
-        import deepspeed
+        import deepspeed  # deepspeed: seconds to import; the CLI and the launchers import this module without training
 
         t = cfg.train
         torch.manual_seed(cfg.seed)
@@ -318,8 +324,6 @@ class Trainer:
 
     def wandb_config(self) -> dict:
         """The run's wandb config: the whole config tree plus what a scaling dashboard groups by."""
-        from enat.models.zoo import parameter_counts
-
         cfg = self.cfg
         total, nonembed = parameter_counts(cfg.model)
         w = cfg.train.wandb
@@ -397,8 +401,6 @@ class Trainer:
         shards' manifest records), checked against the manifest's weights checksum and null
         context; its outputs are rounded to fp16, as stored contexts are."""
         if self._text_encoder is None:
-            from enat.text import encoder_for
-
             text = self.loader.manifest.text
             self._text_encoder = encoder_for(self.cfg.text.encoder or text["encoder"]["path"], self.device,
                                              sha256=text["encoder"].get("sha256"), what=self.cfg.data.shards,
@@ -524,15 +526,11 @@ class Trainer:
     def held_out(self, shard_dir):
         """A held-out shard set, checked to fit the model (caption shards: encoded by the same
         encoder, whose encoding of '' is the model's null context)."""
-        from enat.data.loader import ShardSet
-
         if self._held is not None and self._held[0] == shard_dir:
             return self._held[1]
         data = ShardSet(shard_dir, log=self.log)
         data.manifest.check_model(self.cfg.model, str(shard_dir))
         if self.cfg.model.condition == "text":
-            from enat.text import null_gap
-
             ok, gap = null_gap(torch.from_numpy(data.null_context()), self.module.text_embed.null_context)
             if not ok:
                 raise ShardError(f"{shard_dir} was encoded with another text encoder than {self.cfg.data.shards} "
@@ -566,10 +564,6 @@ class Trainer:
 
     def _sample_grid(self, model) -> Path:
         cfg = self.cfg
-        from enat.images import save_grid
-        from enat.sampling import generate
-        from enat.tokenizer import load_tokenizer
-
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(cfg.tokenizer).to(self.device)
         sc = dataclasses.replace(cfg.sample, seed=cfg.seed)
@@ -579,8 +573,6 @@ class Trainer:
             return save_grid(self._tokenizer.decode(generate(model, labels, sc)), path)
         # Text: the last caption (the demo's most detailed) of the first held-out images (training
         # images without a held-out set).
-        from enat.images import save_captioned_grid
-
         if self._grid_data is None:
             data = self.held_out(cfg.data.val_shards) if cfg.data.val_shards else self.loader.data
             rows = np.arange(min(len(cfg.train.sample_labels), len(data)))
@@ -598,8 +590,6 @@ class Trainer:
         `should_stop()` (a preemption or time-limit signal seen by this process) is polled after
         every step and OR-ed over ranks, so all ranks stop after the same step and checkpoint it
         together, whichever rank saw the signal."""
-        from tqdm import tqdm
-
         t = self.cfg.train
         end = min(t.steps, stop_at) if stop_at is not None else t.steps
         it = iter(self.loader)
