@@ -11,6 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from enat.data.loader import TokenLoader
+from enat.data.shards import Manifest
+from enat.data.tokenize import _write_shard
+
 
 def add_arguments(p) -> None:
     p.add_argument("--shards", help="shard folder with manifest.json")
@@ -25,9 +29,6 @@ def add_arguments(p) -> None:
 
 def write_synthetic(out: Path, n: int, seq_len: int, shard_size: int, codebook_size: int = 1024,
                     num_classes: int = 1000) -> None:
-    from enat.data.shards import Manifest
-    from enat.data.tokenize import _write_shard
-
     rng = np.random.default_rng(0)
     shards = []
     for j, start in enumerate(range(0, n, shard_size)):
@@ -42,8 +43,6 @@ def write_synthetic(out: Path, n: int, seq_len: int, shard_size: int, codebook_s
 
 
 def run(args) -> dict:
-    from enat.data.loader import TokenLoader
-
     tmp = None
     if args.synthetic:
         tmp = tempfile.TemporaryDirectory()

@@ -10,6 +10,13 @@ import time
 import numpy as np
 import torch
 
+from enat.config import load_config
+from enat.eval.fidelity import build_extractor, extract
+from enat.eval.job import generate_images
+from enat.models import build_model
+from enat.models.weights import load_model
+from enat.tokenizer import load_tokenizer
+
 
 def add_arguments(p) -> None:
     p.add_argument("--config", default="configs/experiments/demo.yaml")
@@ -20,13 +27,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> dict:
-    from enat.config import load_config
-    from enat.eval.fidelity import build_extractor, extract
-    from enat.eval.job import generate_images
-    from enat.models import build_model
-    from enat.models.weights import load_model
-    from enat.tokenizer import load_tokenizer
-
     cfg = load_config(args.config, args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)

@@ -27,6 +27,7 @@ syncs.json, sample.json, fid.json, tokenizer.json and check.md (the tables); che
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata as md
 import json
 import os
 import platform
@@ -36,6 +37,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
+import torch
+
+from enat.config import load_config
+from enat.eval.fidelity import import_torch_fidelity
+from enat.models import build_model
+from enat.models.weights import save_weights
+from enat.tokenizer import build_tokenizer
 
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 ROOT = Path(__file__).resolve().parents[2]
@@ -149,10 +159,6 @@ def execute(argv: list[str], timeout_s: float, log=print, json_result: bool = Tr
 def environment() -> dict:
     """The machine: device, driver, memory, and the versions of what ran. Called in a process of
     its own by the check (a CUDA context in the parent would take memory from the runs)."""
-    import importlib.metadata as md
-
-    import torch
-
     versions = {}
     for name in ("torch", "deepspeed", "torch-fidelity", "webdataset", "submitit", "numpy", "scipy", "triton", "enat"):
         try:
@@ -188,14 +194,6 @@ def fid_run(tmp: Path, smoke: bool) -> list[str]:
     """The FID job's command, after writing what it needs with random weights: an ENAT-B
     enat-weights file, an f16 VQGAN state dict, torch-fidelity's InceptionV3 state dict, and
     ADM-style reference statistics (mu, sigma of 2048-d features, resolution)."""
-    import numpy as np
-    import torch
-
-    from enat.config import load_config
-    from enat.models import build_model
-    from enat.models.weights import save_weights
-    from enat.tokenizer import build_tokenizer
-
     config = "configs/experiments/imagenet256_B.yaml"
     if smoke:  # tiny model, a small f8 VQGAN at 64 px (8x8 tokens), 10 classes, 20 samples
         over = ["model.size=tiny", "model.grid_size=8", "model.num_classes=10", "tokenizer.ch=32",
@@ -226,11 +224,8 @@ def fid_run(tmp: Path, smoke: bool) -> list[str]:
 def save_random_inception(path: Path) -> None:
     """torch-fidelity's InceptionV3 (the TF-FID network) with its random initialisation, saved as
     the state dict its constructor loads: the real architecture and feature layer, no download."""
-    import torch
-
-    from enat.eval.fidelity import import_torch_fidelity
-
     import_torch_fidelity()  # through the project's torchvision guard
+    # torch-fidelity: only after the guard above has imported it (the torchvision workaround)
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     class RandomInit(FeatureExtractorInceptionV3):
@@ -279,8 +274,6 @@ def max_micro_batch(deadline: float, log=print) -> dict:
         tries.append({"batch": b, "status": rec["status"], "seconds": rec["seconds"],
                       "peak_memory_gb": r.get("peak_memory_gb"), "error": (rec.get("error") or "")[-300:] or None})
         return rec
-
-    from enat.config import load_config
 
     b1 = load_config(recipe, []).train.micro_batch
     points = []

@@ -13,6 +13,8 @@ import json
 import torch
 
 from enat.bench import median_seconds
+from enat.config import load_config
+from enat.tokenizer import build_tokenizer
 
 
 def add_arguments(p) -> None:
@@ -28,9 +30,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> dict:
-    from enat.config import load_config
-    from enat.tokenizer import build_tokenizer
-
     cfg = load_config(args.config, args.overrides).tokenizer
     device = torch.device(args.device)
     torch.manual_seed(0)

@@ -26,6 +26,20 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+
+from enat.bench.data import write_synthetic
+from enat.config import load_config
+from enat.data.loader import TokenLoader
+from enat.dist import close
+from enat.flops import train_step_flops
+from enat.models import build_model
+from enat.profiling import CudaSyncCounter, SyncCounter, count_graphs
+from enat.rng import derive_seed
+from enat.train.ema import EMA
+from enat.train.metrics import peak_tflops
+from enat.train.objective import MaskOrder, compute_loss, mask_order, plan_step
+from enat.train.trainer import Trainer, compiled_loss, lr_lambda, make_optimizer
 
 
 def add_arguments(p) -> None:
@@ -61,15 +75,6 @@ def _sync(device: torch.device) -> None:
 
 
 def run(args) -> dict:
-    from enat.bench.data import write_synthetic
-    from enat.config import load_config
-    from enat.dist import close
-    from enat.flops import train_step_flops
-    from enat.profiling import count_graphs
-    from enat.train.metrics import peak_tflops
-    from enat.train.objective import compute_loss, mask_order, plan_step
-    from enat.train.trainer import Trainer, compiled_loss
-
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
     if args.device == "cpu" and torch.cuda.is_available():
@@ -199,9 +204,6 @@ def count_step_syncs(trainer, it, cfg, steps: int) -> dict:
     per step and inside forward + loss + backward: at the dispatcher (`SyncCounter`, any device;
     under its dispatch mode dynamo runs compiled frames eagerly) and, on a GPU, CUDA's own count
     by call site (`CudaSyncCounter`: compiled code counted as it runs)."""
-    from enat.profiling import CudaSyncCounter, SyncCounter
-    from enat.train.objective import plan_step
-
     out = {"syncs_per_step": None, "syncs_by_mode": None, "syncs_inside_forward_backward": None,
            "sync_steps_counted": steps, "cuda_syncs_per_step": None, "cuda_syncs_by_mode": None,
            "cuda_syncs_inside_forward_backward": None, "cuda_sync_sites": None}
@@ -249,20 +251,11 @@ def _f(x) -> str:
 
 
 def _backend() -> str | None:
-    import torch.distributed as dist
-
     return dist.get_backend() if dist.is_available() and dist.is_initialized() else None
 
 
 def _bare_loop(cfg, trainer, shards, device):
     """The same math without the framework: same init, batches, plans, objective and EMA."""
-    from enat.data.loader import TokenLoader
-    from enat.models import build_model
-    from enat.rng import derive_seed
-    from enat.train.ema import EMA
-    from enat.train.objective import MaskOrder, compute_loss, plan_step
-    from enat.train.trainer import lr_lambda, make_optimizer
-
     t = cfg.train
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model).train()
