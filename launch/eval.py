@@ -22,6 +22,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # a script: import `launch` from the checkout, not launch/tokenize.py as stdlib tokenize
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
+import submitit
 import yaml
 
 from enat.config import Config, load_config, to_dict
@@ -85,8 +86,6 @@ def submit_eval(cfg: Config, run_dir: Path, checkpoints: list[str], num_samples:
 
 
 def job_finished(job_id: str) -> bool:
-    import submitit
-
     return submitit.SlurmJob(folder=".", job_id=job_id).done(force_check=True)
 
 

@@ -18,22 +18,23 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import submitit
+import torch
 
+from enat.config import Config, from_dict, resolve
+from enat.data.prepare import merge_split, prepare_tokenizer, tokenize_split
 from enat.dist import close, free_port
-
-if TYPE_CHECKING:
-    from enat.config import Config
+from enat.eval.job import evaluate
+from enat.eval.prepare import prepare_extractor
+from enat.train.checkpoint import write_atomic
+from enat.train.trainer import train
 
 log = functools.partial(print, flush=True)
 
 
 def _config(config: dict):
     """Every job starts here: the config, and an environment of its own."""
-    from enat.config import Config, from_dict, resolve
-
     # sbatch exports the submitting process's environment; a WANDB_SERVICE there (any process that
     # used wandb) would make concurrent jobs share that process's wandb service and collide on a
     # run id. Each job starts its own.
@@ -45,8 +46,6 @@ def _distributed_env(cfg: Config) -> submitit.JobEnvironment:
     """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from the job (SLURM or local tasks), and CPU defaults.
     The job's values win over any inherited from the submitting shell (sbatch exports its
     environment, which may hold another process group's MASTER_ADDR or RANK)."""
-    import torch
-
     env = submitit.JobEnvironment()
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     os.environ["MASTER_PORT"] = str(_master_port(env, int(os.environ["MASTER_PORT"])))
@@ -86,8 +85,6 @@ def _master_port(env: submitit.JobEnvironment, wanted: int, wait_s: float = 300.
         if port != wanted:
             log(f"the job's default MASTER_PORT {wanted} is in use on {socket.gethostname()}: using {port}")
         if env.num_tasks > 1:
-            from enat.train.checkpoint import write_atomic
-
             write_atomic(note, str(port))
         return port
     deadline = time.time() + wait_s
@@ -116,8 +113,6 @@ class TrainJob(submitit.helpers.Checkpointable):
     requeued job must never seize a run directory someone else has started writing since."""
 
     def __call__(self, config: dict, stop_at: int | None = None, takeover: bool = False) -> dict:
-        from enat.train.trainer import train
-
         cfg = _config(config)
         env = _distributed_env(cfg)
         stop = threading.Event()
@@ -148,8 +143,6 @@ class EvalJob:
     """FID evaluation of one checkpoint of a run (a step, a tag or "latest")."""
 
     def __call__(self, config: dict, run_dir: str, checkpoint: str, num_samples: int | None = None) -> dict:
-        from enat.eval.job import evaluate
-
         cfg = _config(config)
         _distributed_env(cfg)
         record = evaluate(cfg, run_dir, checkpoint, num_samples=num_samples, log=log)
@@ -160,22 +153,15 @@ class EvalJob:
 def prepare_job(config: dict) -> None:
     """The project's own models before the data is tokenized (digits, Fashion-MNIST): the
     tokenizer (data) and the FID classifier (evaluation), each built when missing."""
-    from enat.data.prepare import prepare_tokenizer
-    from enat.eval.prepare import prepare_extractor
-
     cfg = _config(config)
     prepare_tokenizer(cfg, log=log)
     prepare_extractor(cfg, log=log)
 
 
 def tokenize_job(config: dict, split: str, part: int, num_parts: int) -> None:
-    from enat.data.prepare import tokenize_split
-
     tokenize_split(_config(config), split, part=part, num_parts=num_parts, merge=False, progress=False, log=log)
 
 
 def merge_job(config: dict, split: str) -> str:
-    from enat.data.prepare import merge_split
-
     manifest = merge_split(_config(config), split, log=log)
     return f"{manifest.num_samples} samples in {len(manifest.shards)} shards"

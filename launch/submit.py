@@ -20,7 +20,7 @@ from pathlib import Path
 
 import submitit
 
-from enat.config import Config, load_config, to_dict
+from enat.config import Config, ConfigError, load_config, to_dict
 
 # flag -> config key (value type from the config's validation)
 FLAGS = {"cluster": "launch.cluster", "nodes": "launch.nodes", "gpus_per_node": "launch.gpus_per_node",
@@ -222,8 +222,6 @@ def record(run_dir: str | Path, kind: str, cfg: Config, jobs, extra: dict | None
 
 def main_guard(fn, argv=None) -> int:
     """Run a launcher's main; errors print one line (no traceback) and exit 2."""
-    from enat.config import ConfigError
-
     try:
         fn(argv)
     except (LaunchError, ConfigError, FileNotFoundError, ValueError) as e:

@@ -25,16 +25,16 @@ if __package__ in (None, ""):  # a script: import `launch` from the checkout, no
 from enat.config import to_dict
 from enat.sweeps import MANIFEST, load_sweep, run_configs, run_entry
 from enat.train.checkpoint import latest_step
+from launch.eval import submit_eval
 from launch.jobs import TrainJob
 from launch.submit import add_launch_args, describe, executor, launch_overrides, record, submit_array, wait
+from launch.tokenize import submit_tokenize
 
 
 def submit_data(cfgs) -> list:
     """The prepare/tokenize jobs for the data the runs need, once per distinct set of paths (two
     runs writing the same shards would collide), one set after the other (they may share a
     tokenizer); [] when everything exists."""
-    from launch.tokenize import submit_tokenize
-
     deps, seen = [], set()
     for cfg in cfgs:
         key = (cfg.tokenizer.checkpoint, cfg.data.shards, cfg.data.val_shards, cfg.eval.extractor_weights)
@@ -66,8 +66,6 @@ def submit_sweep(sweep_path: str | Path, extra_overrides: list[str], evaluate: b
             print(f"{runs[i][0].name}: job {job.job_id}  log {job.paths.stdout}  run {runs[i][0].run_dir}")
         record(sweep.out_dir, "sweep", cfg0, jobs, {"sweep": str(sweep_path), "runs": [runs[i][0].name for i in todo]})
         if evaluate:  # FID of each run's final checkpoint, each after its own training task
-            from launch.eval import submit_eval
-
             evals = [e for i, job in zip(todo, jobs)
                      for e in submit_eval(runs[i][1], Path(runs[i][0].run_dir), ["latest"], after=[job])]
             jobs = jobs + evals
