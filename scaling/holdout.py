@@ -22,9 +22,9 @@ preregister, before the hold-out is launched:
     --allow-interpolation waives this, which weakens the test to an interpolation check and is
     recorded in the file;
   - fits L(N, D) = E + A/N^alpha + B/D^beta to the fitting sweep's points (the report's choice:
-    scaling.report.choose_points) with the robust search (scaling.fit.search: 128 grid starts plus
-    a profile scan, tight tolerances) and a bootstrap over runs in which every resample has a
-    global search of its own (scaling.fit.resample_fits; 1000 resamples by default);
+    scaling.points.choose_points) with the robust search (scaling.search.search: 128 grid starts
+    plus a profile scan, tight tolerances) and a bootstrap over runs in which every resample has a
+    global search of its own (scaling.search.resample_fits; 1000 resamples by default);
   - writes preregistration.json (to the hold-out sweep's out_dir by default): created_at (UTC),
     the git commit, the sha256 of the fitting points (and the points), the law, and for every
     target its N, D, C, prediction and 95 % interval.
@@ -69,6 +69,7 @@ import numpy as np
 
 from scaling.collect import ScalingError, collect
 from scaling.fit import fit_law
+from scaling.points import fitting_points, loss_column
 from scaling.search import check_sweep, search
 
 PREREG = "preregistration.json"
@@ -82,10 +83,6 @@ STARTED = ("config.yaml", "metrics.jsonl", "val.jsonl", "eval.jsonl", "lease.jso
 # Config keys that differ between seed repeats without changing the runs: the seed itself, where
 # the run writes, its wandb labels, how it is launched, how it is evaluated.
 NOT_THE_RUN = ("seed", "train.run_dir", "train.wandb", "launch", "eval")
-
-
-def _key(loss: str) -> str:
-    return loss.replace("/", "_")
 
 
 def _now() -> str:
@@ -217,23 +214,6 @@ def _predict(draws: np.ndarray, N: float, D: float) -> np.ndarray:
     return E + A / N ** alpha + B / D ** beta
 
 
-def fitting_points(sweep: str | Path, loss_key: str, points: str = "auto"):
-    """The fitting sweep's collection and the points the report fits: (collection, points, which)."""
-    from scaling.report import choose_points  # here: report.py imports this module
-
-    col = collect(sweep)
-    if not col.runs:
-        raise ScalingError(f"no finished runs in the fitting sweep {sweep}: "
-                           + "; ".join(f"{e['run']}: {e['reason']}" for e in col.excluded))
-    key = _key(loss_key)
-    rows, which = choose_points(col.rows, points)
-    pts = [p for p in rows if p.get(key) is not None and np.isfinite(p[key]) and p[key] > 0]
-    if not pts:
-        have = sorted({k for p in col.rows for k in p if k.startswith("val")})
-        raise ScalingError(f"no {loss_key} in the fitting sweep's validation records; have {have or 'none'}")
-    return col, pts, which
-
-
 def preregister(fit_sweep_dir: str | Path, holdout_spec: str | Path, loss_key: str = "val/loss_r0.7",
                 out: str | Path | None = None, bootstrap: int = 1000, seed: int = 0, points: str = "auto",
                 allow_interpolation: bool = False, force: bool = False) -> Path:
@@ -266,7 +246,7 @@ def preregister(fit_sweep_dir: str | Path, holdout_spec: str | Path, loss_key: s
                            f"(default 1000)")
 
     col, pts, which = fitting_points(fit_sweep_dir, loss_key, points)
-    key = _key(loss_key)
+    key = loss_column(loss_key)
     fit_dirs = {str(Path(r["run_dir"]).resolve()) for r in col.runs}
     clash = [t["name"] for t in targets if str(Path(t["run_dir"]).resolve()) in fit_dirs]
     if clash:
@@ -408,7 +388,7 @@ def evaluate_holdout(prereg_path: str | Path, holdout_sweep_dir: str | Path | No
     if not prereg_path.is_file():
         raise ScalingError(f"no pre-registration at {prereg_path} (python -m scaling.holdout preregister writes it)")
     pre = json.loads(prereg_path.read_text())
-    key = _key(pre["loss"])
+    key = loss_column(pre["loss"])
     created = _time(pre["created_at"])
     sweep_dir = Path(holdout_sweep_dir) if holdout_sweep_dir is not None else Path(pre["holdout_out_dir"])
     if (sweep_dir / "sweep.json").is_file():
@@ -486,7 +466,7 @@ def leave_one_out(points: list[dict], loss_key: str, delta: float = 1e-3) -> dic
     column ("val_loss_r0.7") or the metric ("val/loss_r0.7").
     -> {"rows": [{run, N, D, predicted, observed, rel_error, extrapolates, law} or {run, N, D,
     observed, reason}], "median_abs_error", "max_abs_error", "rms_error"}."""
-    key = _key(loss_key)
+    key = loss_column(loss_key)
     pts = [p for p in points if p.get(key) is not None and np.isfinite(p[key]) and p[key] > 0]
     N = np.array([p["n_params_nonembed"] for p in pts], float)
     D = np.array([p["samples"] for p in pts], float)

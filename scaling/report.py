@@ -47,10 +47,7 @@ from scaling.baselines import gate_markdown, regime_gate, sweep_baselines
 from scaling.frontier import frontier_markdown, sweep_frontiers
 from scaling.holdout import (PREREG, evaluate_holdout, leave_one_out, loo_markdown, points_digest,
                              preregistration_markdown)
-
-
-def _key(loss: str) -> str:
-    return loss.replace("/", "_")
+from scaling.points import choose_points, loss_column
 
 
 def _figure():
@@ -528,17 +525,6 @@ def _ci(fit, name, fmt="{:.3g}") -> str:
     return fmt.format(v)
 
 
-def choose_points(rows: list[dict], which: str) -> tuple[list[dict], str]:
-    """Which validation points are measurements of L(N, D). Along a constant-LR run every point is
-    (the loss after D samples does not depend on the planned length); under a decaying schedule
-    only a run's final point is what its budget reaches, the earlier ones are biased high."""
-    if which == "auto":
-        which = "final" if any(r["schedule"] != "constant" for r in rows) else "all"
-    if which == "final":
-        return [r for r in rows if r["final"]], "each run's final validation loss (decaying LR schedules)"
-    return rows, "validation loss at every logged step (constant LR after warm-up)"
-
-
 def report_run_id(project: str, entity: str | None, sweep_name: str) -> str:
     """The report's wandb run id: one per (entity, project, sweep), so re-running the report
     updates that run instead of adding another."""
@@ -598,18 +584,18 @@ def check_regime(col, loss: str) -> dict:
 
 def gated_report(out: Path, col, loss: str, gate: dict, sweep, wandb_mode=None) -> Path:
     """What the report says when the runs are not in the regime a law describes: why, and no law."""
-    table = runs_table(col.runs, col.rows, _key(loss))
+    table = runs_table(col.runs, col.rows, loss_column(loss))
     result = {"sweep": str(sweep), "loss": loss, "gate": gate, "law": None, "runs": len(col.runs),
               "excluded": col.excluded, "runs_table": table}
     (out / "fit.json").write_text(json.dumps(result, indent=1, default=float))
     lines = [f"# Scaling report: {col.name or sweep}", "", f"{len(col.runs)} runs, `{loss}`. No law is stated: the "
              f"runs fail the regime gate (`--ignore-gate` fits one anyway, marked as such).", ""]
     lines += gate_markdown(gate) if gate.get("baselines") else ["## Regime gate", ""] + [f"- {r}" for r in gate["reasons"]]
-    lines += [""] + runs_markdown(table, _key(loss))
+    lines += [""] + runs_markdown(table, loss_column(loss))
     if col.excluded:
         lines += ["", "## Excluded runs", ""] + [f"- `{e['run']}`: {e['reason']}" for e in col.excluded]
     if wandb_mode:  # the dashboard shows the failed gate (summary "gate", "law": null)
-        rid = publish_wandb({**result, "points_used": "none", "points": 0}, col, [], _key(loss), [], out,
+        rid = publish_wandb({**result, "points_used": "none", "points": 0}, col, [], loss_column(loss), [], out,
                             None if wandb_mode is True else wandb_mode)
         lines += ["", f"Published to wandb as run `{rid}`."]
     path = out / "report.md"
@@ -680,7 +666,7 @@ def report(sweep: str | Path, out: str | Path, loss: str = "val/loss_r0.7", boot
     out.mkdir(parents=True, exist_ok=True)
     col = collect(sweep)
     write(col, out)
-    key = _key(loss)
+    key = loss_column(loss)
     if not col.runs:
         raise ScalingError("no finished runs to report on: " + "; ".join(f"{e['run']}: {e['reason']}"
                                                                         for e in col.excluded))

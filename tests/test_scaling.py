@@ -263,7 +263,7 @@ def test_plan_writes_an_isoflop_sweep_the_launcher_accepts(tmp_path):
 
 
 def test_decaying_schedules_fit_final_points_only(sweep_dir):
-    from scaling.report import choose_points
+    from scaling.points import choose_points
 
     rows = collect(sweep_dir).rows
     assert choose_points(rows, "auto")[0] == rows  # constant LR: every logged point
