@@ -84,7 +84,9 @@ def init_deepspeed_comm() -> None:
     on every start: a process killed in that window leaves the lock behind and every later run
     sharing the home directory waits on it forever (a fresh machine also compiles it for
     minutes). Idempotent; the engine's own init goes through the same hook."""
-    import deepspeed  # deepspeed: seconds to import; launchers and the CLI import this module without needing it
+    # deepspeed: picks its accelerator when imported (after a job has set DS_ACCELERATOR, launch/jobs.py),
+    # is slow to import, and only training needs it
+    import deepspeed
 
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     if not is_initialized():

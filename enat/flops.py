@@ -173,7 +173,8 @@ def expected_train_flops(cfg: ModelConfig, beta: tuple[float, float] = (12.0, 3.
     """Mean training FLOPs per sample: mask ratio ~ Beta(a, b), integrated exactly over the
     resulting [MASK] counts; reuse-mode steps with probability reuse_prob, re-masking
     remask_mean of the visible tokens on average."""
-    # scipy.stats: about 1 s to import; this module is on the CLI's start-up path (through the trainer)
+    # scipy.stats: about 1 s to import, for this estimate only (`enat flops`, the launchers and the
+    # trainer import this module)
     from scipy.stats import beta as beta_dist
 
     N = cfg.seq_len

@@ -198,7 +198,7 @@ class CudaSyncCounter:
 def _synchronize_functions():
     """Explicit device synchronizes: torch.cuda's, and DeepSpeed's accelerator (its timers)."""
     out = [(torch.cuda, "synchronize")]
-    try:  # deepspeed: optional here (the counters work without it), and seconds to import
+    try:  # deepspeed: optional here (the counters work without it), and slow to import
         from deepspeed.accelerator import get_accelerator
 
         out.append((get_accelerator(), "synchronize"))

@@ -63,7 +63,8 @@ def split_indices(split: str) -> np.ndarray:
 def load_digits(split: str = "train", resolution: int = RESOLUTION) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """-> images (n, 3, R, R) float32 in [0, 1], labels (n,) int64, and the dataset indices
     (the stable identity of each image)."""
-    # scikit-learn: about 1.5 s to import; this module is on the CLI's start-up path (through the trainer)
+    # scikit-learn: about 1.5 s to import, only when the digits are read (the data, train and eval
+    # commands import this module whatever the dataset)
     from sklearn.datasets import load_digits as sk_load_digits
 
     data = sk_load_digits()

@@ -466,7 +466,8 @@ def checkpoint_weights(ckpt_dir: Path, tag: str, kinds=("ema", "online")) -> tup
         elif kind == "online" and read_meta(ckpt_dir, tag).get("zero_stage", 0) == 0:
             sd = state["module"]
         elif kind == "online":
-            # deepspeed: seconds to import, only for a ZeRO-sharded checkpoint (launchers import this module)
+            # deepspeed: slow to import, picks its accelerator when imported, and only a ZeRO-sharded
+            # checkpoint needs it (the launchers and evaluation import this module)
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
             sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)

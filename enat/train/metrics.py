@@ -57,7 +57,7 @@ class MetricsWriter:
         self.path = run_dir / name
         self.wandb = None
         if enabled and wandb_cfg is not None and wandb_cfg.mode != "disabled":
-            import wandb  # wandb: seconds of start-up, only when logging to it
+            import wandb  # wandb: slow to import, only when logging to it
 
             os.environ.setdefault("WANDB_SILENT", "true")
             self.wandb = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, group=wandb_cfg.group,

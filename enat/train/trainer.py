@@ -206,7 +206,9 @@ class Trainer:
             raise
 
     def _build(self, cfg: Config) -> None:
-        import deepspeed  # deepspeed: seconds to import; the CLI and the launchers import this module without training
+        # deepspeed: picks its accelerator when imported (after a job has set DS_ACCELERATOR, launch/jobs.py),
+        # is slow to import, and only training needs it (the launchers import this module)
+        import deepspeed
 
         t = cfg.train
         torch.manual_seed(cfg.seed)
