@@ -237,8 +237,9 @@ def huber_exponent(points: list[dict], loss_key: str, bootstrap: int = 1000, see
     Every bootstrap resample (runs drawn with replacement) gets a global search of its own, not
     starts near the full fit; L-BFGS-B from all 128 grid starts costs 1-20 s per resample (hours
     for 1000), so resamples use the profile scan over the bounds' whole (alpha, beta) range
-    (48 x 48, (A, B, E) exact at each cell) and L-BFGS-B from its best local minima. "scan_gap" checks that search on the full data:
-    its objective minus the 128-start one (0 when the scan finds the same optimum).
+    (48 x 48, (A, B, E) exact at each cell) and L-BFGS-B from its best local minima. "scan_gap"
+    checks that search on the full data: its objective minus the 128-start one (0 when the scan
+    finds the same optimum).
     """
     method = "Huber fit (approach 3)"
     pts = _usable(points, loss_key, "n_params_nonembed", "samples")

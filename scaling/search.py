@@ -90,8 +90,9 @@ def check_sweep(N: np.ndarray, D: np.ndarray, runs: np.ndarray) -> None:
 
 def _scaled_objective(theta, logN, logD, logL, delta):
     """objective() as a mean over points divided by delta: for residuals beyond delta this is
-    about the mean absolute log-error, O(0.1-10) at the grid's starts and O(noise) at the optimum, with O(1) gradients, so L-BFGS-B's tolerances mean what they say. (The raw sum is
-    ~1e-4 near the optimum with gradients ~1e-3: scipy's default tolerances are met early.)"""
+    about the mean absolute log-error, O(0.1-10) at the grid's starts and O(noise) at the optimum,
+    with O(1) gradients, so L-BFGS-B's tolerances mean what they say. (The raw sum is ~1e-4 near
+    the optimum with gradients ~1e-3: scipy's default tolerances are met early.)"""
     f, g = objective(theta, logN, logD, logL, delta)
     s = 1.0 / (len(logN) * delta)
     return f * s, g * s
