@@ -159,7 +159,8 @@ def test_report_publishes_to_wandb_as_one_run(sweep_dir, tmp_path):
     """--wandb: a run of its own in the sweep's group (job type scaling-report) whose summary is
     fit.json; the points as a table and the plots as images; a re-run reuses the id."""
     from conftest import wandb_records, wandb_summary
-    from scaling.report import report, report_run_id
+    from scaling.publish import report_run_id
+    from scaling.report import report
 
     out = tmp_path / "out"
     report(sweep_dir, out, bootstrap=20, wandb_mode="offline", ignore_gate=True, approach_bootstrap=20)

@@ -148,7 +148,7 @@ def test_residuals_vanish_on_noiseless_data(reported):
 
 
 def test_sensitivity_rows_and_reference(reported, good):
-    from scaling.report import _point_fit
+    from scaling.tables import _point_fit
 
     out, result, text = reported
     rows = result["sensitivity"]
@@ -203,7 +203,7 @@ def test_good_fid_protocol_has_no_warnings_and_scipy_spearman(reported, good):
 def test_poor_fid_protocol_warns(tmp_path):
     """300 samples for a 128-d extractor, FID of the EMA weights against an online-loss law, two
     evaluated checkpoints per size: three warnings; the same runs fitted on the EMA loss: two."""
-    from scaling.report import fid_protocol
+    from scaling.tables import fid_protocol
 
     root = make_sweep(tmp_path / "poor", widths=(32, 48), evals={200: (200,), 400: (400,)}, num_samples=300,
                       overrides=("eval.weights=ema",))
@@ -224,7 +224,7 @@ def test_plots_refuse_unlabelled_axes_and_show_values_on_narrow_log_axes(tmp_pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from scaling.report import _labelled_ticks, _save
+    from scaling.plots import _labelled_ticks, _save
 
     fig, ax = plt.subplots()
     ax.plot([1e10, 1e12], [3.6, 4.8])
