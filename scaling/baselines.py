@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from enat.data.loader import ShardSet
+from enat.data.shards import ShardError
 from scaling.collect import ScalingError
 
 CHUNK = 1 << 22  # tokens per bincount pass: bounds the int64 key arrays (32 MiB)
@@ -115,9 +117,6 @@ def frequency_baselines(train_tokens, train_labels, val_tokens, val_labels, voca
 
 
 def _read(path, what: str):
-    from enat.data.loader import ShardSet
-    from enat.data.shards import ShardError
-
     if not path or not Path(path).is_dir():
         fix = ("tokenize the split (`enat tokenize`) or point it at the token shards"
                if what == "data.val_shards" else "point it at the token shards of the training split")

@@ -28,6 +28,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from enat.config import ConfigError, load_config
+from enat.flops import expected_train_flops, sampling_flops
+from enat.models.zoo import parameter_counts
+
+
 class ScalingError(ValueError):
     pass
 
@@ -122,10 +127,6 @@ def _sampling_throughput(entries: list[dict]) -> dict:
 
 def read_run(run_dir: Path, name: str | None = None) -> tuple[dict | None, list[dict], str | None]:
     """(run summary, rows, None) or (None, [], reason to exclude it)."""
-    from enat.config import ConfigError, load_config
-    from enat.flops import expected_train_flops
-    from enat.models.zoo import parameter_counts
-
     name = name or run_dir.name
     if not (run_dir / "config.yaml").is_file():
         return None, [], "no config.yaml (never started)"
@@ -157,8 +158,6 @@ def read_run(run_dir: Path, name: str | None = None) -> tuple[dict | None, list[
     for r in train:
         wall += r.get("window_s", 0.0)
         wall_at[r["step"]] = wall
-    from enat.flops import sampling_flops
-
     guided = cfg.sample.cfg_scale != 0
     sampling = {"sample_flops_plain": sampling_flops(cfg.model, cfg.sample.steps, reuse=False, guided=guided).total,
                 "sample_flops_reuse": (sampling_flops(cfg.model, cfg.sample.steps, reuse=True, guided=guided).total

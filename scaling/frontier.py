@@ -16,6 +16,7 @@ log-log (a power law through the end sizes outside).
 from __future__ import annotations
 
 import numpy as np
+from scipy.optimize import minimize_scalar
 
 from scaling.collect import ScalingError
 
@@ -41,8 +42,6 @@ def loglog_curve(ns, values):
 
 def _argmin_log(fn, lo: float, hi: float) -> float:
     """The N in [lo, hi] minimising fn(N): a dense log grid, then Brent around the best cell."""
-    from scipy.optimize import minimize_scalar
-
     grid = np.geomspace(lo, hi, 400)
     vals = fn(grid)
     i = int(np.nanargmin(vals))

@@ -66,7 +66,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import t as student
 
+from enat.config import ConfigError, load_config, to_dict
+from enat.sweeps import global_batch, load_sweep, run_configs, run_entry
 from scaling.collect import ScalingError, collect
 from scaling.fit import fit_law
 from scaling.points import fitting_points, loss_column
@@ -105,9 +108,6 @@ def _stamp(t: float) -> str:
 def holdout_targets(spec_path: str | Path) -> list[dict]:
     """Every run of a hold-out sweep spec: name, run_dir, N (non-embedding parameters), D
     (samples = steps x global batch), C (compute budget: FLOPs per sample x D), steps, seed."""
-    from enat.config import ConfigError
-    from enat.sweeps import load_sweep, run_configs, run_entry
-
     try:
         sweep = load_sweep(spec_path)
         configs = run_configs(sweep)
@@ -137,9 +137,6 @@ def started(run_dir: str | Path) -> list[str]:
 def _identity(run_dir: str | Path, samples: float) -> str:
     """A run's config without what seed repeats may differ in, with its final D: equal for runs
     that are the same experiment with another seed."""
-    from enat.config import load_config, to_dict
-    from enat.sweeps import global_batch
-
     cfg = load_config(Path(run_dir) / "config.yaml")
     tree = to_dict(cfg)
     for dotted in NOT_THE_RUN:
@@ -177,8 +174,6 @@ def interval(pred: float, fit_lo: float, fit_hi: float, sigma_log: float | None,
              ) -> tuple[float, float]:
     """The fit's percentile interval widened by the seed spread of the mean of `seeds` runs (in log
     space, in quadrature; see the module's docstring)."""
-    from scipy.stats import t as student
-
     h_lo, h_hi = max(0.0, np.log(pred / fit_lo)), max(0.0, np.log(fit_hi / pred))
     s = 0.0 if not sigma_log else float(student.ppf(0.975, dof)) * sigma_log / np.sqrt(seeds)
     return float(pred * np.exp(-np.hypot(h_lo, s))), float(pred * np.exp(np.hypot(h_hi, s)))
@@ -223,8 +218,6 @@ def preregister(fit_sweep_dir: str | Path, holdout_spec: str | Path, loss_key: s
     (force replaces it while no hold-out run has started); a target is not >= 2x N and >= 3x C
     beyond the fit (allow_interpolation waives it: a weaker test, recorded as such); fewer than
     100 usable bootstrap resamples."""
-    from enat.sweeps import load_sweep
-
     targets = holdout_targets(holdout_spec)
     spec = load_sweep(holdout_spec)
     begun = {t["name"]: (t["run_dir"], started(t["run_dir"])) for t in targets}
@@ -590,8 +583,6 @@ def preregistration_markdown(pre: dict, evaluation: dict | None = None, error: s
 
 
 def main(argv=None) -> int:
-    from enat.config import ConfigError
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     pre = sub.add_parser("preregister", help="predict the hold-out before it runs; write preregistration.json")

@@ -35,22 +35,28 @@ import argparse
 import json
 import os
 import sys
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.distributed as dist
 import yaml
 
-from scaling.collect import ScalingError
+from enat.bench.data import write_synthetic
+from enat.config import load_config
+from enat.data.shards import MANIFEST
+from enat.flops import expected_train_flops
+from enat.models.zoo import parameter_counts
+from enat.sweeps import global_batch
+from enat.train.trainer import Trainer
+from scaling.collect import ScalingError, collect
 from scaling.fit import compute_optimal, LawFit
 
 
 def size_table(config: str | Path, key: str, sizes: list) -> list[dict]:
-    from enat.config import load_config
-    from enat.flops import expected_train_flops
-    from enat.models.zoo import parameter_counts
-    from enat.sweeps import global_batch
-
     out = []
     for v in sizes:
         cfg = load_config(config, [f"{key}={json.dumps(v)}"])
@@ -175,11 +181,6 @@ def _size_overrides(study: Study, size: str) -> list[str]:
 
 def study_sizes(study: Study) -> dict:
     """name -> {N, flops_per_sample, batch, overrides} for every size of the ladder."""
-    from enat.config import load_config
-    from enat.flops import expected_train_flops
-    from enat.models.zoo import parameter_counts
-    from enat.sweeps import global_batch
-
     out = {}
     for name in study.sizes:
         cfg = load_config(study.config, _size_overrides(study, name))
@@ -196,22 +197,11 @@ def measure_seconds_per_sample(study: Study, sizes: list[str], steps: int = 8, w
     """Seconds per training sample of each size on this machine: real training steps of the
     study's trainer (synthetic tokens), with the thread count a run gets (launch.cpus_per_task on
     CPU). What turns the study's minutes into FLOPs."""
-    import tempfile
-    import time
-
-    import torch
-
-    from enat.bench.data import write_synthetic
-    from enat.config import load_config
-    from enat.train.trainer import Trainer
-
     out = {}
     # The trainers make this process rank 0 of 1 (enat.dist.setup_env writes RANK, MASTER_PORT...):
     # put the environment back afterwards.
     # An inherited one (a launcher's) may name a port still held: start from none, unless this
     # process is already in a process group (then the trainers join it, and it stays).
-    import torch.distributed as dist
-
     own_group = not dist.is_initialized()
     keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     dist_env = {k: os.environ.pop(k, None) for k in keys} if own_group else {}
@@ -286,8 +276,6 @@ def choose_lrs(study: Study, sizes: dict, lr_dir: str | Path | None = None) -> t
     """LR per size from the finished LR sweep: each swept size's best final loss (a parabola in
     log LR through the best three, so the optimum need not sit on the grid), then log LR linear in
     log N across sizes (constant with one swept size). -> ({size: lr}, notes)."""
-    from scaling.collect import collect
-
     lr_dir = Path(lr_dir or study.out_dir / "lr")
     col = collect(lr_dir)
     key = study.loss.replace("/", "_")
@@ -322,9 +310,6 @@ def choose_lrs(study: Study, sizes: dict, lr_dir: str | Path | None = None) -> t
 
 def train_images(study: Study) -> int | None:
     """Training images in the study's shards (their manifest), or None before they exist."""
-    from enat.config import load_config
-    from enat.data.shards import MANIFEST
-
     cfg = load_config(study.config, _size_overrides(study, next(iter(study.sizes))))
     path = Path(cfg.data.shards) / MANIFEST
     return json.loads(path.read_text())["num_samples"] if path.is_file() else None
@@ -462,8 +447,6 @@ def write_study(study: Study, planned: dict, sizes: dict, lrs: dict, notes: dict
 def study_phase(study_path: str | Path, phase: str, lr_sweep: str | None = None, fit: str | None = None,
                 parallel: int | None = None, log=print) -> dict:
     """Run one planning phase of a study -> the paths written."""
-    from enat.config import load_config
-
     study = load_study(study_path)
     if phase == "lr":
         path = plan_lr_sweep(study)

@@ -25,13 +25,15 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
+from launch.submit import add_launch_args, launch_overrides, wait
+from launch.sweep import submit_sweep
 from scaling.collect import ScalingError
+from scaling.holdout import preregister
+from scaling.plan import load_study, study_phase
+from scaling.report import report
 
 
 def _sweep(spec: Path, overrides: list[str], evaluate: bool, log) -> None:
-    from launch.submit import wait
-    from launch.sweep import submit_sweep
-
     _, jobs = submit_sweep(spec, overrides, evaluate)
     failed = []
     for job in jobs:
@@ -45,10 +47,6 @@ def _sweep(spec: Path, overrides: list[str], evaluate: bool, log) -> None:
 
 def run_study(study_path: str | Path, overrides: list[str] | None = None, evaluate: bool = False,
               report_out: str | Path | None = None, log=print) -> dict:
-    from scaling.holdout import preregister
-    from scaling.plan import load_study, study_phase
-    from scaling.report import report
-
     overrides = list(overrides or [])
     study = load_study(study_path)
     plan_dir = study.out_dir / "plan"
@@ -85,8 +83,6 @@ def run_study(study_path: str | Path, overrides: list[str] | None = None, evalua
 
 
 def main(argv=None) -> int:
-    from launch.submit import add_launch_args, launch_overrides
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--study", required=True, help="configs/studies/*.yaml")
     p.add_argument("--eval", action="store_true", help="an FID job per run of the fit and hold-out sweeps")
