@@ -27,7 +27,8 @@ from __future__ import annotations
 import numpy as np
 
 from scaling.collect import ScalingError
-from scaling.search import BOUNDS, PARAMS, SCAN, best_of, check_sweep, init_grid, law_of, quiet, scan_starts
+from scaling.search import (BOUNDS, PARAMS, SCAN, best_of, check_sweep, fitted, init_grid, law_of, quiet, resample_fits,
+                            scan_starts)
 
 ENVELOPE_GRID = 60  # compute values the envelope is read at (log-spaced over the points' range)
 
@@ -227,8 +228,24 @@ def isoflop_exponent(final_points: list[dict], loss_key: str, bootstrap: int = 1
 # ---------------------------------------------------------------------------------------------
 
 
+def _shared_resamples(law_fit, points: int, runs: int, bootstrap: int, seed: int, delta: float) -> np.ndarray:
+    """The first `bootstrap` of fit_law's resamples (resample_fits' rows), refused unless they are
+    of these points with this seed and delta."""
+    if not bootstrap:
+        return np.zeros((0, len(PARAMS)))
+    rows = getattr(law_fit, "_resamples", np.zeros((0, len(PARAMS))))
+    drawn = getattr(law_fit, "_resampled", None)
+    if (law_fit.n_points, law_fit.n_runs) != (points, runs) or drawn != {"seed": seed, "delta": delta}:
+        raise ValueError(f"law_fit was fitted to {law_fit.n_points} points of {law_fit.n_runs} runs, resampled with "
+                         f"{drawn}: not these {points} points of {runs} runs with seed {seed}, delta {delta}")
+    if len(rows) < bootstrap:
+        raise ValueError(f"law_fit holds {len(rows)} resamples, not the {bootstrap} asked for (fit_law(..., "
+                         f"resamples={bootstrap}))")
+    return rows[:bootstrap]
+
+
 def huber_exponent(points: list[dict], loss_key: str, bootstrap: int = 1000, seed: int = 0,
-                   delta: float = 1e-3) -> dict:
+                   delta: float = 1e-3, law_fit=None) -> dict:
     """Approach 3: L(N, D) = E + A/N^alpha + B/D^beta fitted to convergence, a = beta / (alpha + beta).
 
     scaling/search.py's robust search, as fit.py's law: Huber (delta) on log-residuals, averaged
@@ -240,6 +257,11 @@ def huber_exponent(points: list[dict], loss_key: str, bootstrap: int = 1000, see
     (48 x 48, (A, B, E) exact at each cell) and L-BFGS-B from its best local minima. "scan_gap"
     checks that search on the full data: its objective minus the 128-start one (0 when the scan
     finds the same optimum).
+
+    law_fit: fit.fit_law's fit of these points with resamples >= bootstrap (same seed and delta):
+    the interval takes the first `bootstrap` of its resamples instead of fitting them again, so
+    that the law's intervals and this exponent's come from one bootstrap (the report's). The
+    resamples are the same either way: resample_fits() with this seed.
     """
     method = "Huber fit (approach 3)"
     pts = _usable(points, loss_key, "n_params_nonembed", "samples")
@@ -252,21 +274,16 @@ def huber_exponent(points: list[dict], loss_key: str, bootstrap: int = 1000, see
     except ScalingError as e:
         return _none(3, method, str(e))
     logN, logD, logL = np.log(N), np.log(D), np.log(L)
-    ids = np.unique(runs)
-    members = [np.flatnonzero(runs == r) for r in ids]
-    rng = np.random.default_rng(seed)
-    draws = []
     with quiet():
         scan = scan_starts(N, D, L)
         grid = init_grid(logL)
         best = best_of(grid + scan, logN, logD, logL, delta)
         scan_gap = float(best_of(scan, logN, logD, logL, delta).fun - best.fun)
-        for _ in range(bootstrap):
-            idx = np.concatenate([members[i] for i in rng.integers(0, len(ids), len(ids))])
-            if len(np.unique(N[idx])) < 2 or len(np.unique(D[idx])) < 2:
-                continue
-            res = best_of(scan_starts(N[idx], D[idx], L[idx]), logN[idx], logD[idx], logL[idx], delta)
-            draws.append(law_of(res.x))
+    if law_fit is None:
+        rows = resample_fits(N, D, L, runs, bootstrap, seed, delta)
+    else:
+        rows = _shared_resamples(law_fit, len(N), len(np.unique(runs)), bootstrap, seed, delta)
+    draws = [dict(zip(PARAMS, map(float, row))) for row in fitted(rows)]
     law = law_of(best.x)
     at_bounds = [k for k, x, (lo, hi) in zip(("A", "B", "E", "alpha", "beta"), best.x, BOUNDS)
                  if min(x - lo, hi - x) < 1e-6]

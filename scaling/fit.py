@@ -26,7 +26,7 @@ import numpy as np
 from scipy.optimize import curve_fit
 
 from scaling.collect import ScalingError
-from scaling.search import BOUNDS, PARAMS, check_sweep, objective, resample_fits, search
+from scaling.search import BOUNDS, PARAMS, check_sweep, fitted, objective, resample_fits, search
 
 
 @dataclass
@@ -52,10 +52,14 @@ class LawFit:
         return asdict(self)
 
 
-def fit_law(N, D, L, runs=None, delta: float = 1e-3, bootstrap: int = 200, seed: int = 0) -> LawFit:
+def fit_law(N, D, L, runs=None, delta: float = 1e-3, bootstrap: int = 200, seed: int = 0,
+            resamples: int = 0) -> LawFit:
     """Fit L(N, D) to points (one per run and validation step). `runs` labels each point's run for
     the bootstrap (default: every point its own run). The optimum: search() from the grid and the
-    profile scan; the 95 % intervals: resample_fits(), a global search per resample."""
+    profile scan; the 95 % intervals: the first `bootstrap` of resample_fits()' resamples, a global
+    search each. resamples > bootstrap draws that many and keeps them all in fit._resamples (one
+    row per resample, NaN where skipped) for other estimates to take theirs from the same ones
+    (the report's Huber exponent); the intervals are those of `bootstrap` resamples all the same."""
     N, D, L = (np.asarray(x, float) for x in (N, D, L))
     runs = np.asarray(runs if runs is not None else np.arange(len(N)))
     ok = np.isfinite(L) & (L > 0) & (N > 0) & (D > 0)
@@ -70,8 +74,11 @@ def fit_law(N, D, L, runs=None, delta: float = 1e-3, bootstrap: int = 200, seed:
                             if min(x - lo, hi - x) < 1e-6])
     if "E" not in fit.at_bounds and fit.E < 0.01 * L.min():
         fit.at_bounds.append("E")  # its gradient vanishes as E -> 0, so L-BFGS stops short of the bound
+    if max(bootstrap, resamples):
+        fit._resamples = resample_fits(N, D, L, runs, max(bootstrap, resamples), seed, delta)
+        fit._resampled = {"seed": seed, "delta": delta}
     if bootstrap:
-        draws = resample_fits(N, D, L, runs, bootstrap, seed, delta)
+        draws = fitted(fit._resamples[:bootstrap])
         if len(draws):
             fit.ci = {k: (float(np.percentile(draws[:, i], 2.5)), float(np.percentile(draws[:, i], 97.5)))
                       for i, k in enumerate(PARAMS)}

@@ -130,13 +130,16 @@ def report(sweep: str | Path, out: str | Path, loss: str = "val/loss_r0.7", boot
         have = sorted({k for p in col.rows for k in p if k.startswith("val")})
         raise ScalingError(f"no {loss} in the runs' validation records; have {have or 'none'} "
                            f"(choose one with --loss, or set train.val_mask_ratios)")
+    # One bootstrap for the report: the law's intervals take the first `bootstrap` resamples, the
+    # Huber exponent's (approach 3, the same law) the first `approach_bootstrap` of the same ones.
     fit = fit_law([p["n_params_nonembed"] for p in points], [p["samples"] for p in points],
-                  [p[key] for p in points], [p["run"] for p in points], bootstrap=bootstrap)
+                  [p[key] for p in points], [p["run"] for p in points], bootstrap=bootstrap,
+                  resamples=approach_bootstrap)
     k = flops_per_param(col.runs)
     cs = np.array([p["compute"] for p in points])
     opt = compute_optimal(fit, k, [cs.max(), cs.max() * 10, cs.max() * 100])
     frontiers = sweep_frontiers(fit, col.runs, cs.max())
-    approaches = three_approaches(col.rows, points, key, approach_bootstrap)
+    approaches = three_approaches(col.rows, points, key, approach_bootstrap, law_fit=fit)
     try:
         loo = leave_one_out(points, key)
         ho = holdout_row(loo, hold)

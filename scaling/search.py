@@ -181,8 +181,10 @@ def search(N, D, L, delta: float = 1e-3, grid: bool = True, extra=()):
 def resample_fits(N, D, L, runs, bootstrap: int, seed: int = 0, delta: float = 1e-3) -> np.ndarray:
     """The bootstrap over runs: `bootstrap` resamples (runs drawn with replacement, a run's points
     together), each with a global search of its own (the profile scan + L-BFGS-B from its best
-    local minima). Resamples with < 2 sizes or < 2 sample counts are skipped.
-    -> [resamples used, 5] rows of (E, A, B, alpha, beta)."""
+    local minima). Resamples with < 2 sizes or < 2 sample counts are skipped: their rows are NaN.
+    -> [bootstrap, 5] rows of (E, A, B, alpha, beta), one per resample in the order drawn, so the
+    first n rows are the bootstrap of n resamples with this seed (fitted(rows[:n]) its usable
+    ones): one run of resamples serves every interval that takes n <= bootstrap of them."""
     N, D, L = (np.asarray(x, float) for x in (N, D, L))
     runs = np.asarray(runs)
     logN, logD, logL = np.log(N), np.log(D), np.log(L)
@@ -194,8 +196,13 @@ def resample_fits(N, D, L, runs, bootstrap: int, seed: int = 0, delta: float = 1
         for _ in range(bootstrap):
             idx = np.concatenate([members[i] for i in rng.integers(0, len(ids), len(ids))])
             if len(np.unique(N[idx])) < 2 or len(np.unique(D[idx])) < 2:
+                draws.append([np.nan] * len(PARAMS))
                 continue
             x = best_of(scan_starts(N[idx], D[idx], L[idx]), logN[idx], logD[idx], logL[idx], delta).x
             draws.append([np.exp(x[2]), np.exp(x[0]), np.exp(x[1]), x[3], x[4]])
     return np.asarray(draws, float).reshape(-1, len(PARAMS))
 
+
+def fitted(rows: np.ndarray) -> np.ndarray:
+    """resample_fits' rows without the skipped resamples."""
+    return rows[~np.isnan(rows).any(axis=1)]

@@ -226,13 +226,15 @@ def fid_fits(per_size: dict) -> list[dict]:
     return fits
 
 
-def three_approaches(rows: list[dict], points: list[dict], key: str, bootstrap: int) -> dict:
+def three_approaches(rows: list[dict], points: list[dict], key: str, bootstrap: int, law_fit=None) -> dict:
     """N*(C) ~ C^a three ways (scaling/approaches.py): the envelope of every logged point, isoFLOP
-    parabolas through each run's final point, the Huber fit of the points the law is fitted on."""
+    parabolas through each run's final point, the Huber fit of the points the law is fitted on
+    (its interval from law_fit's resamples when given: fit_law's of these points, with
+    resamples >= bootstrap)."""
     curve = [r for r in rows if key in r and np.isfinite(r[key])]
     final = [r for r in curve if r["final"]]
     results = [envelope_exponent(curve, key, bootstrap), isoflop_exponent(final, key, bootstrap),
-               huber_exponent(points, key, bootstrap)]
+               huber_exponent(points, key, bootstrap, law_fit=law_fit)]
     return {**cross_check(results), "results": results}
 
 
