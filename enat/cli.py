@@ -25,7 +25,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import re
 import sys
@@ -53,64 +52,20 @@ def named_errors() -> tuple[type[Exception], ...]:
             TextEncoderError, FashionError)
 
 
-def _table(rows: list[list], header: list[str]) -> str:
-    cells = [header] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------------------------------
 
 
 def cmd_models(args) -> None:
-    from enat.config import ZOO
-    from enat.flops import sampling_flops
-    from enat.models.zoo import model_config, parameter_counts
+    from enat.cost import zoo_table
 
-    rows = []
-    for size in ZOO:
-        cfg = model_config(size, grid_size=args.grid_size)
-        nat = dataclasses.replace(cfg, arch="nat")
-        n_enat = parameter_counts(cfg)[0]
-        n_nat = parameter_counts(nat)[0]
-        f_enat = sampling_flops(cfg, args.steps).total / 1e12
-        f_nat = sampling_flops(nat, args.steps, reuse=False).total / 1e12
-        rows.append([size, cfg.width, cfg.num_heads, f"{cfg.enc_depth}+{cfg.dec_depth}", f"{n_enat:,}",
-                     f"{n_nat:,}", f"{f_enat:.3f}", f"{f_nat:.3f}", f"{f_nat / f_enat:.2f}x"])
-    print(f"grid {args.grid_size}x{args.grid_size} ({args.grid_size * 16} px with an f16 tokenizer), "
-          f"{args.steps} sampling steps with CFG, TFLOPs per image")
-    print(_table(rows, ["size", "width", "heads", "enc+dec", "ENAT params", "NAT params",
-                        "ENAT TFLOPs", "NAT TFLOPs", "NAT/ENAT"]))
-    print("S and B are not published sizes (DiT widths with ENAT-L's two-block decoder).")
+    print(zoo_table(args.grid_size, args.steps))
 
 
 def cmd_flops(args) -> None:
-    from enat.flops import expected_train_flops, sampling_flops
-    from enat.models.zoo import model_config
+    from enat.cost import flops_report
 
-    text = dict(condition="text", text_len=args.text_len, text_dim=args.text_dim) if args.text else {}
-    cfg = model_config(args.model, grid_size=args.grid_size, decoder_attention=args.decoder_attention, **text)
-    nat = dataclasses.replace(cfg, arch="nat", decoder_attention="sc")
-    variants = {"ENAT": (cfg, True), "ENAT no reuse": (cfg, False), "NAT": (nat, False)}
-    what = f", text-conditioned ({cfg.text_len} x {cfg.text_dim} context tokens)" if args.text else ""
-    if args.decoder_attention != "sc":
-        what += f", decoder attention {args.decoder_attention}"
-    print(f"ENAT-{args.model}: grid {cfg.grid_size}x{cfg.grid_size}, {args.steps} steps, logits at [MASK] "
-          f"positions{what}")
-    for guided in (True, False):
-        res = {k: sampling_flops(c, args.steps, reuse=r, guided=guided) for k, (c, r) in variants.items()}
-        rows = [[s] + [f"{res[k].per_step[s] / 1e9:.2f}" for k in variants] for s in range(args.steps)]
-        rows.append(["total TFLOPs"] + [f"{res[k].total / 1e12:.4f}" for k in variants])
-        rows.append(["NAT / this"] + [f"{res['NAT'].total / res[k].total:.2f}x" for k in variants])
-        print(f"\n{'with' if guided else 'without'} CFG (GFLOPs per image per step)")
-        print(_table(rows, ["step"] + list(variants)))
-    tr = expected_train_flops(cfg)
-    tr_plain = expected_train_flops(cfg, reuse_prob=0.0)
-    tr_nat = expected_train_flops(nat)
-    print(f"\ntraining, per sample (mask ratio ~ Beta(12,3)): ENAT {tr / 1e9:.2f} GFLOPs "
-          f"(reuse-mode steps p=0.5), {tr_plain / 1e9:.2f} without reuse steps; NAT {tr_nat / 1e9:.2f}")
+    print(flops_report(args.model, args.grid_size, args.steps, args.decoder_attention,
+                       (args.text_len, args.text_dim) if args.text else None))
 
 
 OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.\w+)+=.*")
@@ -219,6 +174,7 @@ def _ckpt_statuses(args, checksums: bool):
 
 def cmd_ckpt_list(args) -> None:
     from enat.train.checkpoint import DAMAGED, step_of
+    from enat.cost import text_table
     from enat.train.lease import describe_holder, read_lease
 
     ckpt, latest, statuses = _ckpt_statuses(args, args.checksums)
@@ -228,7 +184,7 @@ def cmd_ckpt_list(args) -> None:
              {"unchecked": "sizes ok"}.get(s.state, s.state), "<- latest" if s.tag == latest else ""]
             for s in statuses]
     if rows:
-        print(_table(rows, ["tag", "step", "files", "size", "state", ""]))
+        print(text_table(rows, ["tag", "step", "files", "size", "state", ""]))
     if latest is not None and latest not in {s.tag for s in statuses}:
         print(f"latest names {latest}, which is missing")
     for s in statuses:

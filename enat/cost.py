@@ -27,7 +27,7 @@ import torch
 from enat.config import ZOO, Config, ConfigError, load_config
 from enat.flops import expected_train_flops, sampling_flops
 from enat.models import build_model
-from enat.models.zoo import parameter_counts
+from enat.models.zoo import model_config, parameter_counts
 from enat.sampling import generate
 from enat.sweeps import global_batch
 
@@ -132,6 +132,62 @@ def markdown(rows: list[dict], peak_tflops: float, mfu: float) -> str:
         lines.append("Text-conditioned (FLOPs count the caption tokens; the frozen text encoder is not counted): "
                      + "; ".join(texts) + ".")
     return "\n".join(lines)
+
+
+def text_table(rows: list[list], header: list[str]) -> str:
+    """Rows as aligned text columns (first left-aligned, the rest right-aligned) under a rule."""
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def zoo_table(grid_size: int, steps: int) -> str:
+    """`enat models`: per zoo size its widths, parameters and sampling TFLOPs, ENAT against NAT."""
+    rows = []
+    for size in ZOO:
+        cfg = model_config(size, grid_size=grid_size)
+        nat = dataclasses.replace(cfg, arch="nat")
+        n_enat = parameter_counts(cfg)[0]
+        n_nat = parameter_counts(nat)[0]
+        f_enat = sampling_flops(cfg, steps).total / 1e12
+        f_nat = sampling_flops(nat, steps, reuse=False).total / 1e12
+        rows.append([size, cfg.width, cfg.num_heads, f"{cfg.enc_depth}+{cfg.dec_depth}", f"{n_enat:,}",
+                     f"{n_nat:,}", f"{f_enat:.3f}", f"{f_nat:.3f}", f"{f_nat / f_enat:.2f}x"])
+    return "\n".join([
+        f"grid {grid_size}x{grid_size} ({grid_size * 16} px with an f16 tokenizer), "
+        f"{steps} sampling steps with CFG, TFLOPs per image",
+        text_table(rows, ["size", "width", "heads", "enc+dec", "ENAT params", "NAT params",
+                          "ENAT TFLOPs", "NAT TFLOPs", "NAT/ENAT"]),
+        "S and B are not published sizes (DiT widths with ENAT-L's two-block decoder)."])
+
+
+def flops_report(size: str, grid_size: int, steps: int, decoder_attention: str = "sc",
+                 text: tuple[int, int] | None = None) -> str:
+    """`enat flops`: per-step sampling GFLOPs of ENAT (with and without reuse) and NAT, with and
+    without CFG, and the training FLOPs per sample. text: (context tokens, encoder width)."""
+    extra = dict(condition="text", text_len=text[0], text_dim=text[1]) if text else {}
+    cfg = model_config(size, grid_size=grid_size, decoder_attention=decoder_attention, **extra)
+    nat = dataclasses.replace(cfg, arch="nat", decoder_attention="sc")
+    variants = {"ENAT": (cfg, True), "ENAT no reuse": (cfg, False), "NAT": (nat, False)}
+    what = f", text-conditioned ({cfg.text_len} x {cfg.text_dim} context tokens)" if text else ""
+    if decoder_attention != "sc":
+        what += f", decoder attention {decoder_attention}"
+    out = [f"ENAT-{size}: grid {cfg.grid_size}x{cfg.grid_size}, {steps} steps, logits at [MASK] positions{what}"]
+    for guided in (True, False):
+        res = {k: sampling_flops(c, steps, reuse=r, guided=guided) for k, (c, r) in variants.items()}
+        rows = [[s] + [f"{res[k].per_step[s] / 1e9:.2f}" for k in variants] for s in range(steps)]
+        rows.append(["total TFLOPs"] + [f"{res[k].total / 1e12:.4f}" for k in variants])
+        rows.append(["NAT / this"] + [f"{res['NAT'].total / res[k].total:.2f}x" for k in variants])
+        out.append(f"\n{'with' if guided else 'without'} CFG (GFLOPs per image per step)")
+        out.append(text_table(rows, ["step"] + list(variants)))
+    tr = expected_train_flops(cfg)
+    tr_plain = expected_train_flops(cfg, reuse_prob=0.0)
+    tr_nat = expected_train_flops(nat)
+    out.append(f"\ntraining, per sample (mask ratio ~ Beta(12,3)): ENAT {tr / 1e9:.2f} GFLOPs "
+               f"(reuse-mode steps p=0.5), {tr_plain / 1e9:.2f} without reuse steps; NAT {tr_nat / 1e9:.2f}")
+    return "\n".join(out)
 
 
 def main_cost(args) -> None:
