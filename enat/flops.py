@@ -173,8 +173,8 @@ def expected_train_flops(cfg: ModelConfig, beta: tuple[float, float] = (12.0, 3.
     """Mean training FLOPs per sample: mask ratio ~ Beta(a, b), integrated exactly over the
     resulting [MASK] counts; reuse-mode steps with probability reuse_prob, re-masking
     remask_mean of the visible tokens on average."""
-    # scipy.stats: about 1 s to import, for this estimate only (`enat flops`, the launchers and the
-    # trainer import this module)
+    # scipy.stats: about 1 s to import, for this estimate only (`enat models`, the sampling benchmark
+    # and the Pareto analysis import this module without needing it)
     from scipy.stats import beta as beta_dist
 
     N = cfg.seq_len
