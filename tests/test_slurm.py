@@ -217,7 +217,9 @@ def _task_pid(job_id, procid):
             cmd = (p / "cmdline").read_text()
         except (OSError, ValueError):
             continue
-        if env.get("SLURM_JOB_ID") == job_id and env.get("SLURM_PROCID") == str(procid) and "submitit" in cmd:
+        # srun carries the batch step's SLURM_PROCID=0 and the task's command line: not the task
+        if (env.get("SLURM_JOB_ID") == job_id and env.get("SLURM_PROCID") == str(procid) and "submitit" in cmd
+                and Path(cmd.split("\0")[0]).name != "srun"):
             return int(p.name)
     return None
 
