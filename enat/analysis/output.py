@@ -3,11 +3,11 @@ and the table and figure in the training run's wandb run."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from enat.config import Config
 from enat.eval.job import training_wandb_run
+from enat.files import write_json
 
 
 def markdown(header: list[str], rows: list[list]) -> str:
@@ -27,9 +27,7 @@ def write_analysis(what: str, result: dict, folder: Path, table, figure,
     figure(result, files["png"])
     files["md"].write_text(md)
     result["files"] = {k: str(v) for k, v in files.items()}
-    tmp = files["json"].with_name(files["json"].name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(files["json"])
+    write_json(files["json"], result)
     log(md + f"wrote {files['json']}, {files['md'].name}, {files['png'].name} "
              f"({result['wall_time_s']:.0f} s)")
     return header, rows, files["png"]
