@@ -60,6 +60,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -467,17 +468,26 @@ def leave_one_out(points: list[dict], loss_key: str, delta: float = 1e-3) -> dic
     runs = np.array([str(p["run"]) for p in pts])
     check_sweep(N, D, runs)
     full = search(N, D, L, delta, grid=False)
+    # A run's seed twins (the same size and budget, another seed) leave with it: left in, they
+    # would tell the fit the left-out run's loss to within the seed spread.
+    groups = np.array([twin_group(r) for r in runs])
+    fits = {}
     rows = []
     for run in sorted(set(runs), key=lambda r: (N[runs == r][0], D[runs == r].max(), r)):
-        mine, rest = runs == run, runs != run
+        mine = runs == run
+        group = twin_group(run)
+        rest = groups != group
         last = np.flatnonzero(mine)[np.argmax(D[mine])]
-        row = {"run": run, "N": float(N[last]), "D": float(D[last]), "observed": float(L[last])}
+        row = {"run": run, "N": float(N[last]), "D": float(D[last]), "observed": float(L[last]),
+               "left_out": sorted(set(runs[~rest]))}
         try:
             check_sweep(N[rest], D[rest], runs[rest])
         except ScalingError as e:
             rows.append({**row, "reason": f"the other runs cannot be fitted: {e}"})
             continue
-        res = search(N[rest], D[rest], L[rest], delta, grid=False, extra=[full.x])
+        if group not in fits:
+            fits[group] = search(N[rest], D[rest], L[rest], delta, grid=False, extra=[full.x])
+        res = fits[group]
         a, b, e, alpha, beta = res.x
         pred = float(np.exp(e) + np.exp(a) / N[last] ** alpha + np.exp(b) / D[last] ** beta)
         beyond = [name for name, v, others in (("N", N[last], N[rest]), ("D", D[last], D[rest])) if v > others.max()]
@@ -491,13 +501,21 @@ def leave_one_out(points: list[dict], loss_key: str, delta: float = 1e-3) -> dic
             "max_abs_error": float(errs.max()) if len(errs) else None,
             "rms_error": float(np.sqrt((errs ** 2).mean())) if len(errs) else None,
             "search": "each fit: profile scan over (alpha, beta) + L-BFGS-B from its best local minima and from the "
-                      "full data's optimum; no bootstrap"}
+                      "full data's optimum; no bootstrap",
+            "twins": "a run's seed twins (its name with another -seedN) are left out with it"}
+
+
+def twin_group(run: str) -> str:
+    """The runs that differ only in seed share a group: the name without its -seedN suffix
+    (scaling.plan names seed repeats SIZE-cLEVEL-seedN beside SIZE-cLEVEL)."""
+    return re.sub(r"-seed\d+$", "", str(run))
 
 
 def loo_markdown(loo: dict) -> list[str]:
     """The report's leave-one-out section."""
     lines = ["## Leave-one-out", "",
-             "Each run's final loss predicted by the law fitted to all the other runs (no bootstrap). Rows marked "
+             "Each run's final loss predicted by the law fitted to all the other runs, its seed twins left out with it "
+             "(no bootstrap). Rows marked "
              "'beyond' lie past every other run in N or D, so their fit extrapolates; the rest interpolate. A check "
              "of the fit near its data: the pre-registered hold-out is the test of extrapolation.", "",
              "| run | N | D | predicted | observed | error | beyond |", "|---|---|---|---|---|---|---|"]
