@@ -150,18 +150,32 @@ class EvalJob:
         return {"step": record["step"], "metrics": record["metrics"], "result": record.get("path")}
 
 
+def _single_task_threads(cfg: Config) -> None:
+    """A one-task job (prepare, tokenize, merge) takes the CPUs it was given, as train and eval
+    tasks do: SLURM's count, else launch.cpus_per_task (torch's default, every core of the node,
+    oversubscribes when array tasks share it)."""
+    given = os.environ.get("SLURM_CPUS_PER_TASK") or cfg.launch.cpus_per_task
+    if given:
+        torch.set_num_threads(int(given))
+
+
 def prepare_job(config: dict) -> None:
     """The project's own models before the data is tokenized (digits, Fashion-MNIST): the
     tokenizer (data) and the FID classifier (evaluation), each built when missing."""
     cfg = _config(config)
+    _single_task_threads(cfg)
     prepare_tokenizer(cfg, log=log)
     prepare_extractor(cfg, log=log)
 
 
 def tokenize_job(config: dict, split: str, part: int, num_parts: int) -> None:
-    tokenize_split(_config(config), split, part=part, num_parts=num_parts, merge=False, progress=False, log=log)
+    cfg = _config(config)
+    _single_task_threads(cfg)
+    tokenize_split(cfg, split, part=part, num_parts=num_parts, merge=False, progress=False, log=log)
 
 
 def merge_job(config: dict, split: str) -> str:
-    manifest = merge_split(_config(config), split, log=log)
+    cfg = _config(config)
+    _single_task_threads(cfg)
+    manifest = merge_split(cfg, split, log=log)
     return f"{manifest.num_samples} samples in {len(manifest.shards)} shards"

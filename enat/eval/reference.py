@@ -57,7 +57,7 @@ def reference_spec(cfg: Config) -> dict:
                                     f"{cfg.eval.extractor}")
                 spec["recorded"] = recorded
         return spec
-    if cfg.data.dataset == "digits":
+    if cfg.data.dataset in ("digits", "digits_aug"):  # the real held-out digits, not reconstructions
         return {"kind": "digits-val", "id": f"digits-val-{res}px-{cfg.eval.extractor}", "resolution": res}
     if cfg.data.dataset == "fashion_mnist":  # real images (the test split by default), not reconstructions
         w = cfg.eval.extractor_weights
