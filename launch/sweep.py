@@ -44,6 +44,20 @@ def submit_data(cfgs) -> list:
     return deps
 
 
+def merged_manifest(old: dict | None, new: dict) -> dict:
+    """The manifest of a sweep folder that another spec wrote runs to (a study's second round
+    goes to the first round's folder, so that every reader of the sweep sees both): the other
+    specs' runs are kept, this spec's renewed. One spec alone: its manifest as it is."""
+    if old is None:
+        return new
+    specs = old.get("sweeps", [old.get("sweep")])
+    if specs == [new["sweep"]]:
+        return new
+    mine = {e["name"] for e in new["runs"]}
+    return {**new, "name": old.get("name", new["name"]), "sweeps": list(dict.fromkeys(specs + [new["sweep"]])),
+            "runs": [e for e in old["runs"] if e["name"] not in mine] + new["runs"]}
+
+
 def submit_sweep(sweep_path: str | Path, extra_overrides: list[str], evaluate: bool = False) -> tuple[Path, list]:
     sweep = load_sweep(sweep_path)
     sweep.out_dir.mkdir(parents=True, exist_ok=True)
@@ -72,6 +86,7 @@ def submit_sweep(sweep_path: str | Path, extra_overrides: list[str], evaluate: b
     manifest = {"name": sweep.name, "sweep": str(sweep_path), "config": str(sweep.config), "grid": sweep.grid,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "runs": entries}
     path = sweep.out_dir / MANIFEST
+    manifest = merged_manifest(json.loads(path.read_text()) if path.is_file() else None, manifest)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     tmp.replace(path)

@@ -18,6 +18,9 @@ Each module imports only modules listed above it (no circles, module or function
     sections.py    the report's Markdown sections
     publish.py     the report as a wandb run
     report.py      python -m scaling.report --sweep DIR --out DIR: the above put together, fit.json + report.md
-    plan.py        the next sweeps as YAML for launch/sweep.py: a study's LR sweep, isoFLOP levels, hold-out
+    plan.py        the next sweeps as YAML for launch/sweep.py: a study's LR sweep, isoFLOP levels (a second round
+                   from the first's fit), hold-out; a study's families
+    compare.py     two families as laws: loss at equal training compute, inference-aware frontiers, the
+                   crossover number of generated images: python -m scaling.compare
     study.py       a study end to end: python -m scaling.study --study configs/studies/NAME.yaml
 """

@@ -37,7 +37,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -121,7 +121,7 @@ def write_sweep(path: str | Path, name: str, config: str | Path, out_dir: str, r
 
 STUDY_KEYS = {"name", "config", "out_dir", "overrides", "sizes", "lr_sweep", "minutes", "levels", "level_ratio",
               "per_level", "prior_exponent", "warmup_fraction", "min_warmup", "min_steps", "val_points", "max_epochs", "seeds",
-              "holdout", "run_overhead_s", "loss"}
+              "holdout", "run_overhead_s", "loss", "families", "rounds"}
 
 
 @dataclass
@@ -148,6 +148,13 @@ class Study:
     holdout: dict = field(default_factory=lambda: {"size": None, "compute_factor": 3.0, "seeds": [0, 1]})
     run_overhead_s: float = 15.0  # start-up, validation and checkpoint time of a run
     loss: str = "val/loss_r0.7"
+    # Model families studied with the same design, each a set of overrides (for example ENAT and
+    # the NAT: {enat: {}, nat: {model.arch: nat, sample.reuse: false}}); each gets OUT_DIR/FAMILY.
+    families: dict | None = None
+    # 2: a second isoFLOP round planned from the first round's fit, at levels between the first's
+    # (x sqrt(level_ratio)), so the law is fitted on both and every level of the second has the
+    # fitted optimum inside its sizes. `minutes` sizes the first round and the hold-out.
+    rounds: int = 1
 
 
 def load_study(path: str | Path) -> Study:
@@ -164,6 +171,12 @@ def load_study(path: str | Path) -> Study:
     spec["config"] = (path.parent / spec["config"]).resolve()
     spec["out_dir"] = Path(spec["out_dir"])
     study = Study(**spec)
+    if study.rounds not in (1, 2):
+        raise ScalingError(f"{path}: rounds={study.rounds}; a study has 1 or 2 isoFLOP rounds")
+    if study.families is not None and (not isinstance(study.families, dict) or not study.families
+                                       or not all(isinstance(v, dict) for v in study.families.values())):
+        raise ScalingError(f"{path}: families must map each family's name to its overrides, e.g. "
+                           f"{{enat: {{}}, nat: {{model.arch: nat, sample.reuse: false}}}}")
     if len(study.sizes) < study.per_level:
         raise ScalingError(f"{path}: {len(study.sizes)} sizes for {study.per_level} per level")
     for key in ("holdout", "seeds"):
@@ -173,6 +186,27 @@ def load_study(path: str | Path) -> Study:
         raise ScalingError(f"{path}: lr_sweep needs sizes (of `sizes`), lrs and steps"
                            + (f"; unknown sizes {unknown_lr}" if unknown_lr else ""))
     return study
+
+
+def family_studies(study: Study) -> dict[str, Study]:
+    """One study per family ({"": study} when it names none): NAME_FAMILY in OUT_DIR/FAMILY, the
+    family's overrides on top of the study's."""
+    if not study.families:
+        return {"": study}
+    return {fam: replace(study, name=f"{study.name}_{fam}", out_dir=study.out_dir / fam, families=None,
+                         overrides={**study.overrides, **over})
+            for fam, over in study.families.items()}
+
+
+def family_study(study_path: str | Path, family: str | None) -> Study:
+    """The study of one family (`--family`), or the study itself when it names no families."""
+    studies = family_studies(load_study(study_path))
+    if family is None and list(studies) == [""]:
+        return studies[""]
+    if family not in studies:
+        raise ScalingError(f"{study_path}: " + (f"choose a family with --family ({', '.join(studies)})" if family is None
+                                                else f"no family {family!r}; it has {', '.join(studies) or 'none'}"))
+    return studies[family]
 
 
 def _size_overrides(study: Study, size: str) -> list[str]:
@@ -252,11 +286,11 @@ def _schedule(study: Study, steps: int) -> dict:
             "train.val_every": every}
 
 
-def _spec(study: Study, kind: str, runs: list[dict], head: str) -> Path:
+def _spec(study: Study, kind: str, runs: list[dict], head: str, out: str | None = None) -> Path:
     path = study.out_dir / "plan" / f"{study.name}_{kind}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     spec = {"name": f"{study.name}_{kind}", "config": os.path.relpath(study.config, path.parent.resolve()),
-            "out_dir": str(study.out_dir / kind), "overrides": dict(study.overrides),
+            "out_dir": str(study.out_dir / (out or kind)), "overrides": dict(study.overrides),
             "runs": [{k: v for k, v in r.items() if not k.startswith("_")} for r in runs]}
     path.write_text(head + yaml.safe_dump(spec, sort_keys=False))
     return path
@@ -316,11 +350,17 @@ def train_images(study: Study) -> int | None:
 
 
 def plan_study(study: Study, lrs: dict, seconds: dict, sizes: dict, fit: dict | None = None,
-               images: int | None = None, parallel: int = 1) -> dict:
+               images: int | None = None, parallel: int = 1, first: dict | None = None) -> dict:
     """Phase 2: the isoFLOP levels (sized so the fit and hold-out sweeps take study.minutes of
     wall time on this machine, `seconds` per sample per size, `parallel` runs at once), the sizes
     of each level centred on the prior (or fitted) N*, seed repeats, and the hold-out run beyond
-    the fitted range. -> {"fit": [runs], "holdout": [runs], "levels", "centres", ...}."""
+    the fitted range. -> {"fit": [runs], "holdout": [runs], "levels", "centres", ...}.
+
+    Two rounds (study.rounds=2): the first round's plan has no hold-out runs (its minutes still
+    count them, so the study's total stays what `minutes` says). The second (`first`: the first
+    round's plan, `fit`: the law fitted to its runs) puts its levels between the first's (x
+    sqrt(level_ratio), the same count) with the sizes around the fitted N*, no seed repeats, and
+    the hold-out beyond both rounds."""
     h = study.holdout
     hsize = h.get("size") or list(sizes)[-1]
     if hsize not in sizes:
@@ -363,12 +403,15 @@ def plan_study(study: Study, lrs: dict, seconds: dict, sizes: dict, fit: dict | 
     def sec(name, compute):
         return compute * seconds[name] / sizes[name]["flops_per_sample"]
 
-    levels_seed = list(np.linspace(0, study.levels - 1, study.seeds["points"]).round().astype(int))
+    second = first is not None
+    if second and fit is None:
+        raise ScalingError("the second round is planned from the first round's fit: give its fit.json")
+    levels_seed = [] if second else list(np.linspace(0, study.levels - 1, study.seeds["points"]).round().astype(int))
     hold_runs = len(h["seeds"])
     # Wall time is linear in the top level's compute for fixed sizes per level: solve for the top
     # that fits study.minutes, choose the sizes again at that compute, until the choice settles.
-    top, chosen = None, None
-    for _ in range(20):
+    top, chosen = (first["top"] * study.level_ratio ** 0.5, None) if second else (None, None)
+    for _ in range(1 if second else 20):
         prev = chosen
         chosen = [pick(c, (top or 0) * r) for c, r in zip(centres_at(top or 1.0), ratios)]
         seed_at = [chosen[j][s // 2] for j in levels_seed]
@@ -376,6 +419,8 @@ def plan_study(study: Study, lrs: dict, seconds: dict, sizes: dict, fit: dict | 
         per_top = (sum(sec(n, r) for r, level in zip(ratios, chosen) for n in level)
                    + sum(sec(n, ratios[j]) for n, j in zip(seed_at, levels_seed)) * len(study.seeds["extra"])) / parallel
         hold_per_top = sec(hsize, h["compute_factor"]) * -(-hold_runs // parallel)
+        if second:
+            break
         top = (study.minutes * 60 - fixed - study.run_overhead_s * -(-hold_runs // parallel)) / (per_top + hold_per_top)
         if top <= 0:
             raise ScalingError(f"study.minutes={study.minutes} does not even cover the runs' start-up time")
@@ -383,10 +428,11 @@ def plan_study(study: Study, lrs: dict, seconds: dict, sizes: dict, fit: dict | 
             break
     seed_lv = levels_seed
     centres = centres_at(top)
+    tag = "r2c" if second else "c"
 
     def run(name, compute, level, seed=None, label=None):
         steps = steps_of(name, compute)
-        r = {"name": label or f"{name}-c{level}", **study.sizes[name], "train.lr": lrs[name], **_schedule(study, steps)}
+        r = {"name": label or f"{name}-{tag}{level}", **study.sizes[name], "train.lr": lrs[name], **_schedule(study, steps)}
         if seed is not None:
             r["seed"] = seed
         exact = steps * sizes[name]["batch"] * sizes[name]["flops_per_sample"]
@@ -399,20 +445,29 @@ def plan_study(study: Study, lrs: dict, seconds: dict, sizes: dict, fit: dict | 
     for n, j in zip(seed_at, seed_lv):
         fit_runs += [run(n, top * ratios[j], j + 1, seed=sd, label=f"{n}-c{j + 1}-seed{sd}") for sd in study.seeds["extra"]]
     hold = [run(hsize, top * h["compute_factor"], "H", seed=sd, label=f"{hsize}-holdout-seed{sd}") for sd in h["seeds"]]
+    # Where each level's centre sits among its sizes: strictly inside (a neighbour on each side)
+    # or at an edge of the ladder (the fit's optimum is beyond the sizes the level may use).
+    logn_of = {n: np.log(sizes[n]["N"]) for n in names}
+    placement = [{"level": j + 1, "compute": top * r, "centre_N": float(c), "sizes": list(level),
+                  "inside": bool(logn_of[level[0]] < np.log(c) < logn_of[level[-1]])}
+                 for j, (r, c, level) in enumerate(zip(ratios, centres, chosen))]
     over = [r for r in fit_runs + hold if r["_epochs"] is not None and r["_epochs"] > study.max_epochs]
     if over:
         worst = max(over, key=lambda r: r["_epochs"])
         raise ScalingError(f"{len(over)} runs would see the training images more than {study.max_epochs} times "
                            f"(worst: {worst['name']}, {worst['_epochs']:.1f} epochs of {images} images): make more "
                            f"training data, or lower study.minutes")
-    return {"fit": fit_runs, "holdout": hold, "levels": [top * r for r in ratios], "centres": centres_at(top),
+    final = second or study.rounds == 1  # the hold-out runs after the last round
+    return {"fit": fit_runs, "holdout": hold if final else [], "levels": [top * r for r in ratios],
+            "centres": centres_at(top), "placement": placement, "round": 2 if second else 1,
             "source": source, "holdout_size": hsize, "top": top, "images": images, "parallel": parallel,
             "predicted_minutes": (sum(r["_minutes"] for r in fit_runs) / parallel
-                                  + max(r["_minutes"] for r in hold) * -(-len(hold) // parallel))}
+                                  + (max(r["_minutes"] for r in hold) * -(-len(hold) // parallel) if final else 0))}
 
 
 def study_markdown(study: Study, planned: dict, sizes: dict, lrs: dict, notes: dict, seconds: dict) -> str:
-    lines = [f"# Plan of scaling study `{study.name}`", "",
+    lines = [f"# Plan of scaling study `{study.name}`" + (f", round {planned['round']} of {study.rounds}"
+                                                        if study.rounds > 1 else ""), "",
              f"Levels ({study.levels}, {study.level_ratio:g}x apart, {study.per_level} sizes each, centred on "
              f"{planned['source']}): " + ", ".join(f"{c:.3g}" for c in planned["levels"]) + " FLOPs per run.",
              f"LR per size: {notes.get('rule', 'given')} (from {notes.get('lr_sweep', 'the study')}).",
@@ -422,6 +477,11 @@ def study_markdown(study: Study, planned: dict, sizes: dict, lrs: dict, notes: d
     for n, v in sizes.items():
         sps = f"{1 / seconds[n]:.0f}" if n in seconds else "-"
         lines.append(f"| {n} | {v['N']:,} | {v['flops_per_sample']:.3g} | {sps} | {lrs[n]:.3g} |")
+    lines += ["", "Where each level's centre (N*) sits among its sizes:", "",
+              "| level | compute | centre N* | sizes | centre inside |", "|---|---|---|---|---|"]
+    for p in planned["placement"]:
+        lines.append(f"| {p['level']} | {p['compute']:.3g} | {p['centre_N']:.3g} | {', '.join(p['sizes'])} | "
+                     f"{'yes' if p['inside'] else 'no: at the edge of the sizes it may use'} |")
     lines += ["", "| run | level | N | steps | warm-up | compute | epochs | minutes |", "|---|---|---|---|---|---|---|---|"]
     for r in planned["fit"] + planned["holdout"]:
         ep = f"{r['_epochs']:.2f}" if r["_epochs"] is not None else "?"
@@ -431,36 +491,62 @@ def study_markdown(study: Study, planned: dict, sizes: dict, lrs: dict, notes: d
 
 
 def write_study(study: Study, planned: dict, sizes: dict, lrs: dict, notes: dict, seconds: dict) -> dict:
-    fit = _spec(study, "fit", planned["fit"], f"# The isoFLOP sweep of study {study.name}, with seed repeats. "
-                                                f"Written by scaling.plan; see plan.md.\n")
-    hold = _spec(study, "holdout", planned["holdout"],
-                 f"# The hold-out of study {study.name}: >= 2x N and >= {study.holdout['compute_factor']:g}x C beyond "
-                 f"the fit. Pre-register its prediction (python -m scaling.holdout preregister) BEFORE running it.\n")
+    """The round's sweep spec (round 2's runs go to the same OUT_DIR/fit as round 1's, so that
+    every reader of the fit sweep sees both), the hold-out's after the last round, plan.md/json."""
+    second = planned.get("round", 1) == 2
+    suffix = "2" if second else ""
+    fit = _spec(study, f"fit{suffix}", planned["fit"],
+                f"# The isoFLOP sweep of study {study.name}" + (", round 2 (planned from round 1's fit)" if second
+                                                                  else ", with seed repeats")
+                + f". Written by scaling.plan; see plan{suffix}.md.\n", out="fit")
+    paths = {"fit": fit}
+    if planned["holdout"]:
+        paths["holdout"] = _spec(study, "holdout", planned["holdout"],
+                                 f"# The hold-out of study {study.name}: >= 2x N and >= {study.holdout['compute_factor']:g}x C "
+                                 f"beyond the fit. Pre-register its prediction (python -m scaling.holdout preregister) "
+                                 f"BEFORE running it.\n")
     plan_dir = study.out_dir / "plan"
-    (plan_dir / "plan.md").write_text(study_markdown(study, planned, sizes, lrs, notes, seconds))
-    (plan_dir / "plan.json").write_text(json.dumps({"sizes": sizes, "lrs": lrs, "lr_notes": notes,
-                                                     "seconds_per_sample": seconds,
-                                                     **{k: v for k, v in planned.items()}}, indent=1, default=float))
-    return {"fit": fit, "holdout": hold, "plan": plan_dir / "plan.md"}
+    (plan_dir / f"plan{suffix}.md").write_text(study_markdown(study, planned, sizes, lrs, notes, seconds))
+    (plan_dir / f"plan{suffix}.json").write_text(json.dumps({"sizes": sizes, "lrs": lrs, "lr_notes": notes,
+                                                               "seconds_per_sample": seconds,
+                                                               **{k: v for k, v in planned.items()}}, indent=1, default=float))
+    return {**paths, "plan": plan_dir / f"plan{suffix}.md"}
 
 
 def study_phase(study_path: str | Path, phase: str, lr_sweep: str | None = None, fit: str | None = None,
-                parallel: int | None = None, log=print) -> dict:
-    """Run one planning phase of a study -> the paths written."""
-    study = load_study(study_path)
+                parallel: int | None = None, log=print, family: str | None = None) -> dict:
+    """Run one planning phase of a study (of one of its families) -> the paths written.
+    lr: the LR sweep's spec; sweep: the first (or only) isoFLOP round, with the hold-out when it
+    is the only round; sweep2: the second round, from the first round's plan and `fit` (default
+    OUT_DIR/round1/fit.json), with the hold-out."""
+    study = family_study(study_path, family)
     if phase == "lr":
         path = plan_lr_sweep(study)
         log(f"wrote {path}: {len(study.lr_sweep['sizes']) * len(study.lr_sweep['lrs'])} runs")
         return {"lr": path}
+    if phase == "sweep2" and study.rounds != 2:
+        raise ScalingError(f"{study_path}: rounds={study.rounds}, so there is no second round to plan")
     sizes = study_sizes(study)
     lrs, notes = choose_lrs(study, sizes, lr_sweep)
     cfg = load_config(study.config, _size_overrides(study, next(iter(study.sizes))))
     parallel = parallel or cfg.launch.array_parallelism
-    seconds = measure_seconds_per_sample(study, list(sizes), log=log)
+    first = None
+    if phase == "sweep2":
+        first_path = study.out_dir / "plan" / "plan.json"
+        fit = fit or study.out_dir / "round1" / "fit.json"
+        for what, path in (("the first round's plan", first_path), ("the first round's fit", Path(fit))):
+            if not Path(path).is_file():
+                raise ScalingError(f"{what} ({path}) not found: plan and run round 1 and report on it first "
+                                   f"(python -m scaling.study runs the phases in order)")
+        first = json.loads(first_path.read_text())
+        seconds = first["seconds_per_sample"]  # the first round's measurement: both rounds on one clock
+    else:
+        seconds = measure_seconds_per_sample(study, list(sizes), log=log)
     planned = plan_study(study, lrs, seconds, sizes, json.loads(Path(fit).read_text()) if fit else None,
-                         train_images(study), parallel)
+                         train_images(study), parallel, first=first)
     paths = write_study(study, planned, sizes, lrs, notes, seconds)
-    log(f"wrote {paths['fit']} ({len(planned['fit'])} runs), {paths['holdout']} ({len(planned['holdout'])} runs) and "
+    hold = f", {paths['holdout']} ({len(planned['holdout'])} runs)" if "holdout" in paths else ""
+    log(f"wrote {paths['fit']} ({len(planned['fit'])} runs){hold} and "
         f"{paths['plan']}: levels " + ", ".join(f"{c:.3g}" for c in planned["levels"])
         + f" FLOPs; predicted {planned['predicted_minutes']:.1f} min")
     return paths
@@ -471,13 +557,16 @@ def main(argv=None) -> int:
     if "--study" in argv or any(a.startswith("--study=") for a in argv):
         p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--study", required=True, help="configs/studies/*.yaml")
-        p.add_argument("phase", choices=["lr", "sweep"], help="lr: the LR sweep; sweep: isoFLOP + seeds + hold-out")
+        p.add_argument("phase", choices=["lr", "sweep", "sweep2"],
+                       help="lr: the LR sweep; sweep: isoFLOP + seeds (+ hold-out with one round); "
+                            "sweep2: the second round from the first's fit, + hold-out")
+        p.add_argument("--family", help="the family to plan, for a study with `families`")
         p.add_argument("--lr-sweep", help="the finished LR sweep's folder (default OUT_DIR/lr)")
         p.add_argument("--fit", help="fit.json of an earlier report: centre the levels on its N* (default: the prior)")
         p.add_argument("--parallel", type=int, help="runs at once (default: launch.array_parallelism)")
         args = p.parse_args(argv)
         try:
-            study_phase(args.study, args.phase, args.lr_sweep, args.fit, args.parallel)
+            study_phase(args.study, args.phase, args.lr_sweep, args.fit, args.parallel, family=args.family)
         except ScalingError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -171,6 +171,10 @@ def report(sweep: str | Path, out: str | Path, loss: str = "val/loss_r0.7", boot
               "runs_table": table, "residuals": res, "sensitivity": sens, "fid_protocol": proto}
     if pre_part is not None:
         result["preregistered"] = pre_part
+    # The resamples behind the law's intervals, for what is derived from the law elsewhere (the
+    # families' comparison) to have intervals from the same draws.
+    result["law_draws"] = {"params": ["E", "A", "B", "alpha", "beta"],
+                           "rows": np.asarray(getattr(fit, "_draws", np.empty((0, 5)))).tolist()}
     (out / "fit.json").write_text(json.dumps(result, indent=1, default=float))
 
     lines = law_markdown(col.name or sweep, len(col.runs), len(points), loss, which, fit, gate["passed"])
