@@ -156,9 +156,10 @@ def test_measured_throughput_leaves_the_environment_as_it_was(tmp_path):
 
 @pytest.mark.slow
 def test_a_study_runs_end_to_end(tmp_path):
-    """scaling.study on a micro study with local processes: LR sweep, plan (throughput measured),
-    fit sweep, pre-registration, hold-out, report; the prediction is on disk before any hold-out
-    run starts, and is then checked against the hold-out's results."""
+    """scaling.study on a micro study of two families (ENAT and the NAT) and two rounds with local
+    processes: per family the LR sweep, the plan (throughput measured), round 1, its fit, round 2
+    planned from it, pre-registration, hold-out, report; then the comparison. Each prediction is on
+    disk before any of its hold-out runs starts, and is then checked against their results."""
     import subprocess
     import sys
 
@@ -167,32 +168,47 @@ def test_a_study_runs_end_to_end(tmp_path):
 
     data = dict(o.split("=", 1) for o in demo_shards(tmp_path / "data"))
     spec = {"name": "e2e", "config": str(ROOT / "configs/experiments/demo.yaml"), "out_dir": str(tmp_path / "study"),
+            "families": {"enat": {}, "nat": {"model.arch": "nat", "sample.reuse": False}}, "rounds": 2,
             "overrides": {**data, "launch.gpus_per_node": 1, "launch.cpus_per_task": 1, "launch.array_parallelism": 2,
                           "train.micro_batch": 16, "train.log_every": 5, "train.val_samples": 64,
                           "train.sample_every": 0, "train.ckpt_every": 0, "train.zero_stage": 0, "train.schedule": "wsd",
                           "train.wandb.mode": "disabled", "model.dropout": 0.0},
             "sizes": {"w16": SIZES["w16"], "w32": SIZES["w32"], "w48": SIZES["w48"],
                       "w96": {**SIZES["w96"], "model.enc_depth": 3}},
-            "lr_sweep": {"sizes": ["w16"], "lrs": [2e-3, 4e-3], "steps": 10}, "minutes": 1.5, "levels": 2,
+            "lr_sweep": {"sizes": ["w16"], "lrs": [2e-3, 4e-3], "steps": 10}, "minutes": 1.0, "levels": 2,
             "level_ratio": 2, "per_level": 3, "min_steps": 10, "val_points": 2, "max_epochs": 1000,
             "seeds": {"extra": [1], "points": 1}, "holdout": {"size": "w96", "compute_factor": 3, "seeds": [0, 1]},
             "run_overhead_s": 10}
     path = tmp_path / "e2e.yaml"
     path.write_text(json.dumps(spec))
     res = subprocess.run([sys.executable, "-m", "scaling.study", "--study", str(path), "--cluster", "local"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+                         cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = tmp_path / "study"
     summary = json.loads((out / "study.json").read_text())
-    assert set(summary["phases_s"]) == {"lr sweep", "plan", "fit sweep", "pre-registration", "hold-out", "report",
-                                        "total"}
-    prereg = out / "holdout" / "preregistration.json"
-    registered = json.loads(prereg.read_text())
+    per_family = ["lr sweep", "plan", "round 1", "round 1 fit", "plan round 2", "round 2", "pre-registration",
+                  "hold-out", "report"]
+    assert set(summary["phases_s"]) == {f"{f}: {p}" for f in ("enat", "nat") for p in per_family} | {
+        "comparison", "total"}
     from datetime import datetime
 
-    created = datetime.fromisoformat(registered["created_at"].replace("Z", "+00:00")).timestamp()
-    for seed in (0, 1):
-        assert (out / "holdout" / f"w96-holdout-seed{seed}" / "config.yaml").stat().st_mtime > created
-    checked = evaluate_holdout(prereg, out / "holdout")
-    assert all(np.isfinite(t["observed"]) for t in checked["targets"])
-    assert (out / "report" / "report.md").is_file() and (out / "plan" / "plan.md").is_file()
+    for fam in ("enat", "nat"):
+        fam_dir = out / fam
+        prereg = fam_dir / "holdout" / "preregistration.json"
+        registered = json.loads(prereg.read_text())
+        created = datetime.fromisoformat(registered["created_at"].replace("Z", "+00:00")).timestamp()
+        for seed in (0, 1):
+            assert (fam_dir / "holdout" / f"w96-holdout-seed{seed}" / "config.yaml").stat().st_mtime > created
+        checked = evaluate_holdout(prereg, fam_dir / "holdout")
+        assert all(np.isfinite(t["observed"]) for t in checked["targets"])
+        # Both rounds in one fit sweep: round 1 (2 levels x 3 sizes + 1 seed repeat), round 2 (2 x 3).
+        runs = [r["name"] for r in json.loads((fam_dir / "fit" / "sweep.json").read_text())["runs"]]
+        assert len(runs) == 13 and sum("-r2c" in r for r in runs) == 6
+        assert len(registered["fit_points"]["runs"]) == 13
+        assert (fam_dir / "round1" / "fit.json").is_file() and (fam_dir / "plan" / "plan2.md").is_file()
+        assert (fam_dir / "report" / "report.md").is_file()
+        assert load_config(fam_dir / "fit" / runs[0] / "config.yaml").model.arch == fam
+    comparison = json.loads((out / "comparison" / "comparison.json").read_text())
+    assert comparison["families"] == ["enat", "nat"] and comparison["laws"]["enat"]["sampling"] == "reuse"
+    assert comparison["laws"]["nat"]["sampling"] == "no reuse"
+    assert (out / "comparison" / "comparison.md").read_text().startswith("# e2e: enat against nat")
