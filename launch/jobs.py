@@ -159,13 +159,14 @@ def _single_task_threads(cfg: Config) -> None:
         torch.set_num_threads(int(given))
 
 
-def prepare_job(config: dict) -> None:
+def prepare_job(config: dict, extractor: bool = True) -> None:
     """The project's own models before the data is tokenized (digits, Fashion-MNIST): the
-    tokenizer (data) and the FID classifier (evaluation), each built when missing."""
+    tokenizer (data) and, when FID jobs follow, the FID classifier, each built when missing."""
     cfg = _config(config)
     _single_task_threads(cfg)
     prepare_tokenizer(cfg, log=log)
-    prepare_extractor(cfg, log=log)
+    if extractor:
+        prepare_extractor(cfg, log=log)
 
 
 def tokenize_job(config: dict, split: str, part: int, num_parts: int) -> None:

@@ -31,16 +31,17 @@ from launch.submit import add_launch_args, describe, executor, launch_overrides,
 from launch.tokenize import submit_tokenize
 
 
-def submit_data(cfgs) -> list:
+def submit_data(cfgs, evaluate: bool = True) -> list:
     """The prepare/tokenize jobs for the data the runs need, once per distinct set of paths (two
     runs writing the same shards would collide), one set after the other (they may share a
-    tokenizer); [] when everything exists."""
+    tokenizer); [] when everything exists. The FID classifier only when FID jobs follow."""
     deps, seen = [], set()
     for cfg in cfgs:
         key = (cfg.tokenizer.checkpoint, cfg.data.shards, cfg.data.val_shards, cfg.eval.extractor_weights)
         if key not in seen:
             seen.add(key)
-            deps += submit_tokenize(cfg, ["train", "val"] if cfg.data.val_shards else ["train"], parts=1, after=deps)
+            deps += submit_tokenize(cfg, ["train", "val"] if cfg.data.val_shards else ["train"], parts=1, after=deps,
+                                    extractor=evaluate)
     return deps
 
 
@@ -73,7 +74,7 @@ def submit_sweep(sweep_path: str | Path, extra_overrides: list[str], evaluate: b
         ln = cfg0.launch
         ex = executor(cfg0, Path(ln.log_dir or sweep.out_dir / "slurm"), f"sweep-{sweep.name}",
                       tasks_per_node=ln.gpus_per_node, nodes=ln.nodes)
-        data = submit_data([runs[i][1] for i in todo])
+        data = submit_data([runs[i][1] for i in todo], evaluate)
         jobs = submit_array(ex, TrainJob(), [to_dict(runs[i][1]) for i in todo], [None] * len(todo), after=data)
         for i, job in zip(todo, jobs):
             entries[i]["job_id"] = job.job_id

@@ -26,20 +26,23 @@ from launch.jobs import merge_job, prepare_job, tokenize_job
 from launch.submit import add_launch_args, describe, executor, load, record, submit, submit_array, wait
 
 
-def needs_models(cfg: Config) -> bool:
-    """Whether the prepare job must run first: the project's own tokenizer or FID classifier is missing."""
-    return tokenizer_missing(cfg) or extractor_missing(cfg)
+def needs_models(cfg: Config, extractor: bool = True) -> bool:
+    """Whether the prepare job must run first: the project's own tokenizer or (when FID jobs
+    will need it) FID classifier is missing."""
+    return tokenizer_missing(cfg) or (extractor and extractor_missing(cfg))
 
 
-def submit_tokenize(cfg: Config, splits: list[str], parts: int, after=None) -> list:
-    """-> the merge jobs (what a training job should depend on); [] when all is there already."""
+def submit_tokenize(cfg: Config, splits: list[str], parts: int, after=None, extractor: bool = True) -> list:
+    """-> the merge jobs (what a training job should depend on); [] when all is there already.
+    extractor=False: no FID job will follow (a sweep without --eval), so a missing FID classifier
+    is not trained."""
     cfg_dict = to_dict(cfg)
     log_dir = Path(cfg.launch.log_dir or Path(split_dir(cfg, "train")).parent / "slurm")
     ex = executor(cfg, log_dir, "tokenize", tasks_per_node=1, gpus=False)
     jobs, merges = [], []
     deps = list(after or [])
-    if needs_models(cfg):
-        prep = submit(ex, prepare_job, cfg_dict, after=deps)
+    if needs_models(cfg, extractor):
+        prep = submit(ex, prepare_job, cfg_dict, extractor, after=deps)
         jobs.append(prep)
         deps = [prep]
         print(describe([prep], "prepare (tokenizer, FID classifier)"))

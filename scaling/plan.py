@@ -5,6 +5,8 @@ A study (configs/studies/*.yaml), in phases, each after the previous one's runs 
     python -m scaling.plan --study configs/studies/digits.yaml lr      # 1. the LR sweep's spec
     python launch/sweep.py --sweep runs/studies/digits/plan/digits_lr.yaml --wait
     python -m scaling.plan --study configs/studies/digits.yaml sweep   # 2. isoFLOP + seeds + hold-out specs
+    python -m scaling.plan --study configs/studies/fashion.yaml sweep2 --family nat   # a second round, from
+                                                                       # the first's fit (OUT_DIR/round1)
     python launch/sweep.py --sweep runs/studies/digits/plan/digits_fit.yaml --wait
     python -m scaling.holdout preregister ...                          # 3. the prediction, before the hold-out
     python launch/sweep.py --sweep runs/studies/digits/plan/digits_holdout.yaml --wait

@@ -289,3 +289,17 @@ def test_runs_for_a_narrower_interval_are_extrapolated_from_the_measured_narrowi
     assert ident["needed"]["beta"]["runs"] == 40
     assert ident["E"] == {"all": 1.0, "ci": [0.5, 1.5], "without_smallest": 0.2, "a_without_smallest": 0.6}
     assert ident["goals_met"] == {"widths": False, "spread": False}
+
+
+def test_a_sweep_without_fid_jobs_does_not_train_the_fid_classifier(tmp_path):
+    from enat.config import load_config
+    from launch.tokenize import needs_models
+
+    tok = tmp_path / "tokenizer.pt"
+    tok.write_bytes(b"present")
+    cfg = load_config("configs/experiments/scaling_fashion.yaml",
+                      [f"tokenizer.checkpoint={tok}", f"eval.extractor_weights={tmp_path / 'missing.pt'}"])
+    assert needs_models(cfg) is True  # FID jobs follow: the classifier is built first
+    assert needs_models(cfg, extractor=False) is False
+    tok.unlink()
+    assert needs_models(cfg, extractor=False) is True
