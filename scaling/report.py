@@ -52,10 +52,10 @@ from scaling.plots import plot_fid, plot_isoflop, plot_loss_vs_compute, plot_mas
 from scaling.points import choose_points, loss_column
 from scaling.publish import publish_wandb
 from scaling.sections import (excluded_markdown, fid_markdown, gate_section, gated_markdown, law_markdown,
-                              leave_one_out_markdown, optimal_markdown, plots_markdown, residuals_markdown,
-                              runs_markdown, sensitivity_markdown)
-from scaling.tables import (check_regime, fid_fits, fid_points, fid_protocol, holdout_row, residuals, runs_table,
-                            sensitivity, three_approaches)
+                              leave_one_out_markdown, minima_markdown, optimal_markdown, plots_markdown,
+                              residuals_markdown, runs_markdown, sensitivity_markdown)
+from scaling.tables import (check_regime, fid_fits, fid_points, fid_protocol, holdout_row, level_minima, residuals,
+                            runs_table, sensitivity, three_approaches)
 
 
 def gated_report(out: Path, col, loss: str, gate: dict, sweep, wandb_mode=None) -> Path:
@@ -157,6 +157,7 @@ def report(sweep: str | Path, out: str | Path, loss: str = "val/loss_r0.7", boot
     ratio_plot = plot_mask_ratios([p for p in col.rows if key in p], out)
     plots += [p for p in (fid_plot, ratio_plot) if p is not None]
     table = runs_table(col.runs, col.rows, key)
+    minima = level_minima([p for p in points if p.get("final", True)], key)
     res = residuals(fit, points, key)
     plots.append(plot_residuals(res, key, out))
     sens = sensitivity(rows, points, key, fit)
@@ -168,7 +169,7 @@ def report(sweep: str | Path, out: str | Path, loss: str = "val/loss_r0.7", boot
                                  for c, n, d, lv in zip(opt["C"], opt["N"], opt["D"], opt["L"])]},
               "frontier": frontiers, "approaches": approaches, "holdout": ho, "leave_one_out": loo, "fid": fid_laws,
               "gate": gate, "excluded": col.excluded, "runs": len(col.runs), "points": len(points),
-              "runs_table": table, "residuals": res, "sensitivity": sens, "fid_protocol": proto}
+              "runs_table": table, "level_minima": minima, "residuals": res, "sensitivity": sens, "fid_protocol": proto}
     if pre_part is not None:
         result["preregistered"] = pre_part
     # The resamples behind the law's intervals, for what is derived from the law elsewhere (the
@@ -180,6 +181,7 @@ def report(sweep: str | Path, out: str | Path, loss: str = "val/loss_r0.7", boot
     lines = law_markdown(col.name or sweep, len(col.runs), len(points), loss, which, fit, gate["passed"])
     lines += [""] + gate_section(gate)
     lines += [""] + runs_markdown(table, key)
+    lines += [""] + minima_markdown(minima)
     lines += [""] + residuals_markdown(res, len(points))
     lines += [""] + sensitivity_markdown(sens)
     lines += [""] + optimal_markdown(opt, k)

@@ -91,6 +91,22 @@ def runs_markdown(table: list[dict], key: str) -> list[str]:
     return lines
 
 
+def minima_markdown(levels: list[dict]) -> list[str]:
+    lines = ["## The minimum at each isoFLOP level", "",
+             "The size with the lowest final loss at each level (seed repeats averaged) and its neighbours': inside "
+             "when a smaller and a larger size both lie above it, so the level brackets its optimum.", "",
+             "| compute | sizes | best N | loss | smaller neighbour | larger neighbour | inside |",
+             "|---|---|---|---|---|---|---|"]
+    for lv in levels:
+        def nb(v):
+            return f"{v:.4f} ({(v / lv['best_loss'] - 1):+.1%})" if v is not None else "none"
+        lines.append(f"| {lv['compute']:.3g} | {len(lv['sizes'])} | {lv['best_N']:.3g} | {lv['best_loss']:.4f} | "
+                     f"{nb(lv['below'])} | {nb(lv['above'])} | {'yes' if lv['inside'] else 'no (edge)'} |")
+    inside = sum(lv["inside"] for lv in levels)
+    lines += ["", f"{inside} of {len(levels)} levels have their minimum inside their sizes."]
+    return lines
+
+
 def residuals_markdown(res: dict, points: int) -> list[str]:
     lines = ["## Residuals", "",
              f"log L_obs - log L_fit at the {points} fitted points: RMS {res['rms']:.4g}, largest "

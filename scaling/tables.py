@@ -12,7 +12,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from enat.config import load_config
-from scaling.approaches import cross_check, envelope_exponent, huber_exponent, isoflop_exponent
+from scaling.approaches import cross_check, envelope_exponent, huber_exponent, isoflop_exponent, isoflop_levels
 from scaling.baselines import regime_gate, sweep_baselines
 from scaling.collect import ScalingError
 from scaling.fit import fit_fid
@@ -54,6 +54,25 @@ def runs_table(runs: list[dict], rows: list[dict], key: str) -> list[dict]:
                     "gpu_hours": r["gpu_hours"], "tokens_per_s": r["tokens_per_s"], "images_per_s": r["images_per_s"],
                     "mfu": r["mfu"], "sample_images_per_s_reuse": r["sample_images_per_s_reuse"],
                     "sample_images_per_s_plain": r["sample_images_per_s_plain"]})
+    return out
+
+
+def level_minima(points: list[dict], key: str) -> list[dict]:
+    """Per isoFLOP level (the seed repeats' mean at a size): the size with the lowest final loss,
+    its neighbours' losses, and whether that minimum lies inside the level's sizes (a neighbour
+    on each side) or at an edge, where the level's sizes do not bracket the optimum."""
+    out = []
+    for group in isoflop_levels(points):
+        by_n = {}
+        for p in group:
+            by_n.setdefault(p["n_params_nonembed"], []).append(p[key])
+        ns = sorted(by_n)
+        losses = [float(np.mean(by_n[n])) for n in ns]
+        i = int(np.argmin(losses))
+        out.append({"compute": float(np.median([p["compute"] for p in group])), "sizes": ns, "losses": losses,
+                    "best_N": ns[i], "best_loss": losses[i],
+                    "below": losses[i - 1] if i > 0 else None, "above": losses[i + 1] if i + 1 < len(ns) else None,
+                    "inside": 0 < i < len(ns) - 1, "runs": sorted(p["run"] for p in group)})
     return out
 
 

@@ -303,3 +303,21 @@ def test_a_sweep_without_fid_jobs_does_not_train_the_fid_classifier(tmp_path):
     assert needs_models(cfg, extractor=False) is False
     tok.unlink()
     assert needs_models(cfg, extractor=False) is True
+
+
+def test_each_levels_minimum_and_its_neighbours():
+    from scaling.tables import level_minima
+
+    law = LawFit(E=1.5, A=30.0, B=2000.0, alpha=0.3, beta=0.45)
+    grid = np.geomspace(1e4, 1e7, 7)
+    budgets = (1e12, 1e14)  # the law's minimum: the smallest size, then the fourth
+    pts = [{"run": f"n{int(n)}-c{j}", "n_params_nonembed": n, "samples": c / (6 * n), "compute": c,
+            KEY: float(law.predict(n, c / (6 * n)))} for j, c in enumerate(budgets) for n in grid]
+    first, second = level_minima(pts, KEY)
+    assert first["best_N"] == pytest.approx(grid[0]) and first["inside"] is False and first["below"] is None
+    assert second["best_N"] == pytest.approx(grid[3]) and second["inside"] is True
+    assert second["below"] == pytest.approx(float(law.predict(grid[2], 1e14 / (6 * grid[2]))))
+    assert second["above"] == pytest.approx(float(law.predict(grid[4], 1e14 / (6 * grid[4]))))
+    # Seed repeats at a size are averaged before the minimum is taken.
+    twin = {**pts[8], "run": pts[8]["run"] + "-seed1", KEY: pts[8][KEY] - 1.0}
+    assert level_minima(pts + [twin], KEY)[1]["best_N"] == pytest.approx(grid[1])
