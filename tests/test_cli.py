@@ -139,17 +139,24 @@ def test_readme_main_job_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_sample_benchmark_prints_table_and_json():
-    res = subprocess.run([sys.executable, "-m", "enat.bench", "sample", "--model", "tiny", "--grid-size", "8",
-                          "--batch", "2", "--steps", "4", "--repeats", "1", "--json"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+def test_sample_benchmark_json_alone_on_stdout_feeds_enat_cost(tmp_path, capsys):
+    """`--json > FILE` holds the JSON alone (the table and DeepSpeed's accelerator warning go to
+    stderr), and `enat cost --bench FILE` reads it as written (issue 30)."""
+    out = tmp_path / "bench.json"
+    with out.open("w") as stdout:
+        res = subprocess.run([sys.executable, "-m", "enat.bench", "sample", "--model", "tiny", "--grid-size", "16",
+                              "--batch", "2", "--steps", "4", "--repeats", "1", "--json"],
+                             cwd=ROOT, stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
-    lines = res.stdout.strip().splitlines()
-    assert any(line.startswith("NAT / ENAT") for line in lines)
-    result = json.loads(lines[-1])
+    assert any(line.startswith("NAT / ENAT") for line in res.stderr.splitlines())
+    assert len(out.read_text().splitlines()) == 1  # no library warning either
+    result = json.loads(out.read_text())
     for key in ("flops_ratio_vanilla_over_enat", "wall_ratio_vanilla_over_enat", "wall_ratio_noreuse_over_enat"):
         assert result[key] > 0
     assert result["flops_ratio_vanilla_over_enat"] > 1
+    assert main(["cost", "--model", "tiny", "--grid", "16", "--bench", str(out)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny | 256 |"))
+    assert row.endswith(f"| {result['variants']['ENAT']['images_per_s']:.2f} |")
 
 
 @pytest.mark.slow
@@ -242,7 +249,7 @@ def test_train_benchmark_reports_syncs_graphs_and_mfu():
                           "--peak-tflops", "1.0", "--bare", "--json"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "MFU" in res.stdout and "graphs of forward + loss" in res.stdout
+    assert "MFU" in res.stderr and "graphs of forward + loss" in res.stderr  # the table: stderr under --json
     r = json.loads(res.stdout.strip().splitlines()[-1])
     assert r["syncs_per_step"] == 1 and set(r["syncs_by_mode"]) <= {"full", "reuse"}
     assert r["syncs_inside_forward_backward"] == 0 and r["sync_steps_counted"] == 4
