@@ -33,7 +33,7 @@ def demo_shards(d: Path, text: bool = False, storage: str = "embeddings") -> lis
     """Demo token shards (train and val) from a random-weight tokenizer in folder `d` -> the config
     overrides pointing at them. The trainer does not care what the ids mean. `text`: caption shards
     of the captioned demo (configs/experiments/demo_text.yaml), with its demo text encoder built in
-    `d` and `storage` (embeddings or ids) per caption."""
+    `d` (text.encoder: demo) and `storage` (embeddings or ids) per caption."""
     from enat.config import load_config
     from enat.data.prepare import prepare_text_encoder, tokenize_split
     from enat.tokenizer import VQGAN
@@ -41,7 +41,7 @@ def demo_shards(d: Path, text: bool = False, storage: str = "embeddings") -> lis
 
     over = [f"tokenizer.checkpoint={d / 'tok.pt'}", f"data.shards={d / 'train'}", f"data.val_shards={d / 'val'}"]
     if text:
-        over += [f"text.encoder={d / 'text_encoder'}", f"text.storage={storage}"]
+        over += [f"text.demo_dir={d / 'text_encoder'}", f"text.storage={storage}"]
     cfg = load_config(ROOT / f"configs/experiments/{'demo_text' if text else 'demo'}.yaml", over)
     torch.manual_seed(0)
     save_tokenizer(d / "tok.pt", VQGAN(cfg.tokenizer), {})

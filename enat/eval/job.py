@@ -37,7 +37,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from enat.config import Config
-from enat.data.prepare import tokenizer_mismatch
+from enat.data.prepare import check_text_encoder, tokenizer_mismatch
 from enat.dist import setup_env
 from enat.eval.fidelity import EvalError, build_extractor, class_fid, extract, metrics
 from enat.eval.captions import HeldOutCaptions, caption_spec, check_clip_model, clip_score
@@ -160,6 +160,7 @@ def evaluate(cfg: Config, run_dir: str | Path | None, checkpoint: str = "latest"
                             "(model.condition=text)")
         check_clip_model(cfg.eval.clip_model)  # a hub name or a missing directory fails before any sampling
 
+    check_text_encoder(cfg)  # a text.encoder that does not exist (a hub name) is refused before any work
     problem = tokenizer_mismatch(cfg) or extractor_mismatch(cfg)  # before any work: samples would be noise
     if problem:
         raise EvalError(problem)

@@ -17,7 +17,7 @@ from enat.images import decode_partial, save_captioned_grid, save_grid
 from enat.models.weights import load_state, load_weights
 from enat.models.zoo import build_model, model_differences
 from enat.sampling import generate, generate_all
-from enat.text import encoder_for
+from enat.text import encoder_dir, encoder_for
 from enat.tokenizer import load_tokenizer
 
 
@@ -39,7 +39,7 @@ def text_condition(cfg, model, prompts: list[str], device="cpu") -> torch.Tensor
         raise ConfigError("sampling from prompts needs the text encoder the model was trained with: set "
                           "text.encoder=/local/dir (the shards' manifest.json names it under text.encoder.path)")
     m = model.cfg
-    encoder = encoder_for(cfg.text.encoder, device, length=m.text_len, dim=m.text_dim,
+    encoder = encoder_for(encoder_dir(cfg.text), device, length=m.text_len, dim=m.text_dim,
                           null_context=model.text_embed.null_context, what="this checkpoint")
     unknown, cut = encoder.prompt_problems(prompts)
     if unknown:
