@@ -63,6 +63,25 @@ def train_losses(run_dir: Path) -> dict:
     return {r["step"]: r["loss"] for r in train}
 
 
+def write_checkpoint(run_dir: Path, cfg, weights: dict, step: int) -> Path:
+    """A run's training checkpoint of `step` as the trainer leaves it at ZeRO-0 (the model-states
+    file with the module and the enat client state holding `weights` as its EMA, the manifest with
+    every file's size and CRC-32, `latest`), without an engine -> the tag directory."""
+    import json
+
+    from enat.config import to_dict
+    from enat.train.checkpoint import CLIENT_KEY, LATEST, META, checkpoint_dir, file_checksum, tag_for
+
+    tag = checkpoint_dir(run_dir) / tag_for(step)
+    tag.mkdir(parents=True)
+    torch.save({"module": weights, CLIENT_KEY: {"step": step, "config": to_dict(cfg), "ema": {"model": weights}}},
+               tag / "mp_rank_00_model_states.pt")
+    files = {p.name: file_checksum(p) for p in tag.iterdir()}
+    (tag / META).write_text(json.dumps({"step": step, "world_size": 1, "zero_stage": 0, "files": files}))
+    (tag.parent / LATEST).write_text(tag.name)
+    return tag
+
+
 def tiny_clip_tokenizer(tf):
     """A real (BPE) CLIP tokenizer over single letters, built without a download -> (tokenizer, vocab)."""
     vocab = {}
