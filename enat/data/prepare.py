@@ -245,6 +245,28 @@ def tokenizer_mismatch(cfg: Config) -> str | None:
     return None
 
 
+def prepared(cfg: Config) -> list[tuple[str, str]] | None:
+    """[(what, where)] of everything the data of this config needs when all of it is already
+    there (what `prepare_data` would keep), or None when something is missing."""
+    if tokenizer_missing(cfg):
+        return None
+    have = [("tokenizer", str(cfg.tokenizer.checkpoint))] if cfg.tokenizer.checkpoint else []
+    if cfg.model.condition == "text" and cfg.text.encoder:
+        have.append(("text encoder", cfg.text.demo_dir if cfg.text.encoder == DEMO else cfg.text.encoder))
+    for what, out in (("training shards", cfg.data.shards), ("validation shards", cfg.data.val_shards)):
+        if out is None:
+            continue
+        manifest = Path(out) / MANIFEST
+        if not manifest.is_file():
+            return None
+        try:
+            n = f" ({json.loads(manifest.read_text())['num_samples']} samples)"
+        except (ValueError, KeyError):
+            n = ""  # an unreadable manifest is the loader's to report
+        have.append((what, f"{out}{n}"))
+    return have
+
+
 def prepare_data(cfg: Config, progress: bool | None = None, log=print) -> None:
     """Make sure the tokenizer and the shards of both splits exist, building what is missing."""
     _refuse_stale(cfg)  # a manifest present but of another count or seed must not be taken as done
