@@ -633,6 +633,11 @@ def test_a_hub_name_is_refused_by_every_command_and_builds_nothing(tmp_path, mon
         assert main([*command, "--config", config, *over]) == 2, command
         assert capsys.readouterr().err == f"error: {HUB_REFUSAL}\n", command
         assert list(tmp_path.iterdir()) == [], command
+    from launch.tokenize import submit_tokenize  # the pipeline's first submission: refused before any job
+
+    with pytest.raises(ShardError) as e:
+        submit_tokenize(load_config(config, over), ["train", "val"], 1)
+    assert str(e.value) == HUB_REFUSAL and list(tmp_path.iterdir()) == []
 
 
 def test_the_demo_encoder_is_asked_for_by_name(tmp_path, capsys):
