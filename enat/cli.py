@@ -346,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="sample token ids for given labels (or prompts, text-conditioned models)")
     _config_args(s, False, "YAML config (sample section; model section without --checkpoint)")
-    s.add_argument("--checkpoint", help="enat-weights file; without it, a random-init model")
+    s.add_argument("--checkpoint", help="enat-weights file, or a training checkpoint: a run directory (its latest) or "
+                                        "RUN/checkpoints/stepNNNNNNNN; without it, a random-init model")
     s.add_argument("--weights", default="ema", choices=["ema", "online"])
     s.add_argument("--labels", help="comma-separated class ids, e.g. 1,2,3 (class-conditional models)")
     s.add_argument("--prompts", nargs="+", metavar="PROMPT", help="captions (text-conditioned models)")
