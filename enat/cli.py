@@ -135,12 +135,20 @@ def cmd_tokenize(args) -> None:
 
 
 def cmd_data_prepare(args) -> None:
-    from enat.data.prepare import prepare_data
-    from enat.eval.prepare import prepare_extractor
+    from enat.data.prepare import prepare_data, prepared
+    from enat.eval.prepare import extractor_missing, prepare_extractor
 
     cfg = load_config(args.config, args.overrides)
-    prepare_data(cfg)
+    there = None if extractor_missing(cfg) else prepared(cfg)  # None: something gets built (and says so)
+    weights = cfg.eval.extractor_weights
+    if there is not None and weights and Path(weights).is_file():
+        there.append(("FID extractor", str(weights)))
+    prepare_data(cfg)  # checks what is there (stale shards, another tokenizer) even when it builds nothing
     prepare_extractor(cfg)  # the demo's FID extractor, so the eval job after training finds it
+    if there is not None:
+        width = max((len(what) for what, _ in there), default=0)
+        print("everything this config needs is there; nothing was redone (delete a file or folder to rebuild it):\n"
+              + "\n".join(f"  {what:<{width}}  {where}" for what, where in there))
 
 
 def cmd_train(args) -> None:
@@ -338,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="sample token ids for given labels (or prompts, text-conditioned models)")
     _config_args(s, False, "YAML config (sample section; model section without --checkpoint)")
-    s.add_argument("--checkpoint", help="enat-weights file; without it, a random-init model")
+    s.add_argument("--checkpoint", help="enat-weights file, or a training checkpoint: a run directory (its latest) or "
+                                        "RUN/checkpoints/stepNNNNNNNN; without it, a random-init model")
     s.add_argument("--weights", default="ema", choices=["ema", "online"])
     s.add_argument("--labels", help="comma-separated class ids, e.g. 1,2,3 (class-conditional models)")
     s.add_argument("--prompts", nargs="+", metavar="PROMPT", help="captions (text-conditioned models)")

@@ -219,9 +219,12 @@ class DataConfig:
 class TextConfig:
     """The frozen text encoder of text-conditioned models (model.condition=text), loaded by local
     path only: a directory with a transformers CLIPTextModel and its tokenizer
-    (`save_pretrained` output), or the demo's encoder (`enat data prepare` builds it)."""
+    (`save_pretrained` output), or `demo`, the captioned digits demo's word encoder, which
+    `enat data prepare` builds in demo_dir. Nothing else is ever built: a path that does not
+    exist (a hub name) is refused by every command."""
 
     encoder: str | None = None
+    demo_dir: str | None = None  # encoder: demo only: where it is built and loaded from
     # What caption shards hold per caption: the encoder's hidden states (fp16, L x C; read as they
     # are) or only the token ids (L int32; the trainer encodes them on the fly, ~1/380 the disk).
     storage: Literal["embeddings", "ids"] = "embeddings"
@@ -484,6 +487,14 @@ def resolve(cfg: Config) -> Config:
     if cfg.data.dataset == "coco" and cfg.model.condition != "text":
         raise ConfigError("data.dataset=coco is captioned data: set model.condition=text (with model.text_len and "
                           "model.text_dim of the text encoder, text.encoder)")
+    if cfg.model.condition == "text" and cfg.text.encoder == "demo":
+        if cfg.data.dataset != "digits":
+            raise ConfigError(f"text.encoder: demo is the captioned digits demo's word encoder (its vocabulary is "
+                              f"those captions' words); data.dataset={cfg.data.dataset} needs a CLIP text encoder: "
+                              f"text.encoder=/local/dir")
+        if not cfg.text.demo_dir:
+            raise ConfigError("text.encoder: demo needs text.demo_dir, the folder `enat data prepare` builds the demo "
+                              "encoder in (and every command loads it from)")
     if cfg.model.condition == "text" and cfg.model.label_drop:
         raise ConfigError("model.label_drop is the class model's in-model label drop; a text-conditioned model "
                           "drops captions in the loader: set model.label_drop=0 and use data.cfg_drop")

@@ -61,6 +61,28 @@ def measure_images_per_s(cfg: Config, batch: int = 4, device: str = "cpu") -> fl
     return batch / (time.perf_counter() - t0)
 
 
+def read_bench(path: str | Path) -> list[dict]:
+    """The results of a `python -m enat.bench sample --json` file (one object or a list), or a
+    ConfigError naming what is wrong with the file and what writes a good one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--bench {path}: no such file")
+    text = path.read_text()
+    try:
+        bench = json.loads(text)
+    except ValueError as e:
+        line = text.splitlines()[e.lineno - 1] if text.strip() else ""
+        raise ConfigError(f"--bench {path} is not JSON (line {e.lineno}: {line[:60]!r}): give it what "
+                          "`python -m enat.bench sample ... --json > FILE` writes (the JSON alone on stdout; of a "
+                          "file saved with the table before its JSON line, keep the last line: `tail -1`)") from None
+    results = bench if isinstance(bench, list) else [bench]
+    if not results or not all(isinstance(r, dict) and {"model", "grid_size", "variants"} <= set(r) for r in results):
+        raise ConfigError(f"--bench {path} holds no sampling bench result: it takes one JSON object of "
+                          "`python -m enat.bench sample --json` (model, grid_size, variants.ENAT.images_per_s) "
+                          "or a list of them")
+    return results
+
+
 def bench_images_per_s(bench: dict, size: str, grid: int) -> float | None:
     """ENAT's images/s from `python -m enat.bench sample --json` results (one object or a list)."""
     for r in bench if isinstance(bench, list) else [bench]:
@@ -191,7 +213,7 @@ def flops_report(size: str, grid_size: int, steps: int, decoder_attention: str =
 
 
 def main_cost(args) -> None:
-    bench = json.loads(Path(args.bench).read_text()) if args.bench else None
+    bench = read_bench(args.bench) if args.bench else None
     if args.config:  # any experiment config (COCO text-to-image, a custom recipe), in place of the zoo
         if args.model != "all" or args.grid:
             raise ConfigError("--config costs that experiment: drop --model/--grid (set model.* in the config)")

@@ -6,7 +6,8 @@ A text encoder directory is one of two kinds:
   `CLIPTextModel` (a full `CLIPModel` directory works too) and its tokenizer files in the same
   folder. Captions are padded/truncated to the model's 77 positions (padding="max_length", no
   attention mask) and encoded to `last_hidden_state` (77 x 768 for ViT-L/14), as U-ViT does.
-- the demo encoder (`build_demo_text_encoder`): a tiny randomly initialised, frozen
+- the demo encoder (`build_demo_text_encoder`; a config asks for it by `text.encoder: demo`, built
+  by `enat data prepare` in `text.demo_dir`): a tiny randomly initialised, frozen
   `CLIPTextModel` built from a `CLIPTextConfig` (no download) and a word tokenizer
   (`vocab.json`: lower-case words -> ids, with <pad>, <unk>, <bos>, <eos>), marked by the file
   `enat_text_encoder.json` {"kind": "words", ...}. A caption is <bos> words <eos> <pad>...
@@ -49,6 +50,20 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 class TextEncoderError(ValueError):
     """A text encoder (or CLIP model) directory that is missing, not local, or unreadable."""
+
+
+DEMO = "demo"  # text.encoder: demo -> the demo's word encoder in text.demo_dir
+
+
+def encoder_dir(text) -> str | None:
+    """The directory a config's text section (`TextConfig`) loads its encoder from: text.demo_dir
+    for `demo` (refused until `enat data prepare` has built it there), else text.encoder itself."""
+    if text.encoder != DEMO:
+        return text.encoder
+    if not (Path(text.demo_dir) / "config.json").is_file():
+        raise TextEncoderError(f"the demo text encoder (text.encoder: demo) is not built in {text.demo_dir}: "
+                               f"`enat data prepare --config CONFIG` builds it")
+    return text.demo_dir
 
 
 def _transformers():

@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # a script: import `launch` from the checkout, no
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from enat.config import Config, to_dict
-from enat.data.prepare import split_dir, tokenizer_missing
+from enat.data.prepare import check_text_encoder, split_dir, text_encoder_missing, tokenizer_missing
 from enat.data.shards import MANIFEST
 from enat.eval.prepare import extractor_missing
 from launch.jobs import merge_job, prepare_job, tokenize_job
@@ -36,6 +36,8 @@ def submit_tokenize(cfg: Config, splits: list[str], parts: int, after=None, extr
     """-> the merge jobs (what a training job should depend on); [] when all is there already.
     extractor=False: no FID job will follow (a sweep without --eval), so a missing FID classifier
     is not trained."""
+    if not text_encoder_missing(cfg):  # the prepare job builds the demo's; any other must exist now, not after the queue
+        check_text_encoder(cfg)
     cfg_dict = to_dict(cfg)
     log_dir = Path(cfg.launch.log_dir or Path(split_dir(cfg, "train")).parent / "slurm")
     ex = executor(cfg, log_dir, "tokenize", tasks_per_node=1, gpus=False)

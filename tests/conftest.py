@@ -33,7 +33,7 @@ def demo_shards(d: Path, text: bool = False, storage: str = "embeddings") -> lis
     """Demo token shards (train and val) from a random-weight tokenizer in folder `d` -> the config
     overrides pointing at them. The trainer does not care what the ids mean. `text`: caption shards
     of the captioned demo (configs/experiments/demo_text.yaml), with its demo text encoder built in
-    `d` and `storage` (embeddings or ids) per caption."""
+    `d` (text.encoder: demo) and `storage` (embeddings or ids) per caption."""
     from enat.config import load_config
     from enat.data.prepare import prepare_text_encoder, tokenize_split
     from enat.tokenizer import VQGAN
@@ -41,7 +41,7 @@ def demo_shards(d: Path, text: bool = False, storage: str = "embeddings") -> lis
 
     over = [f"tokenizer.checkpoint={d / 'tok.pt'}", f"data.shards={d / 'train'}", f"data.val_shards={d / 'val'}"]
     if text:
-        over += [f"text.encoder={d / 'text_encoder'}", f"text.storage={storage}"]
+        over += [f"text.demo_dir={d / 'text_encoder'}", f"text.storage={storage}"]
     cfg = load_config(ROOT / f"configs/experiments/{'demo_text' if text else 'demo'}.yaml", over)
     torch.manual_seed(0)
     save_tokenizer(d / "tok.pt", VQGAN(cfg.tokenizer), {})
@@ -61,6 +61,25 @@ def train_losses(run_dir: Path) -> dict:
     steps = [r["step"] for r in train]
     assert steps == sorted(set(steps)), f"steps logged more than once or out of order: {steps}"
     return {r["step"]: r["loss"] for r in train}
+
+
+def write_checkpoint(run_dir: Path, cfg, weights: dict, step: int) -> Path:
+    """A run's training checkpoint of `step` as the trainer leaves it at ZeRO-0 (the model-states
+    file with the module and the enat client state holding `weights` as its EMA, the manifest with
+    every file's size and CRC-32, `latest`), without an engine -> the tag directory."""
+    import json
+
+    from enat.config import to_dict
+    from enat.train.checkpoint import CLIENT_KEY, LATEST, META, checkpoint_dir, file_checksum, tag_for
+
+    tag = checkpoint_dir(run_dir) / tag_for(step)
+    tag.mkdir(parents=True)
+    torch.save({"module": weights, CLIENT_KEY: {"step": step, "config": to_dict(cfg), "ema": {"model": weights}}},
+               tag / "mp_rank_00_model_states.pt")
+    files = {p.name: file_checksum(p) for p in tag.iterdir()}
+    (tag / META).write_text(json.dumps({"step": step, "world_size": 1, "zero_stage": 0, "files": files}))
+    (tag.parent / LATEST).write_text(tag.name)
+    return tag
 
 
 def tiny_clip_tokenizer(tf):

@@ -66,6 +66,50 @@ def test_sample_from_converted_checkpoint_and_mismatch(tmp_path, capsys):
     assert "grid_size: checkpoint 4 vs config 8" in err
 
 
+def test_sample_takes_a_training_checkpoint_and_says_what_to_pass(tmp_path, capsys):
+    """`enat sample --checkpoint` takes a training checkpoint as `enat eval` does (a tag, the run's
+    checkpoints/ folder, the run: its latest), where it said "weights file not found" of a path
+    that exists (issue 30); a directory that is none, and a class model without --labels, are
+    refused saying what to pass."""
+    from conftest import write_checkpoint
+    from enat.config import load_config
+    from enat.models import build_model
+
+    config = str(ROOT / "configs/experiments/demo.yaml")
+    cfg = load_config(config)
+    torch.manual_seed(3)
+    run = tmp_path / "run"
+    tag = write_checkpoint(run, cfg, build_model(cfg.model).state_dict(), 950)
+    common = ["--config", config, "--labels", "1,2", "--no-images", "sample.steps=2"]
+    tokens = []
+    for given in (tag, run / "checkpoints", run):
+        out = tmp_path / "s" / given.name
+        assert main(["sample", "--checkpoint", str(given), "--out", str(out), *common]) == 0, capsys.readouterr().err
+        assert json.loads((out / "sample.json").read_text())["source"] == str(tag)
+        tokens.append(np.load(out / "tokens.npy"))
+    assert all(np.array_equal(t, tokens[0]) for t in tokens)
+    random_init = tmp_path / "random"
+    assert main(["sample", "--out", str(random_init), *common]) == 0  # the checkpoint's weights were used
+    assert not np.array_equal(np.load(random_init / "tokens.npy"), tokens[0])
+    capsys.readouterr()
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert main(["sample", "--checkpoint", str(plain), "--out", str(tmp_path / "x"), *common]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --checkpoint {plain} is a directory but not a training checkpoint (a run directory, its checkpoints/ "
+        f"folder or one of its stepNNNNNNNN tags) nor a weights file: give one of those, or write a weights file "
+        f"with `enat export RUN OUT.pt`\n")
+    no_labels = ["sample", "--config", config, "--checkpoint", str(tag), "--out", str(tmp_path / "x")]
+    assert main(no_labels) == 2
+    assert capsys.readouterr().err == ("error: this model is class-conditional: give --labels, class ids in [0, 10) "
+                                       "(e.g. --labels 0,1,2)\n")
+    assert main([*no_labels, "--prompts", "a thick seven"]) == 2
+    assert capsys.readouterr().err == ("error: --prompts need a text-conditioned model; this one is class-conditional: "
+                                       "give --labels, class ids in [0, 10) (e.g. --labels 0,1,2)\n")
+    assert not (tmp_path / "x").exists()
+
+
 def test_sample_rejects_bad_labels(tmp_path, capsys):
     rc = main(["sample", "--config", str(ROOT / "configs/experiments/demo.yaml"), "--labels", "3,12",
                "--out", str(tmp_path)])
@@ -139,17 +183,24 @@ def test_readme_main_job_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_sample_benchmark_prints_table_and_json():
-    res = subprocess.run([sys.executable, "-m", "enat.bench", "sample", "--model", "tiny", "--grid-size", "8",
-                          "--batch", "2", "--steps", "4", "--repeats", "1", "--json"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+def test_sample_benchmark_json_alone_on_stdout_feeds_enat_cost(tmp_path, capsys):
+    """`--json > FILE` holds the JSON alone (the table and DeepSpeed's accelerator warning go to
+    stderr), and `enat cost --bench FILE` reads it as written (issue 30)."""
+    out = tmp_path / "bench.json"
+    with out.open("w") as stdout:
+        res = subprocess.run([sys.executable, "-m", "enat.bench", "sample", "--model", "tiny", "--grid-size", "16",
+                              "--batch", "2", "--steps", "4", "--repeats", "1", "--json"],
+                             cwd=ROOT, stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
-    lines = res.stdout.strip().splitlines()
-    assert any(line.startswith("NAT / ENAT") for line in lines)
-    result = json.loads(lines[-1])
+    assert any(line.startswith("NAT / ENAT") for line in res.stderr.splitlines())
+    assert len(out.read_text().splitlines()) == 1  # no library warning either
+    result = json.loads(out.read_text())
     for key in ("flops_ratio_vanilla_over_enat", "wall_ratio_vanilla_over_enat", "wall_ratio_noreuse_over_enat"):
         assert result[key] > 0
     assert result["flops_ratio_vanilla_over_enat"] > 1
+    assert main(["cost", "--model", "tiny", "--grid", "16", "--bench", str(out)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny | 256 |"))
+    assert row.endswith(f"| {result['variants']['ENAT']['images_per_s']:.2f} |")
 
 
 @pytest.mark.slow
@@ -231,6 +282,16 @@ def test_data_prepare_builds_shards_and_the_demo_extractor_train_launcher_checks
         assert json.loads((tmp_path / split / "manifest.json").read_text())["num_samples"] > 0
     assert trained == [str(tmp_path / "fx.pt")]
     check_data(cfg)
+    # Again: nothing to build, and it says so (it printed nothing before, issue 30).
+    capsys.readouterr()
+    assert main(["data", "prepare", "--config", config, *over]) == 0
+    assert trained == [str(tmp_path / "fx.pt")]
+    assert capsys.readouterr().out == (
+        "everything this config needs is there; nothing was redone (delete a file or folder to rebuild it):\n"
+        f"  tokenizer          {tmp_path / 'tok.pt'}\n"
+        f"  training shards    {tmp_path / 'train'} (1498 samples)\n"
+        f"  validation shards  {tmp_path / 'val'} (299 samples)\n"
+        f"  FID extractor      {tmp_path / 'fx.pt'}\n")
 
 
 @pytest.mark.slow
@@ -242,7 +303,7 @@ def test_train_benchmark_reports_syncs_graphs_and_mfu():
                           "--peak-tflops", "1.0", "--bare", "--json"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "MFU" in res.stdout and "graphs of forward + loss" in res.stdout
+    assert "MFU" in res.stderr and "graphs of forward + loss" in res.stderr  # the table: stderr under --json
     r = json.loads(res.stdout.strip().splitlines()[-1])
     assert r["syncs_per_step"] == 1 and set(r["syncs_by_mode"]) <= {"full", "reuse"}
     assert r["syncs_inside_forward_backward"] == 0 and r["sync_steps_counted"] == 4

@@ -60,3 +60,30 @@ def test_a_text_to_image_config_counts_its_caption_tokens(tmp_path, capsys):
     assert main(["cost", "--config", str(ROOT / "configs/experiments/coco256_B.yaml")]) == 0
     assert "| B text | 256 | 163.4M |" in capsys.readouterr().out
     assert main(["cost", "--config", str(ROOT / "configs/experiments/coco256_B.yaml"), "--model", "L"]) == 2
+
+
+def test_a_bench_file_that_is_not_a_bench_result_is_named(tmp_path, capsys):
+    """`enat cost --bench` on what it cannot read: exit 2 and a message naming the file, what is
+    wrong and what writes a good one, never a JSONDecodeError's traceback."""
+    result = {"model": "tiny", "grid_size": 16, "variants": {"ENAT": {"images_per_s": 3.25}}}
+    argv = ["cost", "--model", "tiny", "--grid", "16", "--bench"]
+    mixed = tmp_path / "mixed.json"  # what the bench's stdout held before: a warning and the table first
+    mixed.write_text("[WARNING] Setting accelerator to CPU.\nvariant  images/s\n" + json.dumps(result) + "\n")
+    assert main([*argv, str(mixed)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --bench {mixed} is not JSON (line 1: '[WARNING] Setting accelerator to CPU.'): give it what "
+        "`python -m enat.bench sample ... --json > FILE` writes (the JSON alone on stdout; of a file saved "
+        "with the table before its JSON line, keep the last line: `tail -1`)\n")
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"rows": []}))
+    assert main([*argv, str(other)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --bench {other} holds no sampling bench result: it takes one JSON object of "
+        "`python -m enat.bench sample --json` (model, grid_size, variants.ENAT.images_per_s) or a list of them\n")
+    assert main([*argv, str(tmp_path / "missing.json")]) == 2
+    assert capsys.readouterr().err == f"error: --bench {tmp_path / 'missing.json'}: no such file\n"
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(result) + "\n")
+    assert main([*argv, str(good)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny | 256 |"))
+    assert row.endswith("| 3.25 |")

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from enat.data.digits import load_digits
 from enat.dist import free_port
 from enat.eval.fidelity import (EvalError, build_extractor, class_fid, extract, frechet_distance,
                                 import_torch_fidelity, metrics, statistics, train_digit_classifier)
+from enat.files import file_sha256
 from enat.images import to_uint8
 
 CONFIG = ROOT / "configs/experiments/demo.yaml"
@@ -197,6 +199,47 @@ def test_job_writes_result_is_idempotent_and_logs(setup, tmp_path):
     cfg2 = replace(cfg, sample=replace(cfg.sample, cfg_scale=0.0))
     evaluate(cfg2, run, str(d / "w.pt"), num_samples=20, log=lambda *_: None)
     assert len(list((run / "eval/00000007").glob("*.json"))) == 2
+
+
+def test_stored_results_are_keyed_by_the_weights_content(setup, tmp_path, monkeypatch):
+    """A stored result is found by the settings and the weights' content, not the step alone
+    (issue 30: an exported file of step 950 evaluated inside --run got the result stored for the
+    run's checkpoint of step 950). Two weights files of one step get two results; the same file
+    again reuses its own; a run checkpoint is identified from its manifest (its model-states file
+    is not hashed), and its result is where the eval launcher looks for it."""
+    import enat.eval.load as load
+    from conftest import write_checkpoint
+    from enat.eval.job import evaluate, result_path
+    from enat.models import build_model
+    from enat.models.weights import load_weights, save_weights
+
+    d, cfg = setup
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.manual_seed(1)
+    other = tmp_path / "other.pt"  # other weights, the same step 7
+    save_weights(other, cfg.model, {"ema": build_model(cfg.model).state_dict()}, meta={"step": 7})
+    hashed = []
+    monkeypatch.setattr(load, "file_sha256", lambda p: hashed.append(Path(p).name) or file_sha256(p))
+    quiet = dict(num_samples=20, log=lambda *_: None)
+    first = evaluate(cfg, run, str(d / "w.pt"), **quiet)
+    second = evaluate(cfg, run, str(other), **quiet)
+    assert not first["cached"] and not second["cached"]
+    assert second["metrics"]["fid"] != first["metrics"]["fid"]
+    assert len(list((run / "eval/00000007").glob("*.json"))) == 2
+    again = evaluate(cfg, run, str(other), **quiet)
+    assert again["cached"] and again["path"] == second["path"] and again["metrics"] == second["metrics"]
+    assert hashed == ["w.pt", "other.pt", "other.pt"]  # once per evaluation of a file, never twice
+
+    # The run's own checkpoint of step 7 (ZeRO-0 layout, the weights of w.pt as its EMA): a third result.
+    write_checkpoint(run, cfg, load_weights(d / "w.pt", "ema")[1], 7)
+    hashed.clear()
+    ckpt = evaluate(cfg, run, "7", **quiet)
+    assert not ckpt["cached"] and hashed == []
+    assert ckpt["metrics"]["fid"] == pytest.approx(first["metrics"]["fid"], rel=1e-9)  # the same weights
+    assert ckpt["path"] not in (first["path"], second["path"])
+    assert ckpt["path"] == str(result_path(cfg, run, 7, num_samples=20))
+    assert evaluate(cfg, run, "7", **quiet)["cached"]
 
 
 def test_eval_jobs_filling_the_reference_cache_at_once_all_succeed(setup, tmp_path, monkeypatch):

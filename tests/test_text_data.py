@@ -574,7 +574,8 @@ def test_prepare_builds_the_demo_text_encoder_and_caption_shards(tmp_path, vq):
 
     tok = tmp_path / "tok.pt"
     save_tokenizer(tok, vq, {})  # the image tokenizer is there; only the text encoder is missing
-    over = [f"tokenizer.checkpoint={tok}", f"text.encoder={tmp_path / 'enc'}", "model.condition=text",
+    over = [f"tokenizer.checkpoint={tok}", "text.encoder=demo", f"text.demo_dir={tmp_path / 'enc'}",
+            "model.condition=text",
             f"model.text_len={L}", f"model.text_dim={C}", f"data.shards={tmp_path / 'train'}",
             f"data.val_shards={tmp_path / 'val'}", "data.flip=false"]
     c = load_config(ROOT / "configs/experiments/demo.yaml", over)
@@ -609,3 +610,50 @@ def test_flipped_views_share_their_image_captions(tmp_path, vq, enc, val_source)
     assert data.captions(0) == data.captions(1) == src.captions(0)  # keys 000000000_0, 000000000_1
     assert np.array_equal(data.contexts(np.array([0, 1]), 2)[0], data.contexts(np.array([0, 1]), 2)[1])
     assert not np.array_equal(data.tokens(np.array([0]))[0], data.tokens(np.array([1]))[0])
+
+
+HUB_REFUSAL = ("text encoder 'openai/clip-vit-large-patch14' looks like a Hugging Face hub name, not a local "
+               "directory; this project loads models by local path only: download it once where the hub is "
+               "reachable (`CLIPTextModel.from_pretrained(NAME).save_pretrained(DIR)`, and the tokenizer likewise), "
+               "copy DIR here and set text.encoder=DIR")
+
+
+def test_a_hub_name_is_refused_by_every_command_and_builds_nothing(tmp_path, monkeypatch, capsys):
+    """The captioned demo's config with text.encoder set to a hub name (issue 30): `enat data
+    prepare`, `enat tokenize` and `enat train` refuse it with the loader's message before anything
+    is made: no ./openai/... directory, no tokenizer, no shards, no run."""
+    from enat.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    over = ["text.encoder=openai/clip-vit-large-patch14", f"tokenizer.checkpoint={tmp_path / 'tok.pt'}",
+            f"data.shards={tmp_path / 'train'}", f"data.val_shards={tmp_path / 'val'}",
+            f"eval.extractor_weights={tmp_path / 'fx.pt'}", f"train.run_dir={tmp_path / 'run'}"]
+    config = str(ROOT / "configs/experiments/demo_text.yaml")
+    for command in (["data", "prepare"], ["tokenize", "--split", "val"], ["train"]):
+        assert main([*command, "--config", config, *over]) == 2, command
+        assert capsys.readouterr().err == f"error: {HUB_REFUSAL}\n", command
+        assert list(tmp_path.iterdir()) == [], command
+    from launch.tokenize import submit_tokenize  # the pipeline's first submission: refused before any job
+
+    with pytest.raises(ShardError) as e:
+        submit_tokenize(load_config(config, over), ["train", "val"], 1)
+    assert str(e.value) == HUB_REFUSAL and list(tmp_path.iterdir()) == []
+
+
+def test_the_demo_encoder_is_asked_for_by_name(tmp_path, capsys):
+    """`text.encoder: demo` is the only value that builds an encoder: for the digits only, with a
+    folder to build it in; until `enat data prepare` has built it, the other commands say so."""
+    from enat.cli import main
+
+    config = ROOT / "configs/experiments/demo_text.yaml"
+    with pytest.raises(ConfigError, match=r"^text.encoder: demo is the captioned digits demo's word encoder .* "
+                                          r"data.dataset=coco needs a CLIP text encoder: text.encoder=/local/dir$"):
+        load_config(config, ["data.dataset=coco", "data.flip=false"])
+    with pytest.raises(ConfigError, match=r"^text.encoder: demo needs text.demo_dir, the folder `enat data prepare` "):
+        load_config(config, ["text.demo_dir=null"])
+    over = [f"text.demo_dir={tmp_path / 'enc'}", f"data.shards={tmp_path / 'train'}",
+            f"data.val_shards={tmp_path / 'val'}", f"train.run_dir={tmp_path / 'run'}"]
+    assert main(["train", "--config", str(config), *over]) == 2
+    assert capsys.readouterr().err == (f"error: the demo text encoder (text.encoder: demo) is not built in "
+                                       f"{tmp_path / 'enc'}: `enat data prepare --config CONFIG` builds it\n")
+    assert list(tmp_path.iterdir()) == []

@@ -23,7 +23,7 @@ def test_captioned_demo_shows_text_control(tmp_path):
 
     over = [f"tokenizer.checkpoint={tmp_path / 'tok.pt'}", "tokenizer.train.steps=200",
             f"eval.extractor_weights={tmp_path / 'digits.pt'}", f"eval.cache_dir={tmp_path / 'fid'}",
-            f"text.encoder={tmp_path / 'text_encoder'}", f"data.shards={tmp_path / 'train'}",
+            f"text.demo_dir={tmp_path / 'text_encoder'}", f"data.shards={tmp_path / 'train'}",
             f"data.val_shards={tmp_path / 'val'}", f"train.run_dir={tmp_path / 'run'}", "train.steps=1200",
             "train.zero_stage=0", "train.precision=fp32", "train.micro_batch=64", "train.wandb.mode=disabled",
             "train.val_every=0", "train.sample_every=0", "train.ckpt_every=0", "data.num_workers=0"]

@@ -1,4 +1,5 @@
-"""Benchmarks: `python -m enat.bench NAME ...` prints a table (and with --json one JSON line last).
+"""Benchmarks: `python -m enat.bench NAME ...` prints a table; with --json the result
+alone on stdout as one JSON object and the table on stderr (`--json > FILE` holds JSON).
 Speed goals live here, never in timed tests."""
 
 import statistics

@@ -1,10 +1,10 @@
 """Loader throughput: samples/s and MB/s of token payload for one process with N DataLoader
 workers, reading a shard folder (or synthetic shards of random tokens written through the
-project's shard writer); --json adds one JSON object as the last line (`samples_per_s`)."""
+project's shard writer); --json puts the result alone on stdout as one JSON object
+(`samples_per_s`; the table to stderr)."""
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +24,8 @@ def add_arguments(p) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="the result as one JSON object alone on stdout "
+                   "(the table to stderr)")
 
 
 def write_synthetic(out: Path, n: int, seq_len: int, shard_size: int, codebook_size: int = 1024,
@@ -72,8 +73,6 @@ def run(args) -> dict:
           f"{args.workers} workers (index load {setup:.2f}s)")
     print(f"{'samples/s':>12}{'MB/s':>10}{'batches/s':>11}")
     print(f"{result['samples_per_s']:>12,.0f}{result['mb_per_s']:>10.1f}{result['samples_per_s'] / args.batch:>11.1f}")
-    if args.json:
-        print(json.dumps(result))
     if tmp is not None:
         tmp.cleanup()
     return result

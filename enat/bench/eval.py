@@ -4,7 +4,6 @@ a random-init model of the config; speed does not depend on the weights)."""
 
 from __future__ import annotations
 
-import json
 import time
 
 import numpy as np
@@ -22,7 +21,8 @@ def add_arguments(p) -> None:
     p.add_argument("--config", default="configs/experiments/demo.yaml")
     p.add_argument("--checkpoint", help="enat-weights file (default: random init)")
     p.add_argument("--num-samples", type=int, default=200)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="the result as one JSON object alone on stdout "
+                   "(the table to stderr)")
     p.add_argument("overrides", nargs="*")
 
 
@@ -49,6 +49,4 @@ def run(args) -> dict:
     for k, v in timings.items():
         print(f"{k:<10}{v:>10.2f}{v / total:>10.1%}")
     print(f"total: {result['images_per_s']:.1f} images/s")
-    if args.json:
-        print(json.dumps(result))
     return result

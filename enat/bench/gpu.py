@@ -113,7 +113,8 @@ def plan(smoke: bool) -> list[Run]:
 
 
 def execute(argv: list[str], timeout_s: float, log=print, json_result: bool = True) -> dict:
-    """Run a benchmark process (json_result: its last stdout line is its JSON result). -> a record
+    """Run a benchmark process (json_result: its last stdout line is its JSON result; a bench's
+    --json prints it alone there, its table on stderr). -> a record
     with status ok | failed | timeout, the seconds it took, and the result or the error (stderr's tail)."""
     log(f"$ {' '.join(argv[1:])}")
     t0 = time.perf_counter()
@@ -133,6 +134,8 @@ def execute(argv: list[str], timeout_s: float, log=print, json_result: bool = Tr
     seconds = time.perf_counter() - t0
     lines = stdout.strip().splitlines()
     log("\n".join(lines[:-1] if json_result else lines))
+    if json_result:  # the table (and the libraries' warnings): shown whatever the outcome, so not again below
+        log(stderr.strip())
     record = {"seconds": seconds, "argv": argv[1:], "rc": proc.returncode}
     result = None
     if json_result and lines:
@@ -142,7 +145,8 @@ def execute(argv: list[str], timeout_s: float, log=print, json_result: bool = Tr
             pass
     tail = stderr.strip()[-3000:]
     if status == "timeout":
-        log(tail[-2000:])
+        if not json_result:
+            log(tail[-2000:])
         note = f"no exit within {timeout_s:.0f} s" + (" (after its result)" if result is not None else "")
         return {**record, "status": "ok" if result is not None else "timeout", "result": result,
                 "error": f"{note}; stderr tail: {tail[-1500:]}"}
@@ -152,7 +156,8 @@ def execute(argv: list[str], timeout_s: float, log=print, json_result: bool = Tr
                    else {})}
     if proc.returncode == 0 and not json_result:
         return {**record, "status": "ok"}
-    log(tail)
+    if not json_result:
+        log(tail)
     return {**record, "status": "failed", "error": tail or (lines[-1] if lines else "no output")}
 
 

@@ -1,7 +1,7 @@
 """Sampling speed: ENAT with reuse, ENAT without reuse and the vanilla NAT of the same width and
 depth, in one process on the same labels and seeds. Prints images/s, analytic TFLOPs per image,
 the speed-ups and the host syncs per generate() (at the dispatcher, and on a GPU CUDA's own count
-by call site); --json adds one JSON object as the last line.
+by call site); --json puts the result alone on stdout as one JSON object (the table to stderr).
 
 --dtype bfloat16 runs the networks under bf16 autocast (weights stay float32, logits are upcast
 before sampling); --compile runs them through torch.compile (compiled in the warm-up call)."""
@@ -9,7 +9,6 @@ before sampling); --compile runs them through torch.compile (compiled in the war
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import torch
 
@@ -38,7 +37,8 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                    help="which networks (default all; the ratios need ENAT and the other)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="the result as one JSON object alone on stdout "
+                   "(the table to stderr)")
 
 
 def run(args) -> dict:
@@ -105,6 +105,4 @@ def run(args) -> dict:
             print(f"{other + ' / ENAT:':<22}FLOPs {result[f'flops_ratio_{key}_over_enat']:.2f}x, "
                   f"wall-clock {result[f'wall_ratio_{key}_over_enat']:.2f}x "
                   f"({100 * result[f'wall_over_flops_speedup_{key}']:.0f}% of the FLOPs speed-up)")
-    if args.json:
-        print(json.dumps(result))
     return result

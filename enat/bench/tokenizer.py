@@ -1,14 +1,13 @@
 """Tokenizer speed: images/s of the VQGAN's encode (images -> token ids, what `enat tokenize`
 does to a dataset) and decode (ids -> images, what every sample grid and FID job does), at the
-config's resolution, with random weights (speed does not depend on them). --json adds one JSON
-object as the last line.
+config's resolution, with random weights (speed does not depend on them). --json puts the result
+alone on stdout as one JSON object (the table to stderr).
 
     python -m enat.bench tokenizer [--config configs/experiments/imagenet256_B.yaml] [--batch 64]
 """
 
 from __future__ import annotations
 
-import json
 
 import torch
 
@@ -25,7 +24,8 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="bfloat16: under bf16 autocast (the tokenize job runs float32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="the result as one JSON object alone on stdout "
+                   "(the table to stderr)")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. tokenizer.resolution=512")
 
 
@@ -59,6 +59,4 @@ def run(args) -> dict:
     print(f"{'':<8}{'images/s':>10}{'s/batch':>10}")
     for k, v in seconds.items():
         print(f"{k:<8}{args.batch / v:>10.1f}{v:>10.3f}")
-    if args.json:
-        print(json.dumps(result))
     return result

@@ -12,13 +12,12 @@ With `--bare` (default on CPU) it also times a bare PyTorch loop doing the same 
 batches, plans, objective, AdamW, EMA) interleaved step for step: `overhead_ratio` = trainer / bare.
 
 On a GPU:  python -m enat.bench train --config configs/experiments/imagenet256_L.yaml --compile
---json adds one JSON line with every number.
+--json puts one JSON object with every number alone on stdout (the table to stderr).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -66,7 +65,8 @@ def add_arguments(p) -> None:
                    help="optimizer steps counted for host syncs per counter (0: none)")
     p.add_argument("--bare", action=argparse.BooleanOptionalAction, default=None,
                    help="also time a bare loop (default: on cpu)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="the result as one JSON object alone on stdout "
+                   "(the table to stderr)")
 
 
 def _sync(device: torch.device) -> None:
@@ -194,8 +194,6 @@ def run(args) -> dict:
     if bare_times:
         print(f"bare loop {result['bare_step_s']:.4f} s/step; overhead ratio (trainer / bare): "
               f"{result['overhead_ratio']:.3f}")
-    if args.json:
-        print(json.dumps(result))
     return result
 
 

@@ -1,9 +1,10 @@
 """Build what a config's data needs and is missing: for the embedded demo (data.dataset=digits, and
 digits_aug: the digits through random affine + elastic transforms, data.augmented_train /
 data.augmented_val images from data.augment_seed), the tokenizer (trained here, on the plain
-training digits for both), with model.condition=text the demo text encoder (built here: a tiny
-random frozen CLIP text model and a word tokenizer), and the train/val token shards; for image
-folders and COCO, the shards (the tokenizer and text encoder are given by path).
+training digits for both), with `text.encoder: demo` the demo text encoder (built here in
+text.demo_dir: a tiny random frozen CLIP text model and a word tokenizer), and the train/val token
+shards; for image folders and COCO, the shards (the tokenizer and text encoder are given by path).
+A text.encoder that names no existing directory (a hub name) is refused before anything is made.
 `check_data` is the trainer's side: it only checks the shards exist and names the command that
 makes them. (The demo's FID feature extractor is evaluation's: enat/eval/prepare.py.)"""
 
@@ -21,7 +22,7 @@ from enat.data.shards import MANIFEST, ShardError
 from enat.data.tokenize import make_source, merge_parts, tokenize_part
 from enat.files import file_sha256
 from enat.models.weights import torch_load
-from enat.text import TextEncoderError, build_demo_text_encoder, encoder_for, local_model_dir
+from enat.text import DEMO, TextEncoderError, build_demo_text_encoder, encoder_dir, encoder_for, local_model_dir
 from enat.tokenizer import load_tokenizer
 from enat.tokenizer.train import train_tokenizer
 
@@ -120,6 +121,7 @@ def tokenize_split(cfg: Config, split: str, input_: str | None = None, out: str 
     """Tokenize one split (train/val) of the configured data; merge when all parts are done
     (by default when there is a single part)."""
     d = cfg.data
+    check_text_encoder(cfg)  # before the tokenizer loads: a hub name is refused as such
     if input_ is None:
         input_ = d.dataset if d.dataset in EMBEDDED else (d.image_dir if split == "train" else d.val_image_dir)
         if input_ is None:
@@ -140,7 +142,8 @@ def tokenize_split(cfg: Config, split: str, input_: str | None = None, out: str 
     text_encoder = None
     if getattr(source, "captioned", False):
         try:
-            text_encoder = encoder_for(cfg.text.encoder, device, length=cfg.model.text_len, dim=cfg.model.text_dim)
+            text_encoder = encoder_for(encoder_dir(cfg.text), device, length=cfg.model.text_len,
+                                       dim=cfg.model.text_dim)
         except TextEncoderError as e:  # the data commands report ShardErrors
             raise ShardError(str(e)) from None
     tokenize_part(source, tokenizer, out, part=part, num_parts=num_parts, shard_size=d.shard_size, flip=d.flip,
@@ -154,9 +157,20 @@ def tokenize_split(cfg: Config, split: str, input_: str | None = None, out: str 
 
 def text_encoder_missing(cfg: Config) -> bool:
     """Whether the demo text encoder must be built first (`prepare_text_encoder` would build it)."""
-    enc = cfg.text.encoder
-    return (cfg.model.condition == "text" and cfg.data.dataset == "digits" and enc is not None
-            and not (Path(enc) / "config.json").is_file())
+    return (cfg.model.condition == "text" and cfg.text.encoder == DEMO
+            and not (Path(cfg.text.demo_dir) / "config.json").is_file())
+
+
+def check_text_encoder(cfg: Config) -> None:
+    """A text-conditioned config's text.encoder names an encoder that exists (`demo`: once built):
+    refused otherwise, before anything is made, with the loader's message (a hub name: how to
+    fetch it). Unset is left to the commands that need an encoder (ids-only shards, prompts)."""
+    if cfg.model.condition != "text" or cfg.text.encoder is None:
+        return
+    try:
+        local_model_dir(encoder_dir(cfg.text))
+    except TextEncoderError as e:  # the data commands report ShardErrors
+        raise ShardError(str(e)) from None
 
 
 def tokenizer_missing(cfg: Config) -> bool:
@@ -167,26 +181,21 @@ def tokenizer_missing(cfg: Config) -> bool:
 
 
 def prepare_text_encoder(cfg: Config, log=print) -> None:
-    """The text encoder captions are encoded with (model.condition=text): the demo's is built
-    here when missing (words: enat.data.captions.DEMO_WORDS, L x C = model.text_len x
-    model.text_dim, seed 0); any other must be given by local path (text.encoder)."""
+    """The text encoder captions are encoded with (model.condition=text): the demo's
+    (`text.encoder: demo`) is built in text.demo_dir when missing (words:
+    enat.data.captions.DEMO_WORDS, L x C = model.text_len x model.text_dim, seed 0); any other
+    must be given by local path (text.encoder) and is never built."""
     if cfg.model.condition != "text":
         return
-    enc = cfg.text.encoder
-    if enc is None:
+    if cfg.text.encoder is None:
         raise ShardError("model.condition=text needs text.encoder: a local directory with a CLIP text encoder "
-                         "(save_pretrained output), or for the digits demo a path where `enat data prepare` "
-                         "builds the demo encoder")
-    if (Path(enc) / "config.json").is_file():
-        return
-    if cfg.data.dataset != "digits":
-        try:
-            local_model_dir(enc)  # raises, naming the problem (a hub name, a missing folder) and the fix
-        except TextEncoderError as e:
-            raise ShardError(str(e)) from None
-    log(f"no text encoder at {enc}: building the demo text encoder ({len(DEMO_WORDS)} words, "
-        f"{cfg.model.text_len} x {cfg.model.text_dim})")
-    build_demo_text_encoder(enc, list(DEMO_WORDS), cfg.model.text_len, cfg.model.text_dim, seed=0)
+                         "(save_pretrained output), or `demo` for the captioned digits demo's word encoder "
+                         "(built here in text.demo_dir)")
+    if text_encoder_missing(cfg):
+        log(f"no demo text encoder in {cfg.text.demo_dir}: building it ({len(DEMO_WORDS)} words, "
+            f"{cfg.model.text_len} x {cfg.model.text_dim})")
+        build_demo_text_encoder(cfg.text.demo_dir, list(DEMO_WORDS), cfg.model.text_len, cfg.model.text_dim, seed=0)
+    check_text_encoder(cfg)
 
 
 def prepare_tokenizer(cfg: Config, log=print) -> None:
@@ -236,6 +245,28 @@ def tokenizer_mismatch(cfg: Config) -> str | None:
     return None
 
 
+def prepared(cfg: Config) -> list[tuple[str, str]] | None:
+    """[(what, where)] of everything the data of this config needs when all of it is already
+    there (what `prepare_data` would keep), or None when something is missing."""
+    if tokenizer_missing(cfg):
+        return None
+    have = [("tokenizer", str(cfg.tokenizer.checkpoint))] if cfg.tokenizer.checkpoint else []
+    if cfg.model.condition == "text" and cfg.text.encoder:
+        have.append(("text encoder", cfg.text.demo_dir if cfg.text.encoder == DEMO else cfg.text.encoder))
+    for what, out in (("training shards", cfg.data.shards), ("validation shards", cfg.data.val_shards)):
+        if out is None:
+            continue
+        manifest = Path(out) / MANIFEST
+        if not manifest.is_file():
+            return None
+        try:
+            n = f" ({json.loads(manifest.read_text())['num_samples']} samples)"
+        except (ValueError, KeyError):
+            n = ""  # an unreadable manifest is the loader's to report
+        have.append((what, f"{out}{n}"))
+    return have
+
+
 def prepare_data(cfg: Config, progress: bool | None = None, log=print) -> None:
     """Make sure the tokenizer and the shards of both splits exist, building what is missing."""
     _refuse_stale(cfg)  # a manifest present but of another count or seed must not be taken as done
@@ -253,7 +284,8 @@ def prepare_data(cfg: Config, progress: bool | None = None, log=print) -> None:
 def check_data(cfg: Config) -> None:
     """What the trainer calls before it starts: the training shards (and the validation shards
     when data.val_shards is set) must be there, each with its manifest (digits_aug: of the
-    configured count and seed, `stale_shards`). It builds nothing."""
+    configured count and seed, `stale_shards`), and a text encoder named must exist. It builds nothing."""
+    check_text_encoder(cfg)
     missing = [f"{what} shards: no {Path(out) / MANIFEST}"
                for what, out in (("training", cfg.data.shards), ("validation", cfg.data.val_shards))
                if out is not None and not (Path(out) / MANIFEST).is_file()]

@@ -25,7 +25,8 @@ from enat.data.loader import ShardSet, _Reader
 from enat.eval.fidelity import EvalError
 from enat.files import file_sha256
 from enat.rng import hash_uniform
-from enat.text import TextEncoderError, clip_score as text_clip_score, encoder_for, local_model_dir, null_gap
+from enat.text import (TextEncoderError, clip_score as text_clip_score, encoder_dir, encoder_for, local_model_dir,
+                       null_gap)
 
 
 ORDER_TAG, CAPTION_TAG = 0xE7C0, 0xE7C1  # the FID job's own counters (the loader's are 0xCA9, 0xCF6)
@@ -107,8 +108,8 @@ class HeldOutCaptions:
         """The encoder of ids-only shards: text.encoder if set, else the manifest's path; its
         weights must be the ones the shards were made with."""
         if self._encoder is None:
-            path = self.cfg.text.encoder or self.text["encoder"]["path"]
             try:
+                path = encoder_dir(self.cfg.text) or self.text["encoder"]["path"]
                 self._encoder = encoder_for(path, self.device, sha256=self.text["encoder"].get("sha256"),
                                             what=str(self.cfg.data.val_shards))
             except TextEncoderError as e:

@@ -12,8 +12,10 @@ cached). The model comes from a weights file or a verified checkpoint (enat/eval
 Text-conditioned models: the result records the captions' protocol (shards, manifest hash,
 selection rule, seed) and the captions used (PATH.captions.json); eval.clip_model (a local
 CLIPModel directory) adds the CLIP score.
-The result goes to RUN/eval/<step>/<eval-config-hash>.json (written atomically; a rerun with the
-same settings prints it instead of recomputing), is appended to RUN/eval.jsonl, and is logged to
+The result goes to RUN/eval/<step>/<eval-config-hash>.json, the hash of the settings and of the
+weights' content (other weights of the same step, an exported file beside the run's checkpoint, get
+results of their own), written atomically; a rerun with the same settings and weights prints it
+instead of recomputing. It is appended to RUN/eval.jsonl, and is logged to
 the training run's wandb run under eval/ against the checkpoint's step.
 """
 
@@ -37,7 +39,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from enat.config import Config
-from enat.data.prepare import tokenizer_mismatch
+from enat.data.prepare import check_text_encoder, tokenizer_mismatch
 from enat.dist import setup_env
 from enat.eval.fidelity import EvalError, build_extractor, class_fid, extract, metrics
 from enat.eval.captions import HeldOutCaptions, caption_spec, check_clip_model, clip_score
@@ -47,11 +49,15 @@ from enat.files import write_json, write_npz
 from enat.images import save_captioned_grid, save_grid, to_uint8
 from enat.sampling import generate
 from enat.tokenizer import load_tokenizer
+from enat.train.checkpoint import checkpoint_dir, content_id, tag_for
 
 
-def eval_settings(cfg: Config, weights: str, num_samples: int, reference: dict) -> dict:
+def eval_settings(cfg: Config, weights: str, num_samples: int, reference: dict, content: str) -> dict:
+    """What a stored result is the result of. `content`: the weights' identity (load_checkpoint's
+    sha256): the step alone would give any other weights of that step this one's metrics."""
     settings = {"sample": dataclasses.asdict(cfg.sample), "num_samples": num_samples, "weights": weights,
-                "eval_seed": cfg.eval.seed, "extractor": cfg.eval.extractor, "reference": reference["id"]}
+                "content": content, "eval_seed": cfg.eval.seed, "extractor": cfg.eval.extractor,
+                "reference": reference["id"]}
     if cfg.model.condition == "text":  # class settings (and their result paths) stay as they were
         settings["captions"] = caption_spec(cfg)["id"]
         if cfg.eval.clip_model:
@@ -65,10 +71,11 @@ def settings_hash(settings: dict) -> str:
 
 def result_path(cfg: Config, base: str | Path, step: int, weights: str | None = None,
                 num_samples: int | None = None) -> Path:
-    """Where the result of evaluating step `step` with these settings goes (it exists once done),
-    known without loading anything: the eval launcher skips checkpoints that have one."""
+    """Where the result of evaluating the run `base`'s checkpoint of step `step` with these
+    settings goes (it exists once done), known without loading anything (the weights' identity is
+    read from the checkpoint's manifest): the eval launcher skips checkpoints that have one."""
     settings = eval_settings(cfg, weights or cfg.eval.weights, num_samples or cfg.eval.num_samples,
-                             reference_spec(cfg))
+                             reference_spec(cfg), content_id(checkpoint_dir(base), tag_for(step)))
     return _result_file(base, step, settings)
 
 
@@ -160,12 +167,13 @@ def evaluate(cfg: Config, run_dir: str | Path | None, checkpoint: str = "latest"
                             "(model.condition=text)")
         check_clip_model(cfg.eval.clip_model)  # a hub name or a missing directory fails before any sampling
 
+    check_text_encoder(cfg)  # a text.encoder that does not exist (a hub name) is refused before any work
     problem = tokenizer_mismatch(cfg) or extractor_mismatch(cfg)  # before any work: samples would be noise
     if problem:
         raise EvalError(problem)
     ck = load_checkpoint(cfg, run_dir, checkpoint, weights, log=log, rank=rank, world=world)
     spec = reference_spec(cfg)
-    settings = eval_settings(cfg, weights, num_samples, spec)
+    settings = eval_settings(cfg, weights, num_samples, spec, ck["sha256"])
     base = Path(out_dir) if out_dir is not None else (run_dir if run_dir is not None else Path(ck["id"]).parent)
     out = _result_file(base, ck["step"], settings)
     if out.is_file():

@@ -10,7 +10,7 @@ from enat.eval.fidelity import EvalError
 from enat.files import file_sha256
 from enat.models.weights import load_state, load_weights
 from enat.models.zoo import build_model, model_differences
-from enat.train.checkpoint import checkpoint_dir, checkpoint_weights, require_intact, resolve_tag
+from enat.train.checkpoint import checkpoint_dir, checkpoint_weights, content_id, require_intact, resolve_tag
 
 
 def check_model(expected: ModelConfig, found: ModelConfig, source: str) -> None:
@@ -22,7 +22,9 @@ def check_model(expected: ModelConfig, found: ModelConfig, source: str) -> None:
 def load_checkpoint(cfg: Config, run_dir: Path | None, checkpoint: str, weights: str, log=print, rank: int = 0,
                     world: int = 1, check=check_model) -> dict:
     """-> {"model", "step", "id", "sha256", "model_cfg", "flops_seen"} from a weights file or a run checkpoint
-    (verified against its manifest first: a damaged checkpoint is named, never evaluated).
+    (verified against its manifest first: a damaged checkpoint is named, never evaluated). "sha256"
+    identifies the weights' bytes: the file's sha256 (read once here), or a checkpoint's
+    `content_id` (from its manifest: the multi-GB files are not read again to hash them).
     check(cfg.model, checkpoint's model config, source) raises when they do not match."""
     path = Path(checkpoint)
     if path.suffix in (".pt", ".pth") or path.is_file():
@@ -39,8 +41,7 @@ def load_checkpoint(cfg: Config, run_dir: Path | None, checkpoint: str, weights:
         require_intact(ckpt_dir, tag, log=log, rank=rank, world=world)  # the ranks share the reading
         state, sds = checkpoint_weights(ckpt_dir, tag, kinds=(weights,))
         mcfg, sd = from_dict(ModelConfig, state["config"]["model"]), sds[weights]
-        states = sorted((ckpt_dir / tag).glob("*model_states.pt"))
-        step, ident, digest = state["step"], str(ckpt_dir / tag), file_sha256(states[0])
+        step, ident, digest = state["step"], str(ckpt_dir / tag), content_id(ckpt_dir, tag)
         flops = state.get("flops_seen")  # the training FLOPs that made these weights (exact, from the step plans)
     check(cfg.model, mcfg, ident)
     model = build_model(mcfg)

@@ -1,6 +1,8 @@
 """`enat sample`: a checkpoint's samples for given labels or prompts, to a folder: token ids
 (tokens.npy), the conditions, a grid of the decoded images and, on request, the grid of every
-sampling step (the progressive-decoding figure)."""
+sampling step (the progressive-decoding figure). The checkpoint is a weights file or, as `enat
+eval` takes it, a training checkpoint: a tag directory (RUN/checkpoints/stepNNNNNNNN), a run's
+checkpoints/ folder or the run directory (their `latest`), verified before it is loaded."""
 
 from __future__ import annotations
 
@@ -13,12 +15,14 @@ import numpy as np
 import torch
 
 from enat.config import Config, ConfigError
+from enat.eval.load import load_checkpoint
 from enat.images import decode_partial, save_captioned_grid, save_grid
 from enat.models.weights import load_state, load_weights
 from enat.models.zoo import build_model, model_differences
 from enat.sampling import generate, generate_all
-from enat.text import encoder_for
+from enat.text import encoder_dir, encoder_for
 from enat.tokenizer import load_tokenizer
+from enat.train.checkpoint import LATEST, META, TAG_RE, ckpt_dir_of
 
 
 def parse_labels(text: str, num_classes: int) -> torch.Tensor:
@@ -39,7 +43,7 @@ def text_condition(cfg, model, prompts: list[str], device="cpu") -> torch.Tensor
         raise ConfigError("sampling from prompts needs the text encoder the model was trained with: set "
                           "text.encoder=/local/dir (the shards' manifest.json names it under text.encoder.path)")
     m = model.cfg
-    encoder = encoder_for(cfg.text.encoder, device, length=m.text_len, dim=m.text_dim,
+    encoder = encoder_for(encoder_dir(cfg.text), device, length=m.text_len, dim=m.text_dim,
                           null_context=model.text_embed.null_context, what="this checkpoint")
     unknown, cut = encoder.prompt_problems(prompts)
     if unknown:
@@ -57,11 +61,12 @@ def sample_to_folder(cfg: Config, checkpoint: str | None, weights: str, out: str
     """Sample `per_label` images per label (or prompt) from `checkpoint` (a weights file; None: a
     random model, with a warning) into `out`; returns the sample.json record. check_config: the
     checkpoint's model must be the config's (False when no config was given)."""
-    if checkpoint:
+    if checkpoint and Path(checkpoint).is_dir():
+        model, source = _training_checkpoint(cfg, Path(checkpoint), weights, check_config)
+        cfg.model = model.cfg
+    elif checkpoint:
         mcfg, sd, meta = load_weights(checkpoint, weights)
-        diff = model_differences(cfg.model, mcfg) if check_config else []
-        if diff:
-            raise ConfigError("the checkpoint's model differs from the config's model section: " + "; ".join(diff))
+        _check_model(cfg, mcfg, check_config)
         model = build_model(mcfg)
         load_state(model, sd, f"{checkpoint} [{weights}]")
         cfg.model = mcfg
@@ -75,10 +80,12 @@ def sample_to_folder(cfg: Config, checkpoint: str | None, weights: str, out: str
     model.eval()
     text = cfg.model.condition == "text"
     if text and (labels or not prompts):
-        raise ConfigError("a text-conditioned model samples from prompts: give --prompts \"...\" or --prompts-file F")
+        raise ConfigError("a text-conditioned model samples from prompts: give --prompts \"...\" or --prompts-file F"
+                          + (" (--labels are class ids, for class-conditional models)" if labels else ""))
     if not text and (prompts or not labels):
-        raise ConfigError("a class-conditional model samples from --labels (model.condition=class); "
-                          "--prompts need a text-conditioned model")
+        C = cfg.model.num_classes
+        raise ConfigError(("--prompts need a text-conditioned model; this one " if prompts else "this model ")
+                          + f"is class-conditional: give --labels, class ids in [0, {C}) (e.g. --labels 0,1,2)")
     if text:
         captions = [p for p in prompts for _ in range(per_label)]
         cond = text_condition(cfg, model, captions)
@@ -116,6 +123,27 @@ def sample_to_folder(cfg: Config, checkpoint: str | None, weights: str, out: str
     (out / "sample.json").write_text(json.dumps(record, indent=2))
     print(f"wrote {ids.shape[0]} samples ({g}x{g} token ids, uint16) to {out / 'tokens.npy'}")
     return record
+
+
+def _check_model(cfg: Config, found, check_config: bool) -> None:
+    diff = model_differences(cfg.model, found) if check_config else []
+    if diff:
+        raise ConfigError("the checkpoint's model differs from the config's model section: " + "; ".join(diff))
+
+
+def _training_checkpoint(cfg: Config, path: Path, weights: str, check_config: bool):
+    """(model, its id) of a training checkpoint given by directory, loaded as `enat eval` loads it."""
+    if TAG_RE.match(path.name) or (path / META).is_file():  # RUN/checkpoints/stepNNNNNNNN
+        ckpt_dir, which = path.parent, path.name
+    else:  # the run directory or its checkpoints/ folder: the checkpoint `latest` names
+        ckpt_dir, which = ckpt_dir_of(path), LATEST
+    if ckpt_dir.name != "checkpoints" or not ckpt_dir.is_dir():
+        raise ConfigError(f"--checkpoint {path} is a directory but not a training checkpoint (a run directory, its "
+                          f"checkpoints/ folder or one of its stepNNNNNNNN tags) nor a weights file: give one of "
+                          f"those, or write a weights file with `enat export RUN OUT.pt`")
+    ck = load_checkpoint(cfg, ckpt_dir.parent, which, weights, check=lambda _, found, __: _check_model(
+        cfg, found, check_config))
+    return ck["model"], ck["id"]
 
 
 def save_steps_grid(model, cond, cfg, tokenizer, ids, path, rows: int = 8) -> Path:

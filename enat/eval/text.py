@@ -29,7 +29,7 @@ from enat.eval.load import load_checkpoint
 from enat.eval.reference import reference_stats
 from enat.images import save_captioned_grid, to_uint8
 from enat.sampling import generate
-from enat.text import TextEncoderError, encoder_for
+from enat.text import TextEncoderError, encoder_dir, encoder_for
 from enat.tokenizer import load_tokenizer
 
 
@@ -61,7 +61,10 @@ def control_prompts(n: int) -> list[dict]:
 def prompt_encoder(cfg: Config, model, device="cpu"):
     """The text encoder prompts go through: text.encoder, else the one the shards' manifest
     names; checked to be the model's (its encoding of '' is the model's null context)."""
-    path = cfg.text.encoder
+    try:
+        path = encoder_dir(cfg.text)
+    except TextEncoderError as e:
+        raise EvalError(str(e)) from None
     for shards in (cfg.data.val_shards, cfg.data.shards):
         manifest = Path(shards) / "manifest.json" if shards else None
         if path is None and manifest is not None and manifest.is_file():

@@ -29,6 +29,7 @@ original).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -45,6 +46,7 @@ import torch
 
 from enat.config import ModelConfig, from_dict
 from enat.dist import all_gather_object, barrier, broadcast_object
+from enat.files import file_sha256
 from enat.models.weights import save_weights
 from enat.train.lease import LeaseLost
 
@@ -169,6 +171,20 @@ def read_meta(ckpt_dir: Path, tag: str) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path} missing: {tag} is not a complete enat checkpoint (an interrupted save)")
     return json.loads(path.read_text())
+
+
+def content_id(ckpt_dir: Path, tag: str) -> str:
+    """What a tag's bytes are, as one sha256: of its manifest's entries (every file's name, size
+    and CRC-32), so known without reading the files, which may be many GB (a reader verifies them
+    against the manifest before loading: `require_intact`). A tag written without checksums (an
+    older enat) is identified by the sha256 of its model-states file instead."""
+    files = read_meta(ckpt_dir, tag).get("files")
+    if files:
+        return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    states = sorted((ckpt_dir / tag).glob("*model_states.pt"))
+    if not states:
+        raise CheckpointError(f"no model states file in {ckpt_dir / tag}")
+    return file_sha256(states[0])
 
 
 def check_files(tag_dir: Path, manifest: dict, names: list[str], checksums: bool = True) -> list[str]:

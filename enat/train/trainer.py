@@ -39,7 +39,7 @@ from enat.models import build_model, count_parameters
 from enat.models.zoo import parameter_counts
 from enat.rng import derive_seed
 from enat.sampling import generate
-from enat.text import encoder_for, null_gap
+from enat.text import encoder_dir, encoder_for, null_gap
 from enat.tokenizer import load_tokenizer
 from enat.train.checkpoint import (Checkpointer, CheckpointError, checkpoint_dir, find_resume_tag, read_meta,
                                    to_universal)
@@ -404,7 +404,7 @@ class Trainer:
         context; its outputs are rounded to fp16, as stored contexts are."""
         if self._text_encoder is None:
             text = self.loader.manifest.text
-            self._text_encoder = encoder_for(self.cfg.text.encoder or text["encoder"]["path"], self.device,
+            self._text_encoder = encoder_for(encoder_dir(self.cfg.text) or text["encoder"]["path"], self.device,
                                              sha256=text["encoder"].get("sha256"), what=self.cfg.data.shards,
                                              null_context=torch.from_numpy(self.loader.data.null_context()))
         return self._text_encoder
