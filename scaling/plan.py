@@ -444,6 +444,12 @@ def plan_study(study: Study, lrs: dict, seconds: dict, sizes: dict, fit: dict | 
         return r
 
     fit_runs = [run(n, top * r, j + 1) for j, (r, level) in enumerate(zip(ratios, chosen)) for n in level]
+    short = [r for r in fit_runs if r["train.steps"] < study.min_steps]
+    if short:  # a level had fewer than per_level sizes with min_steps at its compute
+        raise ScalingError(f"{len(short)} runs would take fewer than min_steps={study.min_steps} steps (shortest: "
+                           f"{min(short, key=lambda r: r['train.steps'])['name']}, "
+                           f"{min(r['train.steps'] for r in short)} steps): give the study more minutes, fewer levels "
+                           f"or sizes per level, or a lower min_steps")
     for n, j in zip(seed_at, seed_lv):
         fit_runs += [run(n, top * ratios[j], j + 1, seed=sd, label=f"{n}-c{j + 1}-seed{sd}") for sd in study.seeds["extra"]]
     hold = [run(hsize, top * h["compute_factor"], "H", seed=sd, label=f"{hsize}-holdout-seed{sd}") for sd in h["seeds"]]

@@ -321,3 +321,12 @@ def test_each_levels_minimum_and_its_neighbours():
     # Seed repeats at a size are averaged before the minimum is taken.
     twin = {**pts[8], "run": pts[8]["run"] + "-seed1", KEY: pts[8][KEY] - 1.0}
     assert level_minima(pts + [twin], KEY)[1]["best_N"] == pytest.approx(grid[1])
+
+
+def test_a_plan_whose_levels_cannot_give_min_steps_is_refused(tmp_path):
+    """Too few minutes for the sizes: the planner used to fall back to the smallest sizes whatever
+    their steps (a fashion plan had 42-step runs); now it says what to change."""
+    study = load_study(study_file(tmp_path, minutes=0.5, min_steps=2000))
+    sizes = study_sizes(study)
+    with pytest.raises(ScalingError, match="fewer than min_steps=2000 steps .*give the study more minutes"):
+        plan_study(study, {n: 2e-3 for n in sizes}, seconds(sizes), sizes, images=10 ** 8, parallel=2)
