@@ -326,7 +326,7 @@ def test_each_levels_minimum_and_its_neighbours():
 def test_a_plan_whose_levels_cannot_give_min_steps_is_refused(tmp_path):
     """Too few minutes for the sizes: the planner used to fall back to the smallest sizes whatever
     their steps (a fashion plan had 42-step runs); now it says what to change."""
-    study = load_study(study_file(tmp_path, minutes=0.5, min_steps=2000))
+    study = load_study(study_file(tmp_path, minutes=8, min_steps=20000))
     sizes = study_sizes(study)
-    with pytest.raises(ScalingError, match="fewer than min_steps=2000 steps .*give the study more minutes"):
+    with pytest.raises(ScalingError, match="fewer than min_steps=20000 steps .*give the study more minutes"):
         plan_study(study, {n: 2e-3 for n in sizes}, seconds(sizes), sizes, images=10 ** 8, parallel=2)
