@@ -52,6 +52,16 @@ def _sweep(spec: Path, overrides: list[str], evaluate: bool, log) -> None:
         log(f"  failed: {f}")
 
 
+def _plan(study_path, family_args: list[str]) -> None:
+    """The first (or only) round's plan, in a process of its own: it measures throughput with real
+    trainers, so that this one holds no process group (and port) when the runs start. Its error
+    (already printed by it) ends the study with a named error, not a traceback."""
+    done = subprocess.run([sys.executable, "-m", "scaling.plan", "--study", str(study_path), "sweep", *family_args])
+    if done.returncode != 0:
+        raise ScalingError(f"the plan failed (its error is above): fix the study spec {study_path}, then run the "
+                           f"study again; it continues from the finished phases")
+
+
 def _round1_report(fit_dir: Path, out: Path, loss: str, log) -> None:
     """The law of the first round alone, which places the second round's sizes (a lighter
     bootstrap: only the point estimate is used). Fitted past a failed regime gate: placing runs
@@ -75,10 +85,7 @@ def run_family(study_path: str | Path, study, family: str | None, overrides: lis
     fam = ["--family", family] if family else []
     phase("lr sweep", lambda: (lr_spec.is_file() or study_phase(study_path, "lr", log=log, family=family),
                                _sweep(lr_spec, overrides, False, log)))
-    # The plan measures throughput with real trainers: in a process of its own, so that this one
-    # holds no process group (and port) when the runs start.
-    phase("plan", lambda: fit_spec.is_file() or subprocess.run(
-        [sys.executable, "-m", "scaling.plan", "--study", str(study_path), "sweep", *fam], check=True))
+    phase("plan", lambda: fit_spec.is_file() or _plan(study_path, fam))
     phase("fit sweep" if study.rounds == 1 else "round 1", lambda: _sweep(fit_spec, overrides, evaluate, log))
     if study.rounds == 2:
         phase("round 1 fit", lambda: (round1 / "fit.json").is_file() or _round1_report(study.out_dir / "fit", round1,
