@@ -416,9 +416,11 @@ def compare_families(sweeps: dict, out: str | Path, loss: str = "val/loss_r0.7",
     ident = {}
     for fam, where in sweeps.items():
         if isinstance(where, (tuple, list)) and (Path(where[1]) / "fit.json").is_file():
+            done = json.loads((Path(where[1]) / "fit.json").read_text())
+            if not done.get("law"):  # a report that the regime gate stopped: nothing to identify
+                continue
             r1 = Path(where[2]) / "fit.json" if len(where) > 2 else None
-            ident[fam] = identification(json.loads((Path(where[1]) / "fit.json").read_text()),
-                                        json.loads(r1.read_text()) if r1 is not None and r1.is_file() else None)
+            ident[fam] = identification(done, json.loads(r1.read_text()) if r1 is not None and r1.is_file() else None)
     res["identification"] = ident
     plots = plot(res, out)
     lines = markdown(res, name)
