@@ -195,9 +195,19 @@ def family_studies(study: Study) -> dict[str, Study]:
     family's overrides on top of the study's."""
     if not study.families:
         return {"": study}
-    return {fam: replace(study, name=f"{study.name}_{fam}", out_dir=study.out_dir / fam, families=None,
-                         overrides={**study.overrides, **over})
-            for fam, over in study.families.items()}
+    out = {}
+    for fam, over in study.families.items():
+        over = dict(over)
+        keys = over.pop("study", None) or {}  # study keys of this family (its minutes, its LR grid)
+        bad = set(keys) - (STUDY_KEYS - {"name", "config", "out_dir", "overrides", "families", "sizes"})
+        if bad:
+            raise ScalingError(f"family {fam}: its `study` keys {sorted(bad)} cannot differ between families")
+        unknown = [n for n in (keys.get("lr_sweep") or {}).get("sizes", []) if n not in study.sizes]
+        if unknown:
+            raise ScalingError(f"family {fam}: lr_sweep sizes {unknown} are not among the study's sizes")
+        out[fam] = replace(study, name=f"{study.name}_{fam}", out_dir=study.out_dir / fam, families=None,
+                           overrides={**study.overrides, **over}, **keys)
+    return out
 
 
 def family_study(study_path: str | Path, family: str | None) -> Study:

@@ -183,6 +183,16 @@ def test_families_and_rounds_in_the_study_spec(tmp_path):
         family_study(path, None)
     with pytest.raises(ScalingError, match="no family 'mat'"):
         family_study(path, "mat")
+    # A family's own study keys (its minutes, its LR grid); what defines the comparison stays shared.
+    own = family_studies(load_study(study_file(tmp_path, families={
+        "enat": {}, "nat": {"model.arch": "nat", "study": {"minutes": 6, "lr_sweep": {
+            "sizes": ["w32"], "lrs": [4e-3], "steps": 50}}}})))
+    assert (own["enat"].minutes, own["nat"].minutes) == (20, 6) and own["nat"].lr_sweep["sizes"] == ["w32"]
+    assert "study" not in own["nat"].overrides
+    with pytest.raises(ScalingError, match=r"family nat: its `study` keys \['sizes'\] cannot differ"):
+        family_studies(load_study(study_file(tmp_path, families={"nat": {"study": {"sizes": {}}}})))
+    with pytest.raises(ScalingError, match=r"family nat: lr_sweep sizes \['w7'\]"):
+        family_studies(load_study(study_file(tmp_path, families={"nat": {"study": {"lr_sweep": {"sizes": ["w7"]}}}})))
     with pytest.raises(ScalingError, match="rounds=3"):
         load_study(study_file(tmp_path, rounds=3))
     with pytest.raises(ScalingError, match="families must map"):
