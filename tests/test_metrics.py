@@ -1,6 +1,7 @@
-"""The metrics writer starts wandb off the training's path: the trainer goes on while wandb.init
-runs (about 2 s of the demo's start-up), metrics.jsonl is written at once, and wandb still gets
-every record, after the axes declared before it was up."""
+"""The metrics writer starts wandb off the training's path: nothing waits for wandb.init (about
+2 s of the demo's start-up) before start() (the trainer's, after its first step) and nothing
+after it but a record handed to wandb; metrics.jsonl is written at once, and wandb gets every
+record, after the axes declared before it was up."""
 
 import json
 import sys
@@ -45,10 +46,14 @@ def slow_wandb(monkeypatch):
 
 
 def start(tmp_path):
-    """MetricsWriter(...) in a thread -> (thread, box holding the writer once constructed)."""
+    """MetricsWriter(...).start() in a thread -> (thread, box holding the writer once started)."""
+    def run():
+        w = MetricsWriter(tmp_path, True, WandbConfig(mode="offline"), "rid", {"a": 1})
+        w.start()
+        box.append(w)
+
     box = []
-    t = threading.Thread(target=lambda: box.append(
-        MetricsWriter(tmp_path, True, WandbConfig(mode="offline"), "rid", {"a": 1})), daemon=True)
+    t = threading.Thread(target=run, daemon=True)
     t.start()
     return t, box
 
@@ -56,7 +61,7 @@ def start(tmp_path):
 def test_wandb_starts_in_the_background_and_gets_every_record(tmp_path, slow_wandb):
     t, box = start(tmp_path)
     t.join(10)
-    assert not t.is_alive(), "the writer waited for wandb.init"
+    assert not t.is_alive(), "the writer (or its start()) waited for wandb.init"
     w = box[0]
     w.define_axis("flops_seen", ["loss"])
     w.truncate_after(0)
@@ -85,6 +90,21 @@ def test_metrics_jsonl_does_not_wait_for_wandb(tmp_path, slow_wandb):
     slow_wandb.gate.set()
     logger.join(10)
     assert slow_wandb.run.calls == [("log", 1, {"loss": 1.0})]
+
+
+def test_wandb_waits_for_start(tmp_path, slow_wandb):
+    """Before start(), wandb is not even imported (the trainer's first step runs alone); a record
+    before it starts wandb itself."""
+    slow_wandb.gate.set()
+    calls = []
+    slow_wandb.init = lambda **kw: calls.append(kw) or slow_wandb.run
+    w = MetricsWriter(tmp_path, True, WandbConfig(mode="offline"), "rid", {"a": 1})
+    w.define_axis("flops_seen", ["loss"])
+    assert calls == []
+    w.log({"kind": "train", "step": 1, "loss": 1.0, "flops_seen": 5})
+    assert len(calls) == 1 and calls[0]["id"] == "rid"
+    assert slow_wandb.run.calls == [("define", "flops_seen", None), ("define", "loss", "flops_seen"),
+                                    ("log", 1, {"loss": 1.0, "flops_seen": 5})]
 
 
 def test_a_failed_wandb_start_is_raised_where_wandb_is_used(tmp_path, slow_wandb):

@@ -601,6 +601,7 @@ class Trainer:
                    disable=not (self.rank == 0 and sys.stderr.isatty()))
         while self.step < end:
             stats = self.train_step(it, stop=should_stop is not None and bool(should_stop()))
+            self.metrics.start()  # wandb, off the first step's path (MetricsWriter)
             bar.update(1)
             window["steps"] += 1
             window["flops"] += stats["flops"]
