@@ -51,7 +51,9 @@ def _local() -> bool:
 
 def _restarts() -> int:
     """How many times this job was requeued before this start (SLURM's count, or the local controller's)."""
-    return int(os.environ.get("SLURM_RESTART_COUNT") or os.environ.get(RESTART_ENV) or 0)
+    if "SLURM_RESTART_COUNT" in os.environ:  # SLURM sets it from the first requeue on
+        return int(os.environ["SLURM_RESTART_COUNT"])
+    return int(os.environ.get(RESTART_ENV, 0)) if _local() else 0
 
 
 def _end_with_controller() -> None:
