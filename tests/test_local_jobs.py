@@ -196,7 +196,7 @@ def test_refused_job_logs_the_named_error_not_a_traceback(data):
         lease.release()
     assert res.returncode == 2, res.stdout + res.stderr
     assert "is in use by another training run" in res.stderr
-    job_dir = next((run / "slurm").iterdir())
+    job_dir = next(p for p in (run / "slurm").iterdir() if p.name.isdigit())  # not submitit's "%j"
     for r in (0, 1):
         err = (job_dir / f"{job_dir.name}_{r}_log.err").read_text()
         errors = [line for line in err.splitlines() if line.startswith("error: ")]
