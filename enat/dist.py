@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import os
 import socket
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -75,6 +76,30 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def import_deepspeed():
+    """deepspeed, imported the quiet way. Every import of it goes through here (it is slow to
+    import and only training and ZeRO checkpoints need it, so no module imports it at its top).
+    - Its accelerator is named before the import: left to detect it on a machine without a GPU,
+      DeepSpeed logs "Setting accelerator to CPU ..." to stdout, into every command's output.
+    - torch 2.13 deprecates `all_gather_into_tensor`, which DeepSpeed's ZeRO calls: a
+      FutureWarning in every rank's log that says nothing about this project (ours call
+      `all_gather_single` where torch has it)."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
+    import deepspeed
+
+    return deepspeed
+
+
+def all_gather_single(output: torch.Tensor, input: torch.Tensor, group=None) -> None:
+    """All ranks' `input` concatenated into `output`: torch's current name where it has it
+    (2.13 deprecates `all_gather_into_tensor`), the older one on older torch."""
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(output, input, group=group)
+
+
 def init_deepspeed_comm() -> None:
     """DeepSpeed's communication layer over the process group from the environment (NCCL on GPUs,
     gloo on CPUs), without DeepSpeed's CPU shared-memory all-reduce extension.
@@ -84,10 +109,7 @@ def init_deepspeed_comm() -> None:
     on every start: a process killed in that window leaves the lock behind and every later run
     sharing the home directory waits on it forever (a fresh machine also compiles it for
     minutes). Idempotent; the engine's own init goes through the same hook."""
-    # deepspeed: picks its accelerator when imported (after a job has set DS_ACCELERATOR, launch/jobs.py),
-    # is slow to import, and only training needs it
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     if not is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")

@@ -199,9 +199,9 @@ def _synchronize_functions():
     """Explicit device synchronizes: torch.cuda's, and DeepSpeed's accelerator (its timers)."""
     out = [(torch.cuda, "synchronize")]
     try:  # deepspeed: optional here (the counters work without it), and slow to import
-        from deepspeed.accelerator import get_accelerator
+        from enat.dist import import_deepspeed
 
-        out.append((get_accelerator(), "synchronize"))
+        out.append((import_deepspeed().accelerator.get_accelerator(), "synchronize"))
     except ImportError:
         pass
     return out

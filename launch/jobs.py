@@ -7,14 +7,23 @@ before the time limit) every rank only sets a flag; the trainer ORs the flag ove
 step, so all ranks finish the same step and write that checkpoint together. Then rank 0 hands over
 to submitit's own handler, which requeues the job; the requeued job resumes from the run's
 `latest` pointer and appends to the same metrics.jsonl and wandb run.
+
+As local processes (launch/local.py) the same holds, with the job id the controller's pid:
+`kill -USR2 JOBID` checkpoints and requeues as above; `kill -TERM JOBID` checkpoints the same step
+on every rank and ends the job (submit again to continue); the tasks end when the controller dies.
+
+The errors the `enat` command names (a held lease, a bad config, missing shards, ...) end a job as
+they end the command: one `error: ...` line in the job's log, no traceback, exit 2.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -29,8 +38,62 @@ from enat.eval.job import evaluate
 from enat.eval.prepare import prepare_extractor
 from enat.train.checkpoint import write_atomic
 from enat.train.trainer import train
+from launch.local import RESTART_ENV
 
 log = functools.partial(print, flush=True)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _local() -> bool:
+    """A local process of submitit's local executor (no SLURM)."""
+    return os.environ.get("SUBMITIT_EXECUTOR") == "local"
+
+
+def _restarts() -> int:
+    """How many times this job was requeued before this start (SLURM's count, or the local controller's)."""
+    if "SLURM_RESTART_COUNT" in os.environ:  # SLURM sets it from the first requeue on
+        return int(os.environ["SLURM_RESTART_COUNT"])
+    return int(os.environ.get(RESTART_ENV, 0)) if _local() else 0
+
+
+def _end_with_controller() -> None:
+    """A local task gets SIGTERM when its controller dies (on SLURM the node's daemon ends a job's
+    tasks; here nothing else would, and a killed controller left its tasks running for good).
+    SIGTERM takes its default action, ending the process, except where a job handles it
+    (TrainJob: a checkpoint first); submitit's own handler only logs it."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if sys.platform != "linux":
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(os.environ.get("SUBMITIT_LOCAL_JOB_ID", os.getppid())):
+        os.kill(os.getpid(), signal.SIGTERM)  # the controller died before the prctl
+
+
+def _named_errors_exit(fn):
+    """Run a job so that an error the `enat` command names (enat.cli.named_errors) ends it as it
+    ends the command: `error: ...` on stderr (the job's log), exit 2. submitit would print the
+    traceback. Its result file holds the same line, which the launcher's wait() reports. A plain
+    call (not under submitit) raises as usual."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            from enat.cli import named_errors  # the CLI's list (its modules are loaded by now)
+
+            if "SUBMITIT_FOLDER" not in os.environ or not isinstance(e, named_errors()):
+                raise
+            message = f"error: {e}"
+            print(message, file=sys.stderr, flush=True)
+            from submitit.core.utils import cloudpickle_dump, temporary_save_path
+
+            with temporary_save_path(submitit.JobEnvironment().paths.result_pickle) as tmp:
+                cloudpickle_dump(("error", message), tmp)
+            sys.stdout.flush()
+            os._exit(2)  # no interpreter teardown under a live process group (gloo threads can abort it)
+
+    return run
 
 
 def _config(config: dict):
@@ -39,6 +102,8 @@ def _config(config: dict):
     # used wandb) would make concurrent jobs share that process's wandb service and collide on a
     # run id. Each job starts its own.
     os.environ.pop("WANDB_SERVICE", None)
+    if _local():
+        _end_with_controller()
     return resolve(from_dict(Config, config))
 
 
@@ -97,7 +162,7 @@ def _master_port(env: submitit.JobEnvironment, wanted: int, wait_s: float = 300.
 
 
 def _port_note(env: submitit.JobEnvironment) -> Path:
-    return Path(env.paths.folder) / f"{env.job_id}_master_port.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+    return Path(env.paths.folder) / f"{env.job_id}_master_port.{_restarts()}"
 
 
 def _forget_master_port(env: submitit.JobEnvironment) -> None:
@@ -112,13 +177,16 @@ class TrainJob(submitit.helpers.Checkpointable):
     """`takeover` applies to the first start only: a requeue retakes its own lease anyway, and a
     requeued job must never seize a run directory someone else has started writing since."""
 
+    @_named_errors_exit
     def __call__(self, config: dict, stop_at: int | None = None, takeover: bool = False) -> dict:
         cfg = _config(config)
         env = _distributed_env(cfg)
-        stop = threading.Event()
-        requeue = signal.getsignal(signal.SIGUSR2)  # submitit's: checkpoint() + scontrol requeue + exit
+        stop, terminate = threading.Event(), threading.Event()
+        requeue = signal.getsignal(signal.SIGUSR2)  # submitit's: checkpoint() + requeue + exit
         signal.signal(signal.SIGUSR2, lambda *_: stop.set())
-        restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+        if _local():  # on SLURM, SIGTERM stays submitit's (logged): SLURM requeues or kills by itself
+            signal.signal(signal.SIGTERM, lambda *_: (terminate.set(), stop.set()))
+        restarts = _restarts()
         log(f"rank {env.global_rank}/{env.num_tasks} of job {env.job_id} (restart {restarts}): "
             f"run {cfg.train.run_dir}")
         result = train(cfg, stop_at=stop_at, should_stop=stop.is_set, log=log, takeover=takeover and restarts == 0)
@@ -126,8 +194,14 @@ class TrainJob(submitit.helpers.Checkpointable):
         if not result.get("interrupted"):
             close()
             return result
+        log(f"rank {env.global_rank}: stopped at step {result['step']} "
+            f"({'SIGTERM' if terminate.is_set() else 'SIGUSR2'})")
+        if terminate.is_set():
+            log(f"terminated: checkpointed step {result['step']}; submit launch/train.py again to continue the run")
+            close()
+            return result
         if env.global_rank != 0:
-            time.sleep(300)  # rank 0 requeues the job, which ends this task
+            time.sleep(300)  # rank 0 requeues the job, which ends this task (SLURM, launch/local.py)
             raise RuntimeError("rank 0 did not requeue the job within 300 s of the checkpoint")
         if restarts >= cfg.launch.max_requeues:
             raise RuntimeError(f"preempted or timed out {restarts + 1} times (launch.max_requeues="
@@ -142,6 +216,7 @@ class TrainJob(submitit.helpers.Checkpointable):
 class EvalJob:
     """FID evaluation of one checkpoint of a run (a step, a tag or "latest")."""
 
+    @_named_errors_exit
     def __call__(self, config: dict, run_dir: str, checkpoint: str, num_samples: int | None = None) -> dict:
         cfg = _config(config)
         _distributed_env(cfg)
@@ -159,6 +234,7 @@ def _single_task_threads(cfg: Config) -> None:
         torch.set_num_threads(int(given))
 
 
+@_named_errors_exit
 def prepare_job(config: dict, extractor: bool = True) -> None:
     """The project's own models before the data is tokenized (digits, Fashion-MNIST): the
     tokenizer (data) and, when FID jobs follow, the FID classifier, each built when missing."""
@@ -169,12 +245,14 @@ def prepare_job(config: dict, extractor: bool = True) -> None:
         prepare_extractor(cfg, log=log)
 
 
+@_named_errors_exit
 def tokenize_job(config: dict, split: str, part: int, num_parts: int) -> None:
     cfg = _config(config)
     _single_task_threads(cfg)
     tokenize_split(cfg, split, part=part, num_parts=num_parts, merge=False, progress=False, log=log)
 
 
+@_named_errors_exit
 def merge_job(config: dict, split: str) -> str:
     cfg = _config(config)
     _single_task_threads(cfg)

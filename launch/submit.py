@@ -21,6 +21,7 @@ from pathlib import Path
 import submitit
 
 from enat.config import Config, ConfigError, load_config, to_dict
+from launch import local
 
 # flag -> config key (value type from the config's validation)
 FLAGS = {"cluster": "launch.cluster", "nodes": "launch.nodes", "gpus_per_node": "launch.gpus_per_node",
@@ -101,6 +102,8 @@ def executor(cfg: Config, folder: str | Path, name: str, tasks_per_node: int = 1
     kind = cluster_kind(ln.cluster)
     ex = submitit.AutoExecutor(folder=str(Path(folder) / "%j"), cluster=kind,
                                slurm_max_num_timeout=ln.max_requeues)
+    if kind == "local":  # local processes under a controller that behaves as SLURM does (launch/local.py)
+        ex._executor.__class__ = local.LocalExecutor
     ex.update_parameters(name=name, nodes=nodes, tasks_per_node=tasks_per_node,
                          timeout_min=ln.time_min,
                          gpus_per_node=None if ln.cpu or not gpus else ln.gpus_per_node,

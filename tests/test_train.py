@@ -39,7 +39,9 @@ def base(data, run_dir, **kw):
 def launch(tmp_path, jobs, nproc=2, name="out"):
     jobs_path, out = tmp_path / f"{name}_jobs.json", tmp_path / f"{name}.json"
     jobs_path.write_text(json.dumps([{"config": CONFIG, **j} for j in jobs]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT / "tests")}
+    # This checkout first: the venv's editable install may point at another one.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
            "127.0.0.1", "--master_port", str(free_port()), str(ROOT / "tests/dist_harness.py"), str(jobs_path), str(out)]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

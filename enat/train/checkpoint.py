@@ -29,6 +29,8 @@ original).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -43,9 +45,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from enat.config import ModelConfig, from_dict
-from enat.dist import all_gather_object, barrier, broadcast_object
+from enat.dist import all_gather_object, barrier, broadcast_object, import_deepspeed
 from enat.files import file_sha256
 from enat.models.weights import save_weights
 from enat.train.lease import LeaseLost
@@ -482,11 +485,16 @@ def checkpoint_weights(ckpt_dir: Path, tag: str, kinds=("ema", "online")) -> tup
         elif kind == "online" and read_meta(ckpt_dir, tag).get("zero_stage", 0) == 0:
             sd = state["module"]
         elif kind == "online":
-            # deepspeed: slow to import, picks its accelerator when imported, and only a ZeRO-sharded
-            # checkpoint needs it (the launchers and evaluation import this module)
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            # deepspeed: slow to import, and only a ZeRO-sharded checkpoint needs it (the launchers
+            # and evaluation import this module)
+            import_deepspeed()
+            import deepspeed.utils.zero_to_fp32 as zero_to_fp32
 
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+            # Its "Loading checkpoint shards" bar counts files, and its prints ("Processing zero
+            # checkpoint ...") are its own progress: stderr, not the output of export or eval.
+            zero_to_fp32.tqdm = functools.partial(tqdm, disable=True)
+            with contextlib.redirect_stdout(sys.stderr):
+                sd = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
         else:
             raise ValueError(f"weights must be 'ema' or 'online', got {kind!r}")
         weights[kind] = {k: v.float() for k, v in sd.items()}

@@ -62,6 +62,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from enat.dist import all_gather_single
 
 _CAST_CHUNK = 1 << 26  # elements cast to fp32 at a time by the ZeRO 0/1/2 update (256 MB)
 
@@ -338,7 +339,7 @@ class EMA:
             local = local.to(device=self._device, dtype=dtype)
             if world > 1:
                 full = torch.empty(world * local.numel(), dtype=dtype, device=self._device)
-                dist.all_gather_into_tensor(full, local, group=slots[0].pg)
+                all_gather_single(full, local, group=slots[0].pg)
             else:
                 full = local
             rows = full.view(world, -1)  # row r = rank r's pieces of these slots

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -56,18 +57,55 @@ class MetricsWriter:
         self.fence = fence  # () -> truthy once this process may no longer write the run directory
         self.path = run_dir / name
         self.wandb = None
+        # wandb's import and init take about 2 s of CPU (it starts a service process), a third of
+        # the demo's start-up. They wait for start(), which the trainer calls once its first step
+        # is done (on a busy CPU even a thread of its own slows that step), and then run in a
+        # thread beside the training; the first record handed to wandb waits for them
+        # (metrics.jsonl never does).
+        self._wandb_args = None  # wandb.init's arguments until start()
+        self._starting = None
+        self._start_error = None
+        self._axes = []  # define_axis calls made before wandb was up
         if enabled and wandb_cfg is not None and wandb_cfg.mode != "disabled":
-            import wandb  # wandb: slow to import, only when logging to it
-
             os.environ.setdefault("WANDB_SILENT", "true")
-            self.wandb = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, group=wandb_cfg.group,
+            self._wandb_args = dict(project=wandb_cfg.project, entity=wandb_cfg.entity, group=wandb_cfg.group,
                                     tags=wandb_cfg.tags or None, id=rid, resume="allow", dir=str(run_dir),
                                     mode=wandb_cfg.mode, config=config, name=run_dir.name)
+
+    def start(self) -> None:
+        """Start wandb in a background thread (once; nothing without wandb)."""
+        if self._wandb_args is not None:
+            args, self._wandb_args = self._wandb_args, None
+            self._starting = threading.Thread(target=self._start_wandb, args=(args,), name="wandb-init", daemon=True)
+            self._starting.start()
+
+    def _start_wandb(self, kwargs: dict) -> None:
+        try:
+            import wandb  # wandb: slow to import, only when logging to it
+
+            self.wandb = wandb.init(**kwargs)
+        except BaseException as e:  # raised where the run is waited for (_run), not lost in the thread
+            self._start_error = e
+
+    def _run(self):
+        """The wandb run (None without wandb), once its start in the background is done."""
+        self.start()  # a no-op unless nothing started it yet
+        if self._starting is not None:
+            self._starting.join()
+            self._starting = None
+            if self._start_error is not None:
+                raise self._start_error
+            for axis, metrics, also in self._axes:
+                self.define_axis(axis, metrics, also)
+        return self.wandb
 
     def define_axis(self, axis: str, metrics: list[str], also: list[str] = ()) -> None:
         """Declare `axis` (and `also`, other cumulative counters) as wandb metrics and make `axis`
         the default x-axis of `metrics` (names or globs), so the UI plots them against it. Every
         record that logs one of `metrics` must carry `axis`."""
+        if self._wandb_args is not None or self._starting is not None:
+            self._axes.append((axis, metrics, also))  # applied once wandb is up (_run)
+            return
         if self.wandb is None:
             return
         for name in (axis, *also):
@@ -100,7 +138,7 @@ class MetricsWriter:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
-        if self.wandb is not None:
+        if self._run() is not None:
             data = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
             if images:
                 import wandb  # wandb: loaded by __init__ already (self.wandb is set); not at module top, see there
@@ -109,6 +147,6 @@ class MetricsWriter:
             self.wandb.log(data, step=record["step"])
 
     def finish(self) -> None:
-        if self.wandb is not None:
+        if self._run() is not None:
             self.wandb.finish()
             self.wandb = None

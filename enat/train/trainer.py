@@ -32,7 +32,8 @@ from enat.config import Config, dump_config, to_dict
 from enat.data.loader import ShardSet, TokenLoader
 from enat.data.prepare import check_data
 from enat.data.shards import ShardError
-from enat.dist import all_reduce, barrier, broadcast_object, device_for, init_deepspeed_comm, setup_env
+from enat.dist import (all_reduce, barrier, broadcast_object, device_for, import_deepspeed, init_deepspeed_comm,
+                       setup_env)
 from enat.flops import expected_train_flops, masked_count, train_step_flops
 from enat.images import save_captioned_grid, save_grid
 from enat.models import build_model, count_parameters
@@ -206,9 +207,7 @@ class Trainer:
             raise
 
     def _build(self, cfg: Config) -> None:
-        # deepspeed: picks its accelerator when imported (after a job has set DS_ACCELERATOR, launch/jobs.py),
-        # is slow to import, and only training needs it (the launchers import this module)
-        import deepspeed
+        deepspeed = import_deepspeed()  # not at the top: slow, and the launchers import this module
 
         t = cfg.train
         torch.manual_seed(cfg.seed)
@@ -602,6 +601,7 @@ class Trainer:
                    disable=not (self.rank == 0 and sys.stderr.isatty()))
         while self.step < end:
             stats = self.train_step(it, stop=should_stop is not None and bool(should_stop()))
+            self.metrics.start()  # wandb, off the first step's path (MetricsWriter)
             bar.update(1)
             window["steps"] += 1
             window["flops"] += stats["flops"]
