@@ -1,4 +1,5 @@
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,15 @@ def wandb_history(records: list) -> list[dict]:
             rows.append({(list(i.nested_key) or [i.key])[0]: json.loads(i.value_json) for i in rec.history.item
                          if len(i.nested_key) <= 1})
     return rows
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
+    """predicate()'s first truthy value within `timeout` seconds, polled every `poll`; else an
+    AssertionError naming what was awaited."""
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, demo_shards, train_losses
+from conftest import ROOT, demo_shards, train_losses, wait_for
 
 pytestmark = pytest.mark.slow
 CONFIG = ROOT / "configs/experiments/demo.yaml"
@@ -51,14 +51,6 @@ def submit(data, name: str, **kw):
     return submit_train(load_config(CONFIG, overrides(data, name, **kw)))
 
 
-def wait_for(predicate, timeout: float, what: str):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def last_step(run: Path) -> int:

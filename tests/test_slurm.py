@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
+from conftest import wait_for as _wait_for
 
 pytestmark = pytest.mark.slow
 CONFIG = "configs/experiments/demo.yaml"
@@ -106,14 +107,6 @@ def sacct_state(job_id):
     return out.stdout.strip().split("\n")[0].split()[0] if out.stdout.strip() else ""
 
 
-def wait_for(predicate, timeout, what):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,6 +198,10 @@ def test_requeue_after_a_hard_kill_retakes_its_own_lease_and_continues_exactly(c
     ref = {r["step"]: r["loss"] for r in metrics(reference)}
     assert {r["step"]: r["loss"] for r in metrics(run)} == ref  # every step once, bit for bit
     assert not (run / "lease.json").exists()
+
+
+def wait_for(predicate, timeout, what):
+    return _wait_for(predicate, timeout, what, poll=0.5)
 
 
 def _task_pid(job_id, procid):
