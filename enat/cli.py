@@ -151,10 +151,39 @@ def cmd_data_prepare(args) -> None:
               + "\n".join(f"  {what:<{width}}  {where}" for what, where in there))
 
 
-def cmd_train(args) -> None:
+def cmd_train(args) -> int:
+    """SIGTERM (a scheduler's preemption or time limit, `scancel`, torchrun passing one on) and
+    SIGINT (Ctrl-C) end the run after the current step with a checkpoint of it, on every rank
+    together; exit 128 + the signal's number (143, 130), as a killed process would, but with
+    nothing lost. A second Ctrl-C stops at once (since the last checkpoint, lost)."""
+    import signal
+    import threading
+
     from enat.train.trainer import train
 
-    train(load_config(args.config, args.overrides), stop_at=args.stop_at, takeover=args.takeover)
+    cfg = load_config(args.config, args.overrides)
+    got: list[int] = []
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        got.append(signum)
+        stop.set()
+        print(f"{signal.Signals(signum).name}: checkpointing after this step, then exiting "
+              f"(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    before = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        result = train(cfg, stop_at=args.stop_at, should_stop=stop.is_set, takeover=args.takeover)
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    if not result.get("interrupted"):
+        return 0
+    print(f"{signal.Signals(got[0]).name}: stopped at step {result['step']} with a checkpoint of it; run the same "
+          f"command to continue", file=sys.stderr, flush=True)
+    return 128 + got[0]
 
 
 def cmd_export(args) -> None:
@@ -164,32 +193,66 @@ def cmd_export(args) -> None:
 
 
 def cmd_ckpt_universal(args) -> None:
-    from enat.train.checkpoint import checkpoint_dir, resolve_tag, to_universal
+    """Writes into the run's checkpoints, so it takes the run's writer lease like a trainer (and
+    is refused while one runs: the trainer converts by itself when it resumes on another world
+    size)."""
+    from enat.train.checkpoint import checkpoint_dir, pinned, to_universal
+    from enat.train.lease import Lease, LeaseError, describe_holder, read_lease
 
     ckpt = checkpoint_dir(args.run)
-    print(f"wrote {ckpt / to_universal(ckpt, resolve_tag(ckpt, args.checkpoint))}")
+    lease = Lease(Path(args.run))
+    try:
+        lease.acquire()
+    except LeaseError:
+        holder = read_lease(Path(args.run))
+        raise LeaseError(f"{args.run} is being written by a training run ({describe_holder(holder) if holder else '?'}"
+                         f"): convert after it stops. A run resumed on another world size converts its checkpoint "
+                         f"itself") from None
+    try:
+        with pinned(ckpt, args.checkpoint, "universal") as tag:
+            print(f"wrote {ckpt / to_universal(ckpt, tag)}")
+    finally:
+        lease.release()
 
 
 def _ckpt_statuses(args, checksums: bool):
-    from enat.train.checkpoint import CheckpointError, ckpt_dir_of, latest_pointer, resolve_tag, tag_dirs, verify_tag
+    from enat.train.checkpoint import (META, CheckpointError, ckpt_dir_of, latest_pointer, pinned, resolve_tag,
+                                       tag_dirs, verify_tag)
 
     ckpt = ckpt_dir_of(args.run)
     if not ckpt.is_dir():
         raise CheckpointError(f"no checkpoints folder at {ckpt}")
     tags = [resolve_tag(ckpt, args.tag)] if getattr(args, "tag", None) else tag_dirs(ckpt)
-    return ckpt, latest_pointer(ckpt), [verify_tag(ckpt, t, checksums=checksums) for t in tags]
+    if not checksums:  # sizes only: quick, and a tag pruned meanwhile just shows as missing
+        return ckpt, latest_pointer(ckpt), [verify_tag(ckpt, t, checksums=False) for t in tags]
+    statuses = []
+    for t in tags:  # reading every byte takes a while: each tag pinned against retention meanwhile
+        if not (ckpt / t / META).is_file():
+            statuses.append(verify_tag(ckpt, t))  # a partial: nothing to pin or read
+            continue
+        try:
+            with pinned(ckpt, t, "verify") as tag:
+                statuses.append(verify_tag(ckpt, tag))
+        except CheckpointError:
+            if not getattr(args, "tag", None) and not (ckpt / t).is_dir():
+                continue  # pruned by a live run before we got to it
+            raise
+    return ckpt, latest_pointer(ckpt), statuses
 
 
 def cmd_ckpt_list(args) -> None:
     from enat.train.checkpoint import DAMAGED, step_of
     from enat.cost import text_table
     from enat.train.lease import describe_holder, read_lease
+    from enat.train.pins import pinned_tags
 
     ckpt, latest, statuses = _ckpt_statuses(args, args.checksums)
     holder = read_lease(ckpt.parent)
     print(f"{ckpt}: " + (f"writer lease held by {describe_holder(holder)}" if holder else "no writer lease held"))
+    pins = pinned_tags(ckpt)  # tags a reader (eval, export, ...) is reading: retention keeps them
     rows = [[s.tag, step_of(s.tag), s.files or "-", f"{s.size / 1e6:.1f} MB" if s.size else "-",
-             {"unchecked": "sizes ok"}.get(s.state, s.state), "<- latest" if s.tag == latest else ""]
+             {"unchecked": "sizes ok"}.get(s.state, s.state),
+             " ".join(x for x in ("<- latest" if s.tag == latest else "", "pinned" if s.tag in pins else "") if x)]
             for s in statuses]
     if rows:
         print(text_table(rows, ["tag", "step", "files", "size", "state", ""]))

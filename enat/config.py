@@ -285,6 +285,11 @@ class TrainConfig:
     ckpt_every: int = 5000
     keep_last: int = 3  # checkpoints kept besides every keep_every-th
     keep_every: int = 0  # 0: none kept permanently
+    # A save that fails (a full disk, a quota, an I/O error) leaves `latest` on the last intact
+    # checkpoint and removes its partial files; then "stop" ends the run with a named error (exit
+    # 2), "retry" trains on and tries again at the next ckpt_every (the run's last save, or one for
+    # a preemption, still stops it when it fails).
+    on_save_error: Literal["stop", "retry"] = "stop"
     # The run directory's writer lease (enat/train/lease.py): its heartbeat is touched every
     # lease_heartbeat_s; a holder on another host whose heartbeat is older than lease_timeout_s
     # is presumed dead and taken over (a dead pid on the same host, or a requeue of the same

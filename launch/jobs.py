@@ -8,6 +8,13 @@ step, so all ranks finish the same step and write that checkpoint together. Then
 to submitit's own handler, which requeues the job; the requeued job resumes from the run's
 `latest` pointer and appends to the same metrics.jsonl and wandb run.
 
+SIGTERM on SLURM is treated the same way: many clusters preempt, and every cluster ends a job at
+its time limit, with SIGTERM and a SIGKILL `KillWait` seconds later, without the USR2 warning.
+The checkpoint is taken if the grace period allows, then the job is requeued, unless SLURM says
+the job is being cancelled (`scancel JOBID`: the user's decision, which a requeue would undo; its
+checkpoint is kept all the same). With `launch.max_requeues` used up (0: requeueing off) the job
+ends cleanly after its checkpoint.
+
 As local processes (launch/local.py) the same holds, with the job id the controller's pid:
 `kill -USR2 JOBID` checkpoints and requeues as above; `kill -TERM JOBID` checkpoints the same step
 on every rank and ends the job (submit again to continue); the tasks end when the controller dies.
@@ -23,6 +30,7 @@ import functools
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -33,7 +41,7 @@ import torch
 
 from enat.config import Config, from_dict, resolve
 from enat.data.prepare import merge_split, prepare_tokenizer, tokenize_split
-from enat.dist import close, free_port
+from enat.dist import broadcast_object, close, free_port
 from enat.eval.job import evaluate
 from enat.eval.prepare import prepare_extractor
 from enat.train.checkpoint import write_atomic
@@ -184,8 +192,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         stop, terminate = threading.Event(), threading.Event()
         requeue = signal.getsignal(signal.SIGUSR2)  # submitit's: checkpoint() + requeue + exit
         signal.signal(signal.SIGUSR2, lambda *_: stop.set())
-        if _local():  # on SLURM, SIGTERM stays submitit's (logged): SLURM requeues or kills by itself
-            signal.signal(signal.SIGTERM, lambda *_: (terminate.set(), stop.set()))
+        signal.signal(signal.SIGTERM, lambda *_: (terminate.set(), stop.set()))
         restarts = _restarts()
         log(f"rank {env.global_rank}/{env.num_tasks} of job {env.job_id} (restart {restarts}): "
             f"run {cfg.train.run_dir}")
@@ -196,21 +203,55 @@ class TrainJob(submitit.helpers.Checkpointable):
             return result
         log(f"rank {env.global_rank}: stopped at step {result['step']} "
             f"({'SIGTERM' if terminate.is_set() else 'SIGUSR2'})")
-        if terminate.is_set():
-            log(f"terminated: checkpointed step {result['step']}; submit launch/train.py again to continue the run")
+        # Rank 0 decides (one answer from SLURM for all ranks) while the process group still stands.
+        why_not = _why_not_requeue(cfg, env, terminate.is_set(), restarts) if env.global_rank == 0 else None
+        why_not = broadcast_object(why_not)
+        if why_not:
+            log(f"checkpointed step {result['step']}; not requeuing: {why_not}. Submit launch/train.py again to "
+                f"continue the run")
             close()
             return result
         if env.global_rank != 0:
             time.sleep(300)  # rank 0 requeues the job, which ends this task (SLURM, launch/local.py)
             raise RuntimeError("rank 0 did not requeue the job within 300 s of the checkpoint")
-        if restarts >= cfg.launch.max_requeues:
-            raise RuntimeError(f"preempted or timed out {restarts + 1} times (launch.max_requeues="
-                               f"{cfg.launch.max_requeues}): not requeuing. The run is checkpointed at step "
-                               f"{result['step']}; submit launch/train.py again to continue it.")
         log(f"checkpointed step {result['step']}: requeuing job {env.job_id}")
         if callable(requeue):
-            requeue(signal.SIGUSR2, None)  # exits this process
+            try:
+                requeue(signal.SIGUSR2, None)  # exits this process
+            except subprocess.CalledProcessError as e:  # (SLURM may be requeueing a preempted job itself)
+                log(f"`scontrol requeue {env.job_id}` failed ({e}); the run is checkpointed at step "
+                    f"{result['step']}: submit launch/train.py again if SLURM does not requeue it")
+                os._exit(0)  # the other ranks wait for the requeue: end the job's tasks now
         return result  # no submitit handler (a plain call): the run stays resumable
+
+
+def _why_not_requeue(cfg: Config, env: submitit.JobEnvironment, terminated: bool, restarts: int) -> str | None:
+    """Why a job that checkpointed on a signal ends instead of requeuing (None: requeue it)."""
+    if restarts >= cfg.launch.max_requeues:
+        return (f"preempted or timed out {restarts + 1} times (launch.max_requeues={cfg.launch.max_requeues})"
+                if cfg.launch.max_requeues else "launch.max_requeues=0 (requeueing off)")
+    if not terminated:
+        return None
+    if _local():
+        return "SIGTERM ends a local job (its controller is being stopped)"
+    return _cancelled(env.job_id)
+
+
+def _cancelled(job_id: str) -> str | None:
+    """Whether SLURM is cancelling the job (`scancel JOBID`), which sends the same SIGTERM as a
+    time limit or a preemption. While the job ends, squeue shows COMPLETING for all three; the
+    reason tells them apart (TimeLimit, Preemption...; none for a cancel)."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T|%r"], capture_output=True, text=True,
+                             timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None  # no verdict: requeue, as submitit would
+    if not out:
+        return None
+    state, _, reason = out.splitlines()[0].partition("|")
+    if state in ("CANCELLED", "COMPLETING") and not any(k in reason for k in ("TimeLimit", "Preempt", "Deadline")):
+        return f"SLURM is cancelling job {job_id} ({state}, reason {reason or 'none'})"
+    return None
 
 
 class EvalJob:

@@ -3,6 +3,7 @@ checkpoint (EMA or raw weights), checked against the config's model."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from enat.config import Config, ModelConfig, from_dict
@@ -10,7 +11,9 @@ from enat.eval.fidelity import EvalError
 from enat.files import file_sha256
 from enat.models.weights import load_state, load_weights
 from enat.models.zoo import build_model, model_differences
-from enat.train.checkpoint import checkpoint_dir, checkpoint_weights, content_id, require_intact, resolve_tag
+from enat.dist import barrier, broadcast_object
+from enat.train.checkpoint import (CheckpointError, checkpoint_dir, checkpoint_weights, content_id, pinned,
+                                   require_intact)
 
 
 def check_model(expected: ModelConfig, found: ModelConfig, source: str) -> None:
@@ -37,11 +40,25 @@ def load_checkpoint(cfg: Config, run_dir: Path | None, checkpoint: str, weights:
         if run_dir is None:
             raise EvalError("give --run RUN_DIR to evaluate a training checkpoint by step")
         ckpt_dir = checkpoint_dir(run_dir)
-        tag = resolve_tag(ckpt_dir, checkpoint)
-        require_intact(ckpt_dir, tag, log=log, rank=rank, world=world)  # the ranks share the reading
-        state, sds = checkpoint_weights(ckpt_dir, tag, kinds=(weights,))
+        with contextlib.ExitStack() as pin:
+            # Rank 0 resolves the tag and pins it against retention until every rank has read it
+            # (a trainer may be saving and pruning this run right now); the others read that tag.
+            got = None
+            if rank == 0:
+                try:
+                    got = ("tag", pin.enter_context(pinned(ckpt_dir, checkpoint, "eval", log=log)))
+                except CheckpointError as e:
+                    got = ("error", str(e))
+            kind, value = broadcast_object(got) if world > 1 else got
+            if kind == "error":
+                raise CheckpointError(value)
+            tag = value
+            require_intact(ckpt_dir, tag, log=log, rank=rank, world=world)  # the ranks share the reading
+            state, sds = checkpoint_weights(ckpt_dir, tag, kinds=(weights,))
+            step, ident, digest = state["step"], str(ckpt_dir / tag), content_id(ckpt_dir, tag)
+            if world > 1:
+                barrier()
         mcfg, sd = from_dict(ModelConfig, state["config"]["model"]), sds[weights]
-        step, ident, digest = state["step"], str(ckpt_dir / tag), content_id(ckpt_dir, tag)
         flops = state.get("flops_seen")  # the training FLOPs that made these weights (exact, from the step plans)
     check(cfg.model, mcfg, ident)
     model = build_model(mcfg)

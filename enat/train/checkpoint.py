@@ -22,7 +22,9 @@ so a save stays I/O-bound. It detects truncation and flipped bits; it is not a d
 tampering.
 
 The last `keep_last` checkpoints and every `keep_every`-th step are kept, and the one `latest`
-names never goes; partial tags and tags newer than `latest` are not counted. A checkpoint from
+names never goes; partial tags and tags newer than `latest` are not counted. A tag a reader has
+pinned (FID job, analysis, export, verify: `pinned()`, enat/train/pins.py) is kept until a prune
+after its reader let go. A checkpoint from
 another world size is resumed through DeepSpeed's universal format (converted once, next to the
 original).
 """
@@ -30,6 +32,7 @@ original).
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -45,13 +48,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from enat.config import ModelConfig, from_dict
 from enat.dist import all_gather_object, barrier, broadcast_object, import_deepspeed
 from enat.files import file_sha256
 from enat.models.weights import save_weights
-from enat.train.lease import LeaseLost
+from enat.train.lease import LeaseLost, describe_holder
+from enat.train.pins import Pin, absolve, condemn
 
 LATEST = "latest"
 META = "enat_meta.json"
@@ -65,6 +70,37 @@ _CHUNK = 16 << 20
 
 class CheckpointError(ValueError):
     pass
+
+
+class SaveError(CheckpointError):
+    """A checkpoint could not be written (disk full, quota, I/O error); nothing was committed."""
+
+    def __init__(self, message: str, tag: str):
+        super().__init__(message)
+        self.tag = tag
+
+
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _write_error(e: BaseException) -> str:
+    """What a failed write says, the lack of space named: an OSError's errno, or torch.save's
+    RuntimeError (its C++ writer reports a failed write without the errno)."""
+    if isinstance(e, OSError):
+        what = "out of space" if e.errno in NO_SPACE else "write failed"
+        return f"{what}: {e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
+    text = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+    return f"write failed: {text}"
+
+
+def _tree_size(path: Path) -> int:
+    total = 0
+    for p in Path(path).rglob("*") if Path(path).is_dir() else []:
+        try:
+            total += p.stat().st_size if p.is_file() else 0
+        except OSError:
+            pass
+    return total
 
 
 def tag_for(step: int) -> str:
@@ -296,6 +332,37 @@ def resolve_tag(ckpt_dir: Path, which: str | None) -> str:
     return tag
 
 
+PIN_ATTEMPTS = 50
+
+
+@contextlib.contextmanager
+def pinned(ckpt_dir: Path, which: str | None, purpose: str = "", log=print):
+    """Resolve `which` ('latest'/None, a step, a tag) and pin the tag for as long as the block
+    reads it: retention leaves a pinned tag alone. A tag pruned between resolving and pinning is
+    resolved again ('latest' then names a newer one), so a reader trailing a trainer that saves
+    every step with keep_last=1 always gets a checkpoint. Yields the tag."""
+    for attempt in range(PIN_ATTEMPTS):
+        tag = resolve_tag(ckpt_dir, which)
+        pin = Pin(ckpt_dir, tag, purpose=purpose)
+        try:
+            pin.take()
+        except OSError as e:  # a read-only copy of a run: nothing can prune it under us either
+            log(f"note: cannot pin {ckpt_dir / tag} ({e.strerror or e}); reading it unpinned")
+            yield tag
+            return
+        if not pin.condemned():
+            try:
+                yield tag
+            finally:
+                pin.release()
+            return
+        pin.release()  # retention got there first: try again (the tag may come back if it was kept)
+        time.sleep(min(0.05 * (attempt + 1), 1.0))
+    raise CheckpointError(f"could not pin a checkpoint of {ckpt_dir} ({which or LATEST}) in {PIN_ATTEMPTS} "
+                          f"attempts: retention removed each one first. Read a tag kept by keep_every, "
+                          f"or raise train.keep_last")
+
+
 def find_resume_tag(ckpt_dir: Path, rank: int = 0, world: int = 1, log=print) -> tuple[str | None, list[TagStatus]]:
     """-> (the tag to resume from, the damaged tags passed over on the way). Every rank calls it:
     the candidates come from rank 0's listing, the verification is shared among the ranks.
@@ -341,9 +408,10 @@ class Checkpointer:
     None: it is asked before a save starts and again before the save is committed."""
 
     def __init__(self, run_dir: str | Path, rank: int, keep_last: int = 3, keep_every: int = 0, fence=None,
-                 log=print):
+                 log=print, pin_timeout_s: float = 600.0):
         self.dir = checkpoint_dir(run_dir)
         self.rank, self.keep_last, self.keep_every = rank, keep_last, keep_every
+        self.pin_timeout_s = pin_timeout_s  # a reader's pin without a heartbeat this long is a dead reader's
         self.fence = fence
         self.log = log
 
@@ -354,27 +422,40 @@ class Checkpointer:
             raise LeaseLost(f"not saving to {self.dir}: {lost}")
 
     def save(self, engine, step: int, client_state: dict, meta: dict) -> str:
+        """Write, verify and commit the checkpoint of `step`; returns its tag. A failed write
+        raises SaveError after the partial tag is removed, `latest` still on the previous one."""
         self._check_fence()
         tag = tag_for(step)
         tag_dir = self.dir / tag
         if self.rank == 0 and tag_dir.exists():  # a step saved again (after a fallback): no stale files or manifest
             remove_tag(tag_dir)
+        # Room for it? Each rank needs what it wrote last time (from the newest manifest): a full
+        # disk is refused before DeepSpeed writes anything, as one decision of all ranks.
+        short = all_gather_object(self._short_of_space())
+        if any(short):
+            self._failed(tag, [s for s in short if s], written=0)
         barrier()
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state={CLIENT_KEY: client_state}, save_latest=False)
+        error = None
+        try:
+            engine.save_checkpoint(str(self.dir), tag=tag, client_state={CLIENT_KEY: client_state}, save_latest=False)
+        except (OSError, RuntimeError) as e:  # torch.save wraps a failed write in a RuntimeError
+            error = f"rank {self.rank}: {_write_error(e)}"
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                barrier()  # the one DeepSpeed's save_checkpoint ends with, where the other ranks wait
         # Each rank flushes and checksums the files it wrote (its dirty pages live on its node),
         # in threads: zlib releases the GIL, so a rank's files are hashed side by side.
-        mine, error = {}, None
-        try:
-            paths = [p for p in sorted(tag_dir.iterdir()) if p.is_file() and writer_rank(p.name) == self.rank]
-            with ThreadPoolExecutor(max(1, min(4, len(paths)))) as pool:
-                mine = dict(zip((p.name for p in paths), pool.map(lambda p: file_checksum(p, fsync=True), paths)))
-        except OSError as e:
-            error = f"rank {self.rank}: {e}"
+        mine = {}
+        if error is None:
+            try:
+                paths = [p for p in sorted(tag_dir.iterdir()) if p.is_file() and writer_rank(p.name) == self.rank]
+                with ThreadPoolExecutor(max(1, min(4, len(paths)))) as pool:
+                    mine = dict(zip((p.name for p in paths), pool.map(lambda p: file_checksum(p, fsync=True), paths)))
+            except OSError as e:
+                error = f"rank {self.rank}: {_write_error(e)}"
         parts = all_gather_object((mine, error))
         errors = [e for _, e in parts if e]
         if errors:
-            raise CheckpointError(f"saving {tag_dir} failed ({'; '.join(errors)}); `latest` still names the previous "
-                                  f"checkpoint. Check the filesystem (quota, space) and resume.")
+            self._failed(tag, errors, written=_tree_size(tag_dir))
         files = {k: v for part, _ in parts for k, v in part.items()}
         # Fenced before the manifest: a writer that lost the lease leaves a partial, never a
         # complete tag that retention or an eval watcher would count.
@@ -384,14 +465,66 @@ class Checkpointer:
                 fsync_dir(tag_dir)
                 write_atomic(tag_dir / META, json.dumps({**meta, "step": step, "tag": tag, "saved": time.time(),
                                                          "checksum": CHECKSUM, "files": files}, indent=1))
-                write_atomic(self.dir / LATEST, tag)  # the commit point
-                self.prune()
             except OSError as e:
-                error = f"committing {tag_dir} failed: {e}"
+                error = f"committing {tag_dir}: {_write_error(e)}"
         error = broadcast_object(error)
         if error:
-            raise CheckpointError(f"{error}. Check the filesystem (quota, space) and resume.")
+            self._failed(tag, [error], written=_tree_size(tag_dir))
+        if self.rank == 0:
+            try:
+                write_atomic(self.dir / LATEST, tag)  # the commit point
+            except OSError as e:
+                error = f"committing {tag_dir}: {_write_error(e)}"
+        error = broadcast_object(error)
+        if error:  # the tag is complete but `latest` was not moved: it is not the resume point
+            self._failed(tag, [error], written=_tree_size(tag_dir))
+        if self.rank == 0:
+            try:
+                self.prune()
+            except OSError as e:  # the save is committed; old tags wait for the next prune
+                self.log(f"warning: pruning {self.dir} failed ({e}); retried at the next save")
         return tag
+
+    def _short_of_space(self) -> str | None:
+        """Why this rank cannot expect to write its part of the next checkpoint, or None: its part
+        of the newest one (from its manifest) exceeds the free space of the checkpoint folder."""
+        tags = complete_tags(self.dir)
+        if not tags:
+            return None
+        try:
+            files = read_meta(self.dir, tags[-1]).get("files") or {}
+            need = sum(f["size"] for name, f in files.items() if writer_rank(name) == self.rank)
+            free = shutil.disk_usage(self.dir).free
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # no estimate: the save itself finds out
+        if need <= free:
+            return None
+        return f"rank {self.rank}: {free / 1e6:.1f} MB free, its part of {tags[-1]} took {need / 1e6:.1f} MB"
+
+    def _failed(self, tag: str, errors: list[str], written: int):
+        """A save that could not finish: rank 0 removes what it wrote (a partial never counts, but
+        it takes space the next save needs), and every rank raises the same SaveError."""
+        if self.rank == 0:
+            remove_tag(self.dir / tag)
+        latest = latest_pointer(self.dir)
+        try:
+            usage = shutil.disk_usage(self.dir)
+            space = f"{usage.free / 1e6:.1f} MB free of {usage.total / 1e6:.1f} MB on its filesystem"
+        except OSError:
+            space = "free space unknown"
+        previous = ""
+        if latest is not None and (self.dir / latest / META).is_file():
+            try:
+                sizes = read_meta(self.dir, latest).get("files") or {}
+                previous = f"; {latest} takes {sum(f['size'] for f in sizes.values()) / 1e6:.1f} MB"
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        raise SaveError(
+            f"checkpoint {tag} not saved: " + "; ".join(sorted(set(errors))) + f". {written / 1e6:.1f} MB written "
+            f"before it failed, removed; {space}{previous}. `latest` still names "
+            f"{latest or 'nothing (no checkpoint yet)'}, intact. Free space (or raise the quota) and run again: the "
+            f"run resumes from there (train.on_save_error=retry trains on and saves at the next interval)",
+            tag=tag)
 
     def prune(self) -> None:
         """Retention over committed checkpoints only (partials, and complete tags newer than
@@ -406,8 +539,16 @@ class Checkpointer:
             keep |= {t for t in tags if step_of(t) % self.keep_every == 0}
         keep.add(latest)
         for t in tags:
-            if t not in keep:
+            if t in keep:
+                continue
+            reader = condemn(self.dir, t, self.pin_timeout_s, log=self.log)
+            if reader is not None:
+                self.log(f"keeping {t} past retention: read by {describe_holder(reader)} (pruned once it is done)")
+                continue
+            try:
                 remove_tag(self.dir / t)
+            finally:
+                absolve(self.dir, t)
 
     def tidy(self, resume: str | None, passed: list[TagStatus]) -> None:
         """Rank 0, holding the run's lease, before training: `latest` names the resume point,
@@ -504,9 +645,9 @@ def checkpoint_weights(ckpt_dir: Path, tag: str, kinds=("ema", "online")) -> tup
 def export_weights(run_or_ckpt: str | Path, out: str | Path, which: str | None = None, log=print) -> Path:
     """Consolidated fp32 EMA and online weights of a checkpoint -> one enat-weights file."""
     ckpt_dir = ckpt_dir_of(run_or_ckpt)
-    tag = resolve_tag(ckpt_dir, which)
-    require_intact(ckpt_dir, tag, log=log)
-    enat_state, weights = checkpoint_weights(ckpt_dir, tag)
+    with pinned(ckpt_dir, which, "export", log=log) as tag:
+        require_intact(ckpt_dir, tag, log=log)
+        enat_state, weights = checkpoint_weights(ckpt_dir, tag)
     model_cfg = from_dict(ModelConfig, enat_state["config"]["model"])
     save_weights(out, model_cfg, weights, meta={"step": enat_state["step"], "tag": tag, "run_dir": str(ckpt_dir.parent),
                                                 "git_commit": enat_state.get("git_commit"),

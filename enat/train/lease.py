@@ -240,6 +240,26 @@ def _env(name: str) -> str | None:
     return os.environ.get(name) or None
 
 
+def holder_record(heartbeat_s: float, token: str) -> dict:
+    """Who this process is, as stale_reason judges it: host, pid (with its start time and pid
+    namespace), SLURM job, heartbeat period. A lease holds one; so does a reader's pin (pins.py)."""
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "pid_start": pid_start(os.getpid()),
+        "pid_namespace": pid_namespace(),
+        "slurm_job_id": _env("SLURM_JOB_ID"),
+        "slurm_array_job_id": _env("SLURM_ARRAY_JOB_ID"),
+        "slurm_array_task_id": _env("SLURM_ARRAY_TASK_ID"),
+        "slurm_restart_count": int(_env("SLURM_RESTART_COUNT") or 0),
+        "slurm_cluster": _env("SLURM_CLUSTER_NAME"),
+        "started": time.time(),
+        "heartbeat_s": heartbeat_s,
+        "token": token,
+        "argv": list(sys.argv),
+    }
+
+
 class Lease:
     """An exclusive lease on `run_dir`. acquire(), then poll `lost` (or call check()) between steps;
     release() at the end. Usable as a context manager (which does not take over)."""
@@ -260,21 +280,8 @@ class Lease:
     def _new_record(self) -> dict:
         # a fresh token per acquire: a token, once its lease is removed, never names a lease again
         self.token = uuid.uuid4().hex
-        return {
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "pid_start": pid_start(os.getpid()),
-            "pid_namespace": pid_namespace(),
-            "slurm_job_id": _env("SLURM_JOB_ID"),
-            "slurm_array_job_id": _env("SLURM_ARRAY_JOB_ID"),
-            "slurm_array_task_id": _env("SLURM_ARRAY_TASK_ID"),
-            "slurm_restart_count": int(_env("SLURM_RESTART_COUNT") or 0),
-            "slurm_cluster": _env("SLURM_CLUSTER_NAME"),
-            "started": time.time(),
-            "heartbeat_s": self.heartbeat_s,  # a taker waits two of these after --takeover
-            "token": self.token,
-            "argv": list(sys.argv),
-        }
+        # heartbeat_s: a taker waits two of these after --takeover
+        return holder_record(self.heartbeat_s, self.token)
 
     # -- taking ---------------------------------------------------------------------------------
 

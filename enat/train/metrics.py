@@ -5,8 +5,10 @@ run continues the same wandb run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import resource
 import threading
 import time
@@ -66,6 +68,7 @@ class MetricsWriter:
         self._starting = None
         self._start_error = None
         self._axes = []  # define_axis calls made before wandb was up
+        self._pending: list[str] = []  # lines not yet appended (a full disk)
         if enabled and wandb_cfg is not None and wandb_cfg.mode != "disabled":
             os.environ.setdefault("WANDB_SILENT", "true")
             self._wandb_args = dict(project=wandb_cfg.project, entity=wandb_cfg.entity, group=wandb_cfg.group,
@@ -136,8 +139,22 @@ class MetricsWriter:
     def log(self, record: dict, images: dict | None = None) -> None:
         if not self.enabled or (self.fence is not None and self.fence()):
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+        self._pending.append(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+        end = None
+        try:
+            with open(self.path, "a") as f:
+                end = f.tell()
+                f.write("".join(self._pending))
+            self._pending.clear()
+        except OSError as e:
+            if end is not None:
+                with contextlib.suppress(OSError):
+                    os.truncate(self.path, end)  # no torn line for the next append to run into
+            # a full disk or a quota: the lines wait here and go out with the next line that fits
+            # (a save failing on the same disk stops or retries the run: train.on_save_error)
+            if len(self._pending) == 1 or len(self._pending) % 100 == 0:
+                print(f"warning: cannot append to {self.path} ({e.strerror or e}): {len(self._pending)} lines "
+                      f"held in memory until it can", file=sys.stderr, flush=True)
         if self._run() is not None:
             data = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
             if images:

@@ -42,8 +42,8 @@ from enat.rng import derive_seed
 from enat.sampling import generate
 from enat.text import encoder_dir, encoder_for, null_gap
 from enat.tokenizer import load_tokenizer
-from enat.train.checkpoint import (Checkpointer, CheckpointError, checkpoint_dir, find_resume_tag, read_meta,
-                                   to_universal)
+from enat.train.checkpoint import (Checkpointer, CheckpointError, SaveError, checkpoint_dir, find_resume_tag,
+                                   read_meta, to_universal)
 from enat.train.ema import EMA
 from enat.train.lease import Lease, LeaseError, LeaseLost
 from enat.train.metrics import MetricsWriter, peak_memory_gb, peak_tflops, run_id
@@ -231,7 +231,8 @@ class Trainer:
         # Why this process may no longer write the run directory (a re-read of lease.json, rank 0):
         # asked before every save and every metrics line.
         fence = self.lease.check if self.lease is not None else None
-        self.checkpointer = Checkpointer(self.run_dir, self.rank, t.keep_last, t.keep_every, fence=fence, log=self.log)
+        self.checkpointer = Checkpointer(self.run_dir, self.rank, t.keep_last, t.keep_every, fence=fence, log=self.log,
+                                         pin_timeout_s=t.lease_timeout_s)
         tag, passed = find_resume_tag(ckpt_dir, self.rank, self.world, log=self.log)
         failed = None
         try:
@@ -276,6 +277,7 @@ class Trainer:
         self.masked_tokens_seen = 0
         self.skipped = 0
         self.consecutive_skips = 0
+        self.failed_saves = 0
         rid = None
         if tag is not None:
             state = self.checkpointer.load(self.engine, tag)
@@ -382,9 +384,21 @@ class Trainer:
                 "wandb_run_id": self.run_id, "config": to_dict(self.cfg), "git_commit": git_commit(),
                 "skipped": self.skipped, "consecutive_skips": self.consecutive_skips, "world_size": self.world}
 
-    def save(self) -> str:
-        tag = self.checkpointer.save(self.engine, self.step, self.client_state(),
-                                     {"world_size": self.world, "zero_stage": self.cfg.train.zero_stage})
+    def save(self, retry: bool = False) -> str | None:
+        """Checkpoint this step. A failed save (SaveError: nothing committed, its files removed)
+        stops the run, unless train.on_save_error=retry and `retry` (a save on schedule, not the
+        run's last or a preemption's): then it is logged and training goes on (None)."""
+        try:
+            tag = self.checkpointer.save(self.engine, self.step, self.client_state(),
+                                         {"world_size": self.world, "zero_stage": self.cfg.train.zero_stage})
+        except SaveError as e:
+            self.failed_saves += 1
+            self.metrics.log({"kind": "save_error", "step": self.step, "error": str(e), "failed_saves": self.failed_saves})
+            if not (retry and self.cfg.train.on_save_error == "retry"):
+                raise
+            self.log(f"warning: {e}\ntraining on (train.on_save_error=retry): the next save is at step "
+                     f"{(self.step // self.cfg.train.ckpt_every + 1) * self.cfg.train.ckpt_every}")
+            return None
         self.log(f"saved checkpoint {tag}")
         return tag
 
@@ -627,8 +641,8 @@ class Trainer:
                     self.metrics.log({"kind": "samples", "step": self.step, "samples": str(grid)},
                                      images={"samples": grid})
             saved = (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == end
-            if saved:
-                self.save()  # on schedule, and always where this run ends (done or --stop-at)
+            if saved:  # on schedule, and always where this run ends (done or --stop-at)
+                saved = self.save(retry=self.step < end and not self.stop_requested)
             if self.stop_requested and self.step < end:
                 if not saved:
                     self.save()
