@@ -300,6 +300,7 @@ class TrainConfig:
     peak_tflops: float | None = None  # MFU denominator; default from the GPU name (A100/H100/H200)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     inject_nan_steps: list[int] = field(default_factory=list)  # fault injection for tests: NaN loss at these steps
+    inject_step_delay_s: float = 0.0  # for tests: a pause after each step (a job still running at its time limit)
 
 
 @dataclass

@@ -174,6 +174,51 @@ def test_preemption_checkpoints_requeues_and_continues_exactly(cluster, work, re
     assert len(wandb_ids) == 1, f"the requeued job continues the same wandb run: {wandb_ids}"
 
 
+def test_sigterm_checkpoints_requeues_and_continues_exactly(cluster, work, reference):
+    """SIGTERM without the USR2 warning (launch.signal_delay_s=0), as clusters that preempt with
+    SIGTERM send it: every rank stops at one step, the checkpoint is written, the job requeues."""
+    d, _ = work
+    run = d / "runs/sigterm"
+    job = submit(work, "sigterm", **{"train.steps": 120, "launch.signal_delay_s": 0})
+    wait_for(lambda: (run / "metrics.jsonl").is_file() and len(metrics(run)) >= 15, 180, "step 15")
+    subprocess.run(["scancel", "--signal=TERM", job.job_id], check=True)
+    job.results()
+    log = Path(job.paths.stdout).read_text()
+    assert "(SIGTERM)" in log and "requeuing job" in log, log[-3000:]
+    ckpt_step = int(log.split("stop requested: checkpointed step ")[1].split()[0])
+    assert 15 <= ckpt_step < 120 and resumed_at(log, ckpt_step), log[-3000:]
+    ref = {r["step"]: r["loss"] for r in metrics(reference)}
+    assert {r["step"]: r["loss"] for r in metrics(run)} == ref  # every step once, bit for bit
+
+
+def test_time_limit_requeues_and_a_cancel_keeps_its_checkpoint_without_requeue(cluster, work, reference):
+    """The job's time limit (SIGTERM, then SIGKILL KillWait later) checkpoints and requeues; then
+    `scancel JOBID` (the same SIGTERM) checkpoints and ends the job: a cancel is not undone."""
+    d, _ = work
+    run = d / "runs/timelimit"
+    # slower steps (the same losses): slurmctld checks time limits every 30 s
+    job = submit(work, "timelimit", **{"train.steps": 120, "launch.signal_delay_s": 0, "train.inject_step_delay_s": 0.4})
+    wait_for(lambda: (run / "metrics.jsonl").is_file() and len(metrics(run)) >= 15, 180, "step 15")
+    end = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() + 1))
+    subprocess.run(["scontrol", "update", f"JobId={job.job_id}", f"EndTime={end}"], check=True)  # the limit: now
+    log = lambda: Path(job.paths.stdout).read_text()  # noqa: E731
+    wait_for(lambda: "resumed from" in log(), 180, "the requeued start")
+    k1 = int(log().split("stop requested: checkpointed step ")[1].split()[0])
+    assert "(SIGTERM)" in log() and resumed_at(log(), k1), log()[-3000:]
+    assert "DUE TO TIME LIMIT" in Path(job.paths.stderr).read_text()
+    wait_for(lambda: len(metrics(run)) >= k1 + 10, 120, "steps after the requeue")
+    subprocess.run(["scancel", job.job_id], check=True)
+    wait_for(lambda: "not requeuing: SLURM is cancelling job" in log(), 60, "the cancelled job's checkpoint")
+    wait_for(lambda: sacct_state(job.job_id) == "CANCELLED", 60, "the job to end")
+    k2 = int(log().split("stop requested: checkpointed step ")[2].split()[0])
+    assert (run / "checkpoints/latest").read_text().strip() == f"step{k2:08d}"
+    time.sleep(5)
+    assert sacct_state(job.job_id) == "CANCELLED"  # and it stays so
+    ref = {r["step"]: r["loss"] for r in metrics(reference)}
+    got = {r["step"]: r["loss"] for r in metrics(run)}
+    assert list(got) == list(range(1, k2 + 1)) and got == {s: ref[s] for s in got}
+
+
 def test_requeue_after_a_hard_kill_retakes_its_own_lease_and_continues_exactly(cluster, work, reference):
     """Rank 0 killed hard (its lease stays behind, heartbeat fresh), the job then requeued: the
     new incarnation (same job id, a higher restart count) retakes the lease at once and resumes."""

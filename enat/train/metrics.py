@@ -161,9 +161,21 @@ class MetricsWriter:
                 import wandb  # wandb: loaded by __init__ already (self.wandb is set); not at module top, see there
 
                 data.update({k: wandb.Image(str(v)) for k, v in images.items()})
-            self.wandb.log(data, step=record["step"])
+            self._wandb_call(self.wandb.log, data, step=record["step"])
+
+    def _wandb_call(self, fn, *args, **kwargs) -> None:
+        """A call into wandb that must not end the run: its service process dies with the job's
+        SIGTERM (SLURM signals every process of a job step, at a time limit or a preemption) while
+        the trainer is still writing its checkpoint. metrics.jsonl keeps every record; the wandb
+        run goes on at the requeue (same id)."""
+        try:
+            fn(*args, **kwargs)
+        except Exception as e:  # wandb raises a variety (ConnectionResetError, its own errors)
+            print(f"warning: wandb stopped answering ({type(e).__name__}: {e}); logging to {self.path} only "
+                  f"from here on", file=sys.stderr, flush=True)
+            self.wandb = None
 
     def finish(self) -> None:
         if self._run() is not None:
-            self.wandb.finish()
+            self._wandb_call(self.wandb.finish)
             self.wandb = None

@@ -615,6 +615,8 @@ class Trainer:
                    disable=not (self.rank == 0 and sys.stderr.isatty()))
         while self.step < end:
             stats = self.train_step(it, stop=should_stop is not None and bool(should_stop()))
+            if t.inject_step_delay_s:
+                time.sleep(t.inject_step_delay_s)
             self.metrics.start()  # wandb, off the first step's path (MetricsWriter)
             bar.update(1)
             window["steps"] += 1
