@@ -244,6 +244,18 @@ def extractor_error(name: str, weights: str | None) -> str | None:
     return None
 
 
+# The Inception layer FID uses: pool3, the 2048-d output of the final average pool (the TF-FID
+# protocol's "pool_3:0"), not the logits or an earlier mixed block.
+INCEPTION_POOL = "2048"
+
+
+def feature_size(name: str) -> int | None:
+    """The size of the features FID compares for extractor `name` (None for one unknown here)."""
+    if name in CLASSIFIERS:
+        return CLASSIFIERS[name][4]
+    return int(INCEPTION_POOL) if name.startswith("inception") else None
+
+
 def build_extractor(name: str, weights: str | None, device: torch.device | str = "cpu"):
     import_torch_fidelity()  # registers digits-cnn
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY  # after the guard (see _register)
@@ -251,7 +263,7 @@ def build_extractor(name: str, weights: str | None, device: torch.device | str =
     if name not in FEATURE_EXTRACTORS_REGISTRY:
         raise EvalError(f"unknown feature extractor {name!r}")
     cls = FEATURE_EXTRACTORS_REGISTRY[name]
-    layers = (["pool", "logits_unbiased"] if name in CLASSIFIERS else ["2048", "logits_unbiased"])
+    layers = (["pool", "logits_unbiased"] if name in CLASSIFIERS else [INCEPTION_POOL, "logits_unbiased"])
     problem = extractor_error(name, weights)  # missing weights: say which file and what makes it
     if problem:
         raise EvalError(problem)
@@ -290,7 +302,15 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     if not np.isfinite(covmean).all():  # near-singular product: regularise as the reference code does
         eps = np.eye(sigma1.shape[0]) * 1e-6
         covmean = scipy.linalg.sqrtm((sigma1 + eps) @ (sigma2 + eps))
-    covmean = covmean.real
+    if np.iscomplexobj(covmean):
+        # Rounding leaves tiny imaginary parts (~1e-8 with 40 samples of 2048-d features); a large one
+        # means sqrtm failed, and its real part is no distance: ADM's evaluator stops there too.
+        imag = float(np.abs(np.diagonal(covmean).imag).max())
+        if imag > 1e-3:
+            raise EvalError(f"FID: the square root of the covariances' product has an imaginary diagonal of "
+                            f"{imag:.3g} (ADM's evaluator stops above 1e-3): the covariances are degenerate "
+                            f"(non-finite or constant features?); check the samples and the extractor")
+        covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 

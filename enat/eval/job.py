@@ -171,8 +171,8 @@ def evaluate(cfg: Config, run_dir: str | Path | None, checkpoint: str = "latest"
     problem = tokenizer_mismatch(cfg) or extractor_mismatch(cfg)  # before any work: samples would be noise
     if problem:
         raise EvalError(problem)
+    spec = reference_spec(cfg)  # a reference npz of the wrong layout: named before a checkpoint is read
     ck = load_checkpoint(cfg, run_dir, checkpoint, weights, log=log, rank=rank, world=world)
-    spec = reference_spec(cfg)
     settings = eval_settings(cfg, weights, num_samples, spec, ck["sha256"])
     base = Path(out_dir) if out_dir is not None else (run_dir if run_dir is not None else Path(ck["id"]).parent)
     out = _result_file(base, ck["step"], settings)

@@ -30,7 +30,7 @@ from enat.data.digits import load_digits
 from enat.data.fashion import FashionError, files_id, load_fashion, split_size
 from enat.data.loader import ShardSet
 from enat.data.tokenize import _Loading
-from enat.eval.fidelity import CLASSIFIERS, EvalError, build_extractor, extract, statistics
+from enat.eval.fidelity import CLASSIFIERS, EvalError, build_extractor, extract, feature_size, statistics
 from enat.files import file_sha256, write_json, write_npz
 from enat.images import to_uint8
 from enat.models.weights import torch_load
@@ -56,6 +56,7 @@ def reference_spec(cfg: Config) -> dict:
                     raise EvalError(f"reference {path} holds {made_with} features ({sidecar}) but eval.extractor is "
                                     f"{cfg.eval.extractor}")
                 spec["recorded"] = recorded
+        npz_statistics(cfg, path)  # a wrong layout stops the job here, before any sampling
         return spec
     if cfg.data.dataset in ("digits", "digits_aug"):  # the real held-out digits, not reconstructions
         return {"kind": "digits-val", "id": f"digits-val-{res}px-{cfg.eval.extractor}", "resolution": res}
@@ -78,6 +79,81 @@ def reference_spec(cfg: Config) -> dict:
         raise EvalError(f"no manifest at {manifest}: tokenize the validation split first")
     return {"kind": "shards", "path": str(cfg.data.val_shards), "resolution": res,
             "id": f"shards-{file_sha256(manifest)[:12]}-{res}px-{cfg.eval.extractor}"}
+
+
+NPZ_LAYOUT = ("ADM's layout: mu (D,) and sigma (D, D), floats, the mean and covariance of the D-d features of "
+              "eval.extractor (ADM's reference batches, VIRTUAL_*.npz, hold them beside arr_0, mu_s, sigma_s; "
+              "`enat eval reference --config C --out FILE.npz` writes them)")
+
+
+def _npz_arrays(z) -> dict:
+    """{name: (shape, dtype)} of an npz's arrays, read from their headers: ADM's reference batches
+    hold 10,000 images as arr_0 (2 GB at 256 px), which need not be read for their size."""
+    out = {}
+    for name in z.files:
+        with z.zip.open(f"{name}.npy") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+            else:  # (3, 0): a structured dtype's unicode field names, never statistics
+                shape, dtype = z[name].shape, z[name].dtype
+        out[name] = (tuple(shape), np.dtype(dtype))
+    return out
+
+
+def npz_statistics(cfg: Config, path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) in float64 from reference statistics given by path (eval.reference_npz), checked
+    against ADM's layout (mu, sigma; other arrays such as arr_0, mu_s, sigma_s are left alone), the
+    extractor's feature size and the samples' resolution. A file of another layout is an EvalError
+    naming the file, what it holds and the layout it needs: FID against it would be a number of
+    nothing (or a broadcasting error after all the sampling)."""
+    path = Path(path)
+
+    def bad(problem: str, found: str) -> EvalError:
+        return EvalError(f"reference {path} (eval.reference_npz): {problem} (found {found}); it needs {NPZ_LAYOUT}")
+
+    try:
+        z = np.load(path)
+    except Exception as e:  # not a zip / npy at all, a pickle: numpy's own error says which
+        raise bad("not readable as an npz", f"{type(e).__name__}: {e}") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise bad("a single array, not an npz of arrays", f"a .npy array of shape {z.shape}")
+    with z:
+        arrays = _npz_arrays(z)
+        found = ", ".join(f"{k} {shape} {dtype}" for k, (shape, dtype) in arrays.items()) or "no arrays"
+        missing = [k for k in ("mu", "sigma") if k not in arrays]
+        if missing:
+            what = ("images (arr_0) without statistics: a sample batch, not a reference batch"
+                    if set(arrays) <= {"arr_0", "labels"} and arrays else f"no {' and no '.join(missing)}")
+            raise bad(what, found)
+        (mu_shape, mu_dtype), (sigma_shape, sigma_dtype) = arrays["mu"], arrays["sigma"]
+        if mu_dtype.kind != "f" or sigma_dtype.kind != "f":
+            raise bad("mu and sigma must be floating point", found)
+        if len(mu_shape) != 1 or sigma_shape != (mu_shape[0], mu_shape[0]):
+            raise bad("mu must be a vector (D,) and sigma a square matrix (D, D) of the same D", found)
+        dim, want = mu_shape[0], feature_size(cfg.eval.extractor)
+        if want is not None and dim != want:
+            raise bad(f"statistics of {dim}-d features, but eval.extractor={cfg.eval.extractor} gives {want}-d "
+                      f"features: statistics of another extractor (or of ADM's spatial features, mu_s)", found)
+        res = None
+        if "resolution" in arrays:
+            res = int(z["resolution"])
+        elif "arr_0" in arrays and len(arrays["arr_0"][0]) == 4:  # ADM's images: (N, H, W, 3)
+            res = arrays["arr_0"][0][1]
+        if res is not None and res != cfg.tokenizer.resolution:
+            raise EvalError(f"reference {path} is for {res} px images but the samples are "
+                            f"{cfg.tokenizer.resolution} px (tokenizer.resolution): give statistics of "
+                            f"{cfg.tokenizer.resolution} px images")
+        mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise bad("mu or sigma holds NaN or infinite values", found)
+    asym = float(np.abs(sigma - sigma.T).max())
+    if asym > 1e-6 * max(float(np.abs(sigma).max()), 1e-300) or (np.diagonal(sigma) < 0).any():
+        raise bad(f"sigma is not a covariance matrix (largest |sigma - sigma.T| {asym:.3g}, smallest diagonal "
+                  f"{np.diagonal(sigma).min():.3g})", found)
+    return mu, sigma
 
 
 def extractor_mismatch(cfg: Config) -> str | None:
@@ -178,14 +254,8 @@ def _reference_record(cfg: Config, spec: dict, info: dict) -> dict:
 
 def reference_stats(cfg: Config, spec: dict, extractor, tokenizer, log=print) -> dict:
     if spec["kind"] == "npz":
-        with np.load(spec["path"]) as z:
-            if "mu" not in z or "sigma" not in z:
-                raise EvalError(f"{spec['path']} holds no mu/sigma (keys: {list(z.keys())})")
-            res = int(z["resolution"]) if "resolution" in z else (z["arr_0"].shape[1] if "arr_0" in z else None)
-            if res is not None and res != cfg.tokenizer.resolution:
-                raise EvalError(f"reference {spec['path']} is for {res} px images but the samples are "
-                                f"{cfg.tokenizer.resolution} px (tokenizer.resolution)")
-            return {"mu": z["mu"].astype(np.float64), "sigma": z["sigma"].astype(np.float64)}
+        mu, sigma = npz_statistics(cfg, spec["path"])
+        return {"mu": mu, "sigma": sigma}
     cache = Path(cfg.eval.cache_dir) / f"{spec['id']}.npz"
     if cache.is_file():
         with np.load(cache) as z:
