@@ -73,8 +73,8 @@ def what_changed(was: dict, now: dict) -> str:
                   for n in changed]
         out.append(f"{len(changed)} shard(s) rewritten: {_listed(detail, 3)}")
     if not out:
-        out.append("the same shards, sample counts and tokenizer; other manifest fields differ (source, failed "
-                   "images, grid or text section)")
+        out.append("the same shards, sample counts and tokenizer checksum; other manifest fields differ (the "
+                   "tokenizer's path, source, failed images, grid or text section: compare the manifests)")
     return "; ".join(out)
 
 

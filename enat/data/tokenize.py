@@ -577,7 +577,8 @@ def merge_parts(out_dir: str | Path, tokenizer_path: str | Path | None = None, e
         raise ShardError(f"{out_dir}: parts were tokenized from different image sets ({sorted(identities)}); "
                          f"re-run them with the same data settings into a fresh folder")
     # crc32: absent from shards that an older enat wrote (a part resumed across versions)
-    shards = [{k: s[k] for k in ("name", "num_samples", "bytes", "crc32") if k in s} for r in parts for s in r["shards"]]
+    shards = [{k: s[k] for k in ("name", "num_samples", "bytes", "crc32") if k in s}
+              for r in parts for s in r["shards"]]
     failed = [f for r in parts for s in r["shards"] for f in s["failed"]]
     first = parts[0]
     text = _merge_text(out_dir, parts)
