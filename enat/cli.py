@@ -9,6 +9,7 @@
     enat tokenizer eval --config C [--out F.json]  its held-out PSNR and reconstruction FID
     enat tokenize --config C [--split val] [--num-parts K --part I | --merge]
     enat data prepare --config C                  build the tokenizer/shards (+ demo FID extractor) if missing
+    enat data verify DIR                          check every shard's size, samples, checksum; exit 1 if damaged
     enat train --config C [key=value ...]         under torchrun/srun/submitit or as one process
     enat export RUN OUT [--checkpoint STEP]       consolidated fp32 EMA + online weights
     enat ckpt universal RUN                       for resuming on another world size
@@ -132,6 +133,12 @@ def cmd_tokenize(args) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenize_split(cfg, args.split, input_=args.input, out=args.out, part=args.part, num_parts=args.num_parts,
                    device=device)
+
+
+def cmd_data_verify(args) -> int:
+    from enat.data.identity import verify_shards
+
+    return 1 if verify_shards(args.dir) else 0
 
 
 def cmd_data_prepare(args) -> None:
@@ -451,6 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
                                         "demo's FID extractor")
     _config_args(t)
     t.set_defaults(func=cmd_data_prepare)
+    t = dsub.add_parser("verify", help="check every shard against its manifest (size, sample count, checksum); "
+                                       "exit 1 naming the damaged ones")
+    t.add_argument("dir", help="a token shard folder (manifest.json inside)")
+    t.set_defaults(func=cmd_data_verify)
 
     s = sub.add_parser("train", help="train (single process, or under torchrun/srun/submitit)")
     _config_args(s)

@@ -206,6 +206,9 @@ class DataConfig:
     shuffle: bool = True
     resampled: bool = False  # infinite draws with replacement (statistical, not exact, resume)
     strict: bool = False  # corrupt shard or sample: raise (true) or skip, count and log (false)
+    # A resume whose training shards differ from the checkpoint's (another manifest sha256) stops with
+    # an error; true resumes on them anyway (a warning; not an exact resume) and records the new ones.
+    allow_changed_shards: bool = False
     num_workers: int = 2  # DataLoader workers per rank (loading images when tokenizing, reading shards)
     # digits_aug: images per split (train: drawn from the 1,498 training digits, val: from the 299
     # held-out ones; every base digit used equally) and the transforms' seed; image i of a split is

@@ -92,6 +92,13 @@ def test_parts_merge_to_the_same_set_and_rerun_skips(tmp_path, vq, digits, shard
                   log=logs.append)
     assert "(3 already done)" in logs[-1]
     assert len(read_all(tmp_path)) == len(digits)
+    # Every shard's CRC-32 is recorded at tokenize time and survives the merge of the parts.
+    from enat.files import file_crc32
+
+    merge_parts(tmp_path)  # again: the rerun rewrote a shard
+    for d in (tmp_path, shards):
+        entries = Manifest.load(d).shards
+        assert entries and all(e["crc32"] == file_crc32(d / e["name"]) for e in entries)
 
 
 def test_merge_refuses_missing_parts(tmp_path, vq, digits):
@@ -344,3 +351,93 @@ def test_check_data_names_what_is_missing_and_the_command(tmp_path, shards):
     with pytest.raises(ShardError, match=r"validation shards: no .*val.manifest\.json") as e:
         check_data(load_config(ROOT / "configs/experiments/demo.yaml", [f"data.shards={shards}", over[1]]))
     assert "training shards" not in str(e.value)
+
+
+# --- identity and verify (enat/data/identity.py) --------------------------------------------
+
+
+def test_verify_reports_each_shard_and_names_each_kind_of_damage(tmp_path, shards, capsys):
+    from enat.cli import main
+    from enat.data.identity import NO_CHECKSUMS
+
+    names = [e["name"] for e in Manifest.load(shards).shards]
+    assert main(["data", "verify", str(shards)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(names) + 1 and "1498 samples intact" in lines[-1]
+    assert all(line.startswith(f"{n}: ok, ") and "crc32 " in line for n, line in zip(names, lines, strict=False))
+
+    def damaged(how, name, *words):
+        d = copy_shards(shards, tmp_path / how)
+        victim, m = d / name, Manifest.load(d)
+        if how == "truncated":
+            victim.write_bytes(victim.read_bytes()[:-1000])
+        elif how == "flipped":  # one bit of a token payload: the size and the tar stay valid
+            raw = bytearray(victim.read_bytes())
+            raw[int(np.load(index_path(victim))["offset"][3])] ^= 1
+            victim.write_bytes(bytes(raw))
+        elif how == "missing":
+            victim.unlink()
+        elif how == "count":
+            m.shards[names.index(name)]["num_samples"] -= 1
+            m.num_samples -= 1
+            m.save(d)
+        assert main(["data", "verify", str(d)]) == 1, how
+        out = capsys.readouterr().out
+        bad = [line for line in out.splitlines() if line.startswith(name)]
+        assert len(bad) == 1 and all(w in bad[0] for w in words), (how, out)
+        assert sum(line.endswith(tuple("0123456789abcdef")) and ": ok, " in line for line in out.splitlines()) \
+            == len(names) - 1  # the others still report ok
+        assert f"1 of {len(names)} shards damaged or missing ({name})" in out.splitlines()[-1]
+
+    damaged("truncated", names[2], "DAMAGED", "bytes on disk", "truncated")
+    damaged("flipped", names[1], "DAMAGED", "crc32", "flipped byte")
+    damaged("missing", names[4], "MISSING")
+    damaged("count", names[0], "DAMAGED", "128 readable samples, 127 in the manifest")
+    # Shards of an older enat (no checksums in the manifest) are not failed for that.
+    d = copy_shards(shards, tmp_path / "old")
+    m = Manifest.load(d)
+    for e in m.shards:
+        del e["crc32"]
+    m.save(d)
+    assert main(["data", "verify", str(d)]) == 0
+    out = capsys.readouterr().out
+    assert NO_CHECKSUMS in out and "no checksum recorded" in out.splitlines()[0]
+
+
+def test_resume_state_checks_the_shards_identity(tmp_path, shards):
+    """The check a resume makes (the real-process test is in test_run_integrity.py): same shards
+    pass, other shards raise naming both hashes and what changed, or (allowed) pass with a warning
+    and the new sample count; a checkpoint of an older enat passes with a note."""
+    from types import SimpleNamespace
+
+    from enat.data.identity import DataChangedError, resume_data_state
+
+    saved = loader(shards, world_size=1).state_dict()
+    logs = []
+    assert resume_data_state(saved, loader(shards, world_size=1), False, logs.append) == saved and not logs
+    old = {k: v for k, v in saved.items() if k != "identity"}
+    assert resume_data_state(old, loader(shards, world_size=1), False, logs.append) == old
+    assert "no training-shard identity" in logs[-1] and saved["identity"]["manifest_sha256"] in logs[-1]
+
+    d = copy_shards(shards, tmp_path / "s")
+    m = Manifest.load(d)
+    m.shards[3]["crc32"], m.shards[3]["num_samples"] = "0badc0de", 100  # as if rewritten
+    m.shards.pop()
+    m.tokenizer = {"path": "other.pt", "sha256": "f" * 64}
+    m.num_samples = sum(e["num_samples"] for e in m.shards)
+    m.save(d)
+    now = SimpleNamespace(data=ShardSet(d, log=lambda *_: None))
+    with pytest.raises(DataChangedError) as e:
+        resume_data_state(saved, now, False)
+    msg = str(e.value)
+    for part in (saved["identity"]["manifest_sha256"], now.data.identity["manifest_sha256"], f"1498 -> {m.num_samples}",
+                 f"1 shard(s) gone: {saved_last(saved)}", f"{m.shards[3]['name']} (128 -> 100 samples",
+                 "tokenizer sha256 None -> " + "f" * 64, "data.allow_changed_shards=true", "train.run_dir"):
+        assert part in msg, (part, msg)
+    state = resume_data_state(saved, now, True, logs.append)
+    assert "warning: data.allow_changed_shards=true" in logs[-1] and now.data.identity["manifest_sha256"] in logs[-1]
+    assert state["num_samples"] == len(now.data) != saved["num_samples"]
+
+
+def saved_last(state):
+    return list(state["identity"]["shards"])[-1]

@@ -286,3 +286,69 @@ def test_takeover_of_a_stuck_writer_which_then_wakes_up(data, reference, tmp_pat
         if old.poll() is None:
             os.killpg(old.pid, signal.SIGKILL)
     assert losses(d) == {s: v for s, v in ref.items() if s <= stuck_at + 6}
+
+
+def _rewrite_last_shard(shard_dir, keep):
+    """Write the last shard again with its first `keep` samples and merge the manifest again, as a
+    re-tokenize that changed the data would (another manifest, another sha256)."""
+    import webdataset as wds
+
+    from enat.data.shards import Manifest
+    from enat.data.tokenize import _write_shard
+    from enat.files import file_crc32
+
+    m = Manifest.load(shard_dir)
+    entry = m.shards[-1]
+    path = shard_dir / entry["name"]
+    samples = [(s["__key__"], s["tokens.npy"], int(s["cls"]))
+               for s in wds.WebDataset([str(path)], shardshuffle=False).decode()][:keep]
+    entry.update(num_samples=keep, bytes=_write_shard(path, samples, m.seq_len), crc32=file_crc32(path))
+    m.num_samples = sum(e["num_samples"] for e in m.shards)
+    m.save(shard_dir)
+    return entry["name"], m.num_samples
+
+
+def test_resume_on_changed_shards_stops_unless_allowed(data, reference, tmp_path):
+    """A run paused and resumed on the same shards continues bit for bit; its shards rewritten
+    while it is paused, the resume stops (exit 2) naming both manifest hashes, what changed and
+    the fixes; data.allow_changed_shards=true resumes with a warning and records the new hash, on
+    which a later plain resume goes on."""
+    import shutil
+
+    from enat.files import file_sha256
+
+    ref, _ = reference
+    shards = tmp_path / "train"
+    shutil.copytree(data[1].split("=", 1)[1], shards)  # data: the tokenizer, data.shards, data.val_shards
+    over = [data[0], f"data.shards={shards}", data[2]]
+    d, ckpt = tmp_path / "run", tmp_path / "run" / "checkpoints"
+
+    def train(stop, **kw):
+        res = run(train_cmd(over, d, extra=["--stop-at", str(stop)], **{"train.steps": 24, **kw}))
+        return res.returncode, res.stdout + res.stderr
+
+    old_sha = file_sha256(shards / "manifest.json")
+    for stop in (4, 8):  # paused at 4, resumed on the same shards
+        rc, out = train(stop)
+        assert rc == 0 and f"manifest sha256 {old_sha}" in out, out[-3000:]
+    assert resumed_at(out, ckpt, "step00000004") and "allow_changed_shards" not in out, out[-3000:]
+    assert losses(d) == {s: v for s, v in ref.items() if s <= 8}
+
+    name, count = _rewrite_last_shard(shards, keep=128)
+    new_sha = file_sha256(shards / "manifest.json")
+    rc, out = train(10)
+    assert rc == 2 and "Traceback" not in out, out[-3000:]
+    error = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1, out[-3000:]
+    for part in (old_sha, new_sha, f"1498 -> {count} samples", f"1 shard(s) rewritten: {name} (218 -> 128 samples",
+                 "Restore the shards", "data.allow_changed_shards=true", "new run directory (train.run_dir)"):
+        assert part in error[0], (part, error[0])
+    assert latest_pointer(ckpt) == "step00000008" and max(losses(d)) == 8  # it trained nothing
+
+    rc, out = train(9, **{"data.allow_changed_shards": "true"})
+    assert rc == 0 and resumed_at(out, ckpt, "step00000008"), out[-3000:]
+    warning = [line for line in out.splitlines() if line.startswith("warning: data.allow_changed_shards=true")]
+    assert len(warning) == 1 and old_sha in warning[0] and new_sha in warning[0], out[-3000:]
+    rc, out = train(10)  # the new hash is the run's now: no flag needed
+    assert rc == 0 and resumed_at(out, ckpt, "step00000009") and "allow_changed_shards" not in out, out[-3000:]
+    assert sorted(losses(d)) == list(range(1, 11))

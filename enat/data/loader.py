@@ -8,7 +8,8 @@ number of batches (the < G samples left at an epoch's end are skipped that epoch
 epoch's order differs), and a global batch holds the same samples whatever the number of ranks.
 Samples are read by random access through the shards' index (one pread each), so no worker reads
 what it does not use. The state is one counter, the micro-batches consumed: restoring it continues
-with exactly the next samples.
+with exactly the next samples. It also records which shards those are (their manifest's sha256,
+enat/data/identity.py), which a resume checks.
 
 Resampled mode (`data.resampled=true`): webdataset's resampled pipeline, shards drawn with
 replacement and a shuffle buffer, for corpora too large to index. Its resume is statistical: the
@@ -46,6 +47,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from enat.data.identity import shard_identity
 from enat.data.shards import Manifest, ShardError, read_index
 from enat.files import file_sha256
 from enat.rng import derive_seed, hash_uniform
@@ -70,6 +72,7 @@ class ShardSet:
     def __init__(self, shard_dir: str | Path, strict: bool = False, log=print):
         self.dir = Path(shard_dir)
         self.manifest = Manifest.load(self.dir)
+        self.identity = shard_identity(self.dir, self.manifest)  # what checkpoints record (enat/data/identity.py)
         self.text = self.manifest.text_layout  # None for class shards
         seq_len = self.manifest.seq_len
         shard_ids, offsets, labels, uids = [], [], [], []
@@ -283,7 +286,8 @@ class TokenLoader:
 
     def state_dict(self) -> dict:
         return {"micro_batches": self.position, "num_samples": len(self.data), "global_batch": self.global_batch,
-                "seed": self.seed, "shuffle": self.shuffle, "resampled": self.resampled}
+                "seed": self.seed, "shuffle": self.shuffle, "resampled": self.resampled,
+                "identity": self.data.identity}  # which shards: a resume checks it (resume_data_state)
 
     def load_state_dict(self, state: dict) -> None:
         if not self.resampled:

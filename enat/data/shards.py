@@ -15,7 +15,10 @@ per sample K and the byte offsets of the raw ids and context payloads and of the
 so the loader reads only the caption it chose (one pread of L x C x 2 bytes).
 
 `manifest.json` describes the set: sample count, grid and codebook size, the tokenizer's hash,
-the shard list with sample counts and byte sizes, and the images that could not be read. Caption
+the shard list with sample counts, byte sizes and CRC-32s (8 hex digits; manifests of older enat
+have none: they load, and `enat data verify` checks their sizes and counts only), and the images
+that could not be read. The sha256 of the manifest file's bytes identifies the set: a training
+run records it and refuses to resume on other shards (enat/data/identity.py). Caption
 shards (manifest version 2; class shards stay version 1, unchanged) add `text`: the encoder's
 description (path, weights sha256, config), L, C, dtype, storage, the null context (the encoding
 of the empty caption '', (L, C) float16 in `null_context.npy`, with its sha256) and the ids of ''.
@@ -77,7 +80,7 @@ class Manifest:
     grid_size: int
     codebook_size: int
     num_classes: int
-    shards: list[dict]  # {"name", "num_samples", "bytes"}
+    shards: list[dict]  # {"name", "num_samples", "bytes", "crc32"}; no crc32 from enat before issue 29
     tokenizer: dict = field(default_factory=dict)  # {"path", "sha256"}
     source: dict = field(default_factory=dict)  # dataset, split, resolution, flip, parts
     failed: list[dict] = field(default_factory=list)  # {"path", "error"}: unreadable inputs

@@ -6,7 +6,8 @@ part i of K
 takes a contiguous slice of it. Each part writes its shards one by one (temp file, index, then
 rename), recording finished shards in `part-IIII-of-KKKK.json`; a rerun skips shards recorded
 there whose file is intact. Unreadable images are counted and listed, never silently dropped.
-The merge step checks that every part finished and writes `manifest.json`.
+The merge step checks that every part finished and writes `manifest.json`, with each shard's
+sample count, size and CRC-32 (`enat data verify` checks the shards against them).
 
 Images are centre-cropped the ADM way (box-halve while the short side is >= 2x the target,
 bicubic resize of the short side to the target, centre crop), tokenized as-is and (optionally)
@@ -47,7 +48,7 @@ from enat.data.fashion import NUM_CLASSES as FASHION_CLASSES
 from enat.data.fashion import FashionError, files_id, load_fashion
 from enat.data.shards import (NULL_CONTEXT, Manifest, ShardError, TextLayout, scan_shard, write_atomic,
                               write_index)
-from enat.files import file_sha256
+from enat.files import file_crc32, file_sha256
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG"}
 
@@ -499,7 +500,9 @@ def tokenize_part(source, tokenizer, out_dir: str | Path, part: int = 0, num_par
         if captioned:
             samples = _add_captions(samples, source, text_encoder, text, text_batch_size)
         nbytes = _write_shard(path, samples, seq_len, text)
-        entry = {"name": name, "num_samples": len(samples), "bytes": nbytes, "failed": failed}
+        # the checksum `enat data verify` checks the shard against (read back while in the page cache)
+        entry = {"name": name, "num_samples": len(samples), "bytes": nbytes, "crc32": file_crc32(path),
+                 "failed": failed}
         if captioned:
             entry["num_captions"] = sum(len(x[3]["captions.json"]) for x in samples)
         record["shards"].append(entry)
@@ -573,7 +576,9 @@ def merge_parts(out_dir: str | Path, tokenizer_path: str | Path | None = None, e
     if len(identities) != 1:
         raise ShardError(f"{out_dir}: parts were tokenized from different image sets ({sorted(identities)}); "
                          f"re-run them with the same data settings into a fresh folder")
-    shards = [{k: s[k] for k in ("name", "num_samples", "bytes")} for r in parts for s in r["shards"]]
+    # crc32: absent from shards that an older enat wrote (a part resumed across versions)
+    shards = [{k: s[k] for k in ("name", "num_samples", "bytes", "crc32") if k in s}
+              for r in parts for s in r["shards"]]
     failed = [f for r in parts for s in r["shards"] for f in s["failed"]]
     first = parts[0]
     text = _merge_text(out_dir, parts)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from enat.config import Config, dump_config, to_dict
+from enat.data.identity import describe, resume_data_state
 from enat.data.loader import ShardSet, TokenLoader
 from enat.data.prepare import check_data
 from enat.data.shards import ShardError
@@ -288,10 +289,13 @@ class Trainer:
                 self.flops_seen, self.masked_tokens_seen = self.plans_so_far(state.get("world_size", self.world),
                                                                              state["config"]["train"])
             self.skipped, self.consecutive_skips = state["skipped"], state["consecutive_skips"]
-            self.loader.load_state_dict(state["data"])
+            # the same shards as the checkpoint's, or data.allow_changed_shards=true (enat/data/identity.py)
+            self.loader.load_state_dict(resume_data_state(state["data"], self.loader, cfg.data.allow_changed_shards,
+                                                          self.log))
             self.ema.load_state_dict(state["ema"])
             rid = state["wandb_run_id"]
             self.log(f"resumed from {ckpt_dir / tag} at step {self.step}")
+        self.log(describe(self.loader.data.identity))
         if self.rank == 0:
             if rid is not None:
                 (self.run_dir / "wandb_run_id").write_text(rid)
@@ -331,6 +335,7 @@ class Trainer:
         total, nonembed = parameter_counts(cfg.model)
         w = cfg.train.wandb
         return {**to_dict(cfg), "params": self.n_params, "n_params": total, "n_params_nonembed": nonembed,
+                "data_identity": {k: v for k, v in self.loader.data.identity.items() if k != "shards"},
                 "model_size": cfg.model.size, "train_flops_per_sample": self.flops_per_sample,
                 "world_size": self.world, "global_batch": self.global_batch,
                 "sweep": {"name": w.group, "point": w.sweep_point} if w.sweep_point else None}
