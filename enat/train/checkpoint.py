@@ -56,7 +56,7 @@ from enat.dist import all_gather_object, barrier, broadcast_object, import_deeps
 from enat.files import file_sha256
 from enat.models.weights import save_weights
 from enat.train.lease import LeaseLost, describe_holder
-from enat.train.pins import Pin, absolve, condemn
+from enat.train.pins import Pin, absolve, clear_marks, condemn
 
 LATEST = "latest"
 META = "enat_meta.json"
@@ -556,6 +556,7 @@ class Checkpointer:
         partial tags of interrupted saves are removed."""
         if self.rank != 0 or not self.dir.is_dir():
             return
+        clear_marks(self.dir)  # left by a pruner killed mid-prune: they would turn readers away
         if resume is not None and latest_pointer(self.dir) != resume:
             write_atomic(self.dir / LATEST, resume)  # first: `latest` never names a tag being moved
         for status in passed:

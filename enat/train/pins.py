@@ -33,6 +33,7 @@ from enat.train.lease import _parse_record, describe_holder, holder_record, stal
 
 PINS = "pins"
 CONDEMNED = ".condemned"
+CONDEMNED_STALE_S = 120.0  # a pruner marks, checks the pins and deletes within seconds
 
 
 def pins_dir(ckpt_dir: Path) -> Path:
@@ -79,9 +80,17 @@ class Pin:
                 continue  # a network filesystem hiccup: the next beat tries again
 
     def condemned(self) -> bool:
-        """After taking the pin: is the tag being deleted, or gone? Then the reader must not use it."""
-        return (f"{self.tag}{CONDEMNED}" in _listing(self.ckpt_dir)
-                or not (self.ckpt_dir / self.tag / "enat_meta.json").is_file())
+        """After taking the pin: is the tag being deleted, or gone? Then the reader must not use it.
+        A mark older than CONDEMNED_STALE_S was left by a pruner that died before deleting (a
+        deletion removes the manifest first, which the second test sees)."""
+        if not (self.ckpt_dir / self.tag / "enat_meta.json").is_file():
+            return True
+        if f"{self.tag}{CONDEMNED}" not in _listing(self.ckpt_dir):
+            return False
+        try:
+            return time.time() - os.stat(pins_dir(self.ckpt_dir) / f"{self.tag}{CONDEMNED}").st_mtime < CONDEMNED_STALE_S
+        except FileNotFoundError:
+            return False  # taken back meanwhile: the pruner saw our pin
 
     def release(self) -> None:
         self._stop.set()
@@ -137,6 +146,13 @@ def condemn(ckpt_dir: Path, tag: str, timeout_s: float, log=print) -> dict | Non
 
 def absolve(ckpt_dir: Path, tag: str) -> None:
     (pins_dir(ckpt_dir) / f"{tag}{CONDEMNED}").unlink(missing_ok=True)
+
+
+def clear_marks(ckpt_dir: Path) -> None:
+    """The run's new writer, before its first prune: marks of a pruner that died mid-prune go."""
+    for name in _listing(ckpt_dir):
+        if name.endswith(CONDEMNED):
+            (pins_dir(ckpt_dir) / name).unlink(missing_ok=True)
 
 
 def pinned_tags(ckpt_dir: Path) -> set[str]:
