@@ -177,8 +177,9 @@ def cmd_train(args) -> int:
             raise KeyboardInterrupt
         got.append(signum)
         stop.set()
-        print(f"{signal.Signals(signum).name}: checkpointing after this step, then exiting "
-              f"(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        # os.write, not print: the signal may have interrupted a print to stderr (a re-entrant call)
+        os.write(2, f"{signal.Signals(signum).name}: checkpointing after this step, then exiting "
+                    f"(Ctrl-C again to stop at once)\n".encode())
 
     before = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -188,9 +189,11 @@ def cmd_train(args) -> int:
             signal.signal(s, handler)
     if not result.get("interrupted"):
         return 0
-    print(f"{signal.Signals(got[0]).name}: stopped at step {result['step']} with a checkpoint of it; run the same "
+    # (a rank that saw no signal stops with the others: the ranks OR their flags)
+    sig = got[0] if got else signal.SIGTERM
+    print(f"{signal.Signals(sig).name}: stopped at step {result['step']} with a checkpoint of it; run the same "
           f"command to continue", file=sys.stderr, flush=True)
-    return 128 + got[0]
+    return 128 + sig
 
 
 def cmd_export(args) -> None:
@@ -203,10 +206,12 @@ def cmd_ckpt_universal(args) -> None:
     """Writes into the run's checkpoints, so it takes the run's writer lease like a trainer (and
     is refused while one runs: the trainer converts by itself when it resumes on another world
     size)."""
-    from enat.train.checkpoint import checkpoint_dir, pinned, to_universal
+    from enat.train.checkpoint import CheckpointError, checkpoint_dir, pinned, to_universal
     from enat.train.lease import Lease, LeaseError, describe_holder, read_lease
 
     ckpt = checkpoint_dir(args.run)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"no checkpoints folder at {ckpt}: is {args.run} a run directory?")
     lease = Lease(Path(args.run))
     try:
         lease.acquire()

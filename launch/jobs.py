@@ -90,7 +90,7 @@ def _named_errors_exit(fn):
         except Exception as e:
             from enat.cli import named_errors  # the CLI's list (its modules are loaded by now)
 
-            if "SUBMITIT_FOLDER" not in os.environ or not isinstance(e, named_errors()):
+            if "SUBMITIT_FOLDER" not in os.environ or not isinstance(e, named_errors() + (NotRequeued,)):
                 raise
             message = f"error: {e}"
             print(message, file=sys.stderr, flush=True)
@@ -207,10 +207,15 @@ class TrainJob(submitit.helpers.Checkpointable):
         why_not = _why_not_requeue(cfg, env, terminate.is_set(), restarts) if env.global_rank == 0 else None
         why_not = broadcast_object(why_not)
         if why_not:
-            log(f"checkpointed step {result['step']}; not requeuing: {why_not}. Submit launch/train.py again to "
-                f"continue the run")
+            message = (f"checkpointed step {result['step']}; not requeuing: {why_not}. Submit launch/train.py again "
+                       f"to continue the run")
+            log(message)
             close()
-            return result
+            if why_not.startswith("SLURM is cancelling") or _local():
+                return result  # what was asked for (a cancel, the local job stopped): the job ends as it is
+            # Requeues used up: the job fails (exit 2, no traceback), so `afterok` jobs (the FID job
+            # of launch/pipeline.py and launch/sweep.py --eval) do not start on an unfinished run.
+            raise NotRequeued(message)
         if env.global_rank != 0:
             time.sleep(300)  # rank 0 requeues the job, which ends this task (SLURM, launch/local.py)
             raise RuntimeError("rank 0 did not requeue the job within 300 s of the checkpoint")
@@ -219,10 +224,14 @@ class TrainJob(submitit.helpers.Checkpointable):
             try:
                 requeue(signal.SIGUSR2, None)  # exits this process
             except subprocess.CalledProcessError as e:  # (SLURM may be requeueing a preempted job itself)
-                log(f"`scontrol requeue {env.job_id}` failed ({e}); the run is checkpointed at step "
-                    f"{result['step']}: submit launch/train.py again if SLURM does not requeue it")
-                os._exit(0)  # the other ranks wait for the requeue: end the job's tasks now
+                # exit 2 (named): srun ends the other ranks, which wait for the requeue
+                raise NotRequeued(f"`scontrol requeue {env.job_id}` failed ({e}); the run is checkpointed at step "
+                                  f"{result['step']}: submit launch/train.py again if SLURM does not requeue it")
         return result  # no submitit handler (a plain call): the run stays resumable
+
+
+class NotRequeued(RuntimeError):
+    """A train job that checkpointed on a signal and ends unfinished: exit 2, named."""
 
 
 def _why_not_requeue(cfg: Config, env: submitit.JobEnvironment, terminated: bool, restarts: int) -> str | None:
@@ -239,19 +248,33 @@ def _why_not_requeue(cfg: Config, env: submitit.JobEnvironment, terminated: bool
 
 def _cancelled(job_id: str) -> str | None:
     """Whether SLURM is cancelling the job (`scancel JOBID`), which sends the same SIGTERM as a
-    time limit or a preemption. While the job ends, squeue shows COMPLETING for all three; the
-    reason tells them apart (TimeLimit, Preemption...; none for a cancel)."""
-    try:
-        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T|%r"], capture_output=True, text=True,
-                             timeout=20).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None  # no verdict: requeue, as submitit would
+    time limit or a preemption. Accounting knows at once (CANCELLED, against TIMEOUT, PREEMPTED,
+    RUNNING for a bare `scancel --signal=TERM`); without it, squeue's reason tells them apart
+    while the job completes (TimeLimit, Preemption...; none for a cancel). No verdict: requeue,
+    as submitit would."""
+    state = (_ask(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State"]) or "?").split()[0]
+    if state.startswith("CANCELLED"):
+        return f"SLURM is cancelling job {job_id} (sacct: {state})"
+    if state in ("TIMEOUT", "PREEMPTED", "DEADLINE", "NODE_FAIL"):
+        return None
+    # RUNNING (a bare signal, or accounting not caught up yet), or no accounting: ask slurmctld
+    out = _ask(["squeue", "-h", "-j", job_id, "-o", "%T|%r"])
     if not out:
         return None
-    state, _, reason = out.splitlines()[0].partition("|")
+    state, _, reason = out.partition("|")
     if state in ("CANCELLED", "COMPLETING") and not any(k in reason for k in ("TimeLimit", "Preempt", "Deadline")):
         return f"SLURM is cancelling job {job_id} ({state}, reason {reason or 'none'})"
     return None
+
+
+def _ask(cmd: list[str]) -> str:
+    """The first line a SLURM command prints, '' when it fails or is missing."""
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    lines = res.stdout.strip().splitlines() if res.returncode == 0 else []
+    return lines[0].strip() if lines else ""
 
 
 class EvalJob:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import signal
 import json
 import os
 from collections import OrderedDict
@@ -247,6 +248,15 @@ class _ExactStream(torch.utils.data.IterableDataset):
             j += nw
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Data workers leave SIGTERM and SIGINT to the trainer, which checkpoints on them. torchrun,
+    SLURM and Ctrl-C signal the whole process group; torch's own worker handler would end a worker
+    at a SIGTERM from anyone but its parent, and the trainer's next batch would fail before the
+    checkpoint. The workers still end with the trainer (torch's parent watchdog)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class TokenLoader:
     """Micro-batches of (tokens, labels) for one rank; iterate it, save/restore `state_dict()`."""
 
@@ -362,7 +372,8 @@ class TokenLoader:
             return
         dl = torch.utils.data.DataLoader(_ExactStream(self, self.position), batch_size=None,
                                          num_workers=self.num_workers, pin_memory=self.pin_memory,
-                                         persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
+                                         persistent_workers=False, prefetch_factor=4 if self.num_workers else None,
+                                         worker_init_fn=_ignore_stop_signals)
         for batch in dl:
             t = self.position // self.accum
             if self.position % self.accum == 0 and t % self.batches_per_epoch == 0 and t > 0:
@@ -395,7 +406,7 @@ class TokenLoader:
             wds.batched(self.micro, partial=False),
         )
         dl = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=self.num_workers,
-                                         pin_memory=self.pin_memory)
+                                         pin_memory=self.pin_memory, worker_init_fn=_ignore_stop_signals)
         for tokens, labels, uid in dl:
             tokens, labels, uid = torch.as_tensor(tokens), torch.as_tensor(labels), torch.as_tensor(uid)
             if self.cfg_drop > 0:

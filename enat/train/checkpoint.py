@@ -332,7 +332,8 @@ def resolve_tag(ckpt_dir: Path, which: str | None) -> str:
     return tag
 
 
-PIN_ATTEMPTS = 50
+PIN_WAIT_S = 150.0  # longer than a dead pruner's mark lasts (pins.CONDEMNED_STALE_S)
+READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 @contextlib.contextmanager
@@ -341,26 +342,37 @@ def pinned(ckpt_dir: Path, which: str | None, purpose: str = "", log=print):
     reads it: retention leaves a pinned tag alone. A tag pruned between resolving and pinning is
     resolved again ('latest' then names a newer one), so a reader trailing a trainer that saves
     every step with keep_last=1 always gets a checkpoint. Yields the tag."""
-    for attempt in range(PIN_ATTEMPTS):
+    deadline, attempt = time.time() + PIN_WAIT_S, 0
+    while True:
         tag = resolve_tag(ckpt_dir, which)
         pin = Pin(ckpt_dir, tag, purpose=purpose)
         try:
             pin.take()
-        except OSError as e:  # a read-only copy of a run: nothing can prune it under us either
-            log(f"note: cannot pin {ckpt_dir / tag} ({e.strerror or e}); reading it unpinned")
+        except OSError as e:
+            if e.errno not in READ_ONLY:
+                raise
+            pin = None  # a read-only copy of a run: nothing prunes it under us either
+        if pin is None:
+            log(f"note: cannot pin {ckpt_dir / tag} (read-only); reading it unpinned")
             yield tag
             return
-        if not pin.condemned():
+        try:
+            usable = not pin.condemned()
+        except BaseException:
+            pin.release()
+            raise
+        if usable:
             try:
                 yield tag
             finally:
                 pin.release()
             return
-        pin.release()  # retention got there first: try again (the tag may come back if it was kept)
-        time.sleep(min(0.05 * (attempt + 1), 1.0))
-    raise CheckpointError(f"could not pin a checkpoint of {ckpt_dir} ({which or LATEST}) in {PIN_ATTEMPTS} "
-                          f"attempts: retention removed each one first. Read a tag kept by keep_every, "
-                          f"or raise train.keep_last")
+        pin.release()  # retention got there first: try again (the tag stays if it was kept after all)
+        attempt += 1
+        if time.time() > deadline:
+            raise CheckpointError(f"could not pin {ckpt_dir / tag} ({which or LATEST}) within {PIN_WAIT_S:g} s: "
+                                  f"retention is removing it. Read a tag kept by keep_every, or raise train.keep_last")
+        time.sleep(min(0.05 * attempt, 1.0))
 
 
 def find_resume_tag(ckpt_dir: Path, rank: int = 0, world: int = 1, log=print) -> tuple[str | None, list[TagStatus]]:
@@ -494,10 +506,11 @@ class Checkpointer:
         try:
             files = read_meta(self.dir, tags[-1]).get("files") or {}
             need = sum(f["size"] for name, f in files.items() if writer_rank(name) == self.rank)
-            free = shutil.disk_usage(self.dir).free
+            usage = shutil.disk_usage(self.dir)
         except (OSError, ValueError, KeyError, TypeError):
             return None  # no estimate: the save itself finds out
-        if need <= free:
+        free = usage.free
+        if need <= free or usage.total == 0:  # (a filesystem that reports no sizes: FUSE, some object stores)
             return None
         return f"rank {self.rank}: {free / 1e6:.1f} MB free, its part of {tags[-1]} took {need / 1e6:.1f} MB"
 

@@ -6,6 +6,7 @@ run continues the same wandb run."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import sys
@@ -48,6 +49,9 @@ def run_id(run_dir: Path) -> str:
     rid = uuid.uuid4().hex[:12]
     write_atomic(path, rid)  # a run killed here leaves no empty id behind
     return rid
+
+
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 class MetricsWriter:
@@ -150,6 +154,8 @@ class MetricsWriter:
             if end is not None:
                 with contextlib.suppress(OSError):
                     os.truncate(self.path, end)  # no torn line for the next append to run into
+            if e.errno not in NO_SPACE:
+                raise
             # a full disk or a quota: the lines wait here and go out with the next line that fits
             # (a save failing on the same disk stops or retries the run: train.on_save_error)
             if len(self._pending) == 1 or len(self._pending) % 100 == 0:
@@ -176,6 +182,14 @@ class MetricsWriter:
             self.wandb = None
 
     def finish(self) -> None:
+        if self._pending:  # lines held back by a full disk: a last try
+            try:
+                with open(self.path, "a") as f:
+                    f.write("".join(self._pending))
+                self._pending.clear()
+            except OSError as e:
+                print(f"warning: {len(self._pending)} lines could not be appended to {self.path} ({e.strerror or e}); "
+                      f"the last: {self._pending[-1].strip()}", file=sys.stderr, flush=True)
         if self._run() is not None:
             self._wandb_call(self.wandb.finish)
             self.wandb = None

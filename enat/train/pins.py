@@ -81,11 +81,14 @@ class Pin:
 
     def condemned(self) -> bool:
         """After taking the pin: is the tag being deleted, or gone? Then the reader must not use it.
-        A mark older than CONDEMNED_STALE_S was left by a pruner that died before deleting (a
-        deletion removes the manifest first, which the second test sees)."""
+        The mark is looked for before the manifest: a pruner that marked before our pin existed
+        either is still before its deletion (the mark is there) or has deleted the tag, manifest
+        first (then the manifest is gone). A mark older than CONDEMNED_STALE_S was left by a
+        pruner that died before deleting."""
+        marked = f"{self.tag}{CONDEMNED}" in _listing(self.ckpt_dir)
         if not (self.ckpt_dir / self.tag / "enat_meta.json").is_file():
             return True
-        if f"{self.tag}{CONDEMNED}" not in _listing(self.ckpt_dir):
+        if not marked:
             return False
         try:
             return time.time() - os.stat(pins_dir(self.ckpt_dir) / f"{self.tag}{CONDEMNED}").st_mtime < CONDEMNED_STALE_S
@@ -119,7 +122,12 @@ def live_pins(ckpt_dir: Path, tag: str, timeout_s: float, log=print) -> list[dic
                 info = _parse_record(f.read(), os.fstat(f.fileno()).st_mtime)
         except FileNotFoundError:
             continue  # released meanwhile
-        why = stale_reason(info, me, info["heartbeat_age_s"], timeout_s)
+        # A pin without a heartbeat for the timeout is dead whatever SLURM says of its job (a
+        # reader killed inside a long allocation: a notebook, an salloc), then the lease's rules.
+        beat = info.get("heartbeat_s")
+        limit = max(timeout_s, 3 * beat) if isinstance(beat, (int, float)) else timeout_s
+        why = (f"heartbeat {info['heartbeat_age_s']:.0f} s old, timeout {limit:g} s"
+               if info["heartbeat_age_s"] > limit else stale_reason(info, me, info["heartbeat_age_s"], timeout_s))
         if why is None:
             live.append(info)
             continue
