@@ -138,8 +138,10 @@ def test_a_pinned_tag_outlives_retention_until_its_reader_ends_or_dies(data, tmp
 # 2. a full disk
 
 
-def _checkpoint_bytes(data, tmp_path) -> int:  # noqa: F811
-    d = tmp_path / "sizing"
+@pytest.fixture(scope="module")
+def checkpoint_bytes(data, tmp_path_factory) -> int:  # noqa: F811
+    """The size of one checkpoint of these runs."""
+    d = tmp_path_factory.mktemp("sizing") / "run"
     res = run(train_cmd(data, d, **{"train.steps": 1}))
     assert res.returncode == 0, res.stderr[-3000:]
     return sum(p.stat().st_size for p in (d / "checkpoints/step00000001").iterdir())
@@ -167,8 +169,9 @@ def small_fs(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)])
 
 
-def test_disk_full_stops_with_latest_intact_and_the_resume_is_exact(data, reference, tmp_path, small_fs):  # noqa: F811
-    size = _checkpoint_bytes(data, tmp_path)
+def test_disk_full_stops_with_latest_intact_and_the_resume_is_exact(  # noqa: F811
+        data, reference, checkpoint_bytes, tmp_path, small_fs):
+    size = checkpoint_bytes
     fs = small_fs(int(size * 1.5))  # room for one checkpoint, not for the next one beside it
     d = fs / "run"
     cmd = train_cmd(data, d, **{"train.steps": STEPS, "train.ckpt_every": 4, "train.keep_last": 1})
@@ -184,8 +187,9 @@ def test_disk_full_stops_with_latest_intact_and_the_resume_is_exact(data, refere
     assert "resumed from" in res.stdout + res.stderr and losses(d) == reference
 
 
-def test_disk_full_with_retry_trains_on_and_saves_once_there_is_room(data, reference, tmp_path, small_fs):  # noqa: F811
-    size = _checkpoint_bytes(data, tmp_path)
+def test_disk_full_with_retry_trains_on_and_saves_once_there_is_room(  # noqa: F811
+        data, reference, checkpoint_bytes, tmp_path, small_fs):
+    size = checkpoint_bytes
     fs = small_fs(int(size * 1.5))
     d = fs / "run"
     cmd = train_cmd(data, d, **{"train.steps": STEPS, "train.ckpt_every": 4, "train.keep_last": 1,
@@ -208,10 +212,10 @@ def test_disk_full_with_retry_trains_on_and_saves_once_there_is_room(data, refer
     assert losses(d) == reference  # nothing lost or repeated in metrics.jsonl while the disk was full
 
 
-def test_a_save_failing_mid_write_leaves_no_partial_and_names_the_sizes(data, tmp_path):  # noqa: F811
+def test_a_save_failing_mid_write_leaves_no_partial_and_names_the_sizes(data, checkpoint_bytes, tmp_path):  # noqa: F811
     """A file-size limit (RLIMIT_FSIZE: EFBIG, what a quota or a full disk does to a write) fails
     the first save inside torch.save: the partial tag is removed, nothing is committed, exit 2."""
-    size = _checkpoint_bytes(data, tmp_path)
+    size = checkpoint_bytes
     d = tmp_path / "run"
 
     def limit():
@@ -240,6 +244,8 @@ def test_sigterm_and_sigint_checkpoint_the_step_and_exit_cleanly(data, reference
     stops = []
     for sig, at in ((signal.SIGTERM, 5), (signal.SIGINT, 12)):
         proc = start(cmd, tmp_path / f"{sig.name}.log")
+        # a step of this start (the metrics of the last one go up to its stop): the handler is in place
+        at = max(at, stops[-1] + 2 if stops else 0)
         wait_for(lambda: logged_steps(d) >= at, 300, f"step {at}")
         os.killpg(proc.pid, sig)
         assert proc.wait(timeout=120) == 128 + sig, (tmp_path / f"{sig.name}.log").read_text()[-3000:]

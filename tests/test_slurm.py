@@ -197,7 +197,8 @@ def test_time_limit_requeues_and_a_cancel_keeps_its_checkpoint_without_requeue(c
     d, _ = work
     run = d / "runs/timelimit"
     # slower steps (the same losses): slurmctld checks time limits every 30 s
-    job = submit(work, "timelimit", **{"train.steps": 120, "launch.signal_delay_s": 0, "train.inject_step_delay_s": 0.4})
+    job = submit(work, "timelimit",
+                 **{"train.steps": 120, "launch.signal_delay_s": 0, "train.inject_step_delay_s": 0.3})
     wait_for(lambda: (run / "metrics.jsonl").is_file() and len(metrics(run)) >= 15, 180, "step 15")
     end = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() + 1))
     subprocess.run(["scontrol", "update", f"JobId={job.job_id}", f"EndTime={end}"], check=True)  # the limit: now

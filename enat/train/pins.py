@@ -91,9 +91,10 @@ class Pin:
         if not marked:
             return False
         try:
-            return time.time() - os.stat(pins_dir(self.ckpt_dir) / f"{self.tag}{CONDEMNED}").st_mtime < CONDEMNED_STALE_S
+            age = time.time() - os.stat(pins_dir(self.ckpt_dir) / f"{self.tag}{CONDEMNED}").st_mtime
         except FileNotFoundError:
             return False  # taken back meanwhile: the pruner saw our pin
+        return age < CONDEMNED_STALE_S
 
     def release(self) -> None:
         self._stop.set()
