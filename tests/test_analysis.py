@@ -236,6 +236,7 @@ def test_one_step_at_ratio_zero_is_the_tokenizers_reconstruction(demo):
     assert "tokenizer reconstruction" in (d / "out" / "one_step.md").read_text()
 
 
+@pytest.mark.slow  # end to end (compiles, fits, wandb, processes): over 8 s on 2 cores
 def test_pareto_points_are_the_fid_jobs_numbers(demo):
     from enat.eval.job import evaluate
     from enat.flops import sampling_flops

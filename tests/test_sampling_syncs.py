@@ -61,6 +61,7 @@ class GraphCounter:
         return gm.forward
 
 
+@pytest.mark.slow  # end to end (compiles, fits, wandb, processes): over 8 s on 2 cores
 @pytest.mark.parametrize("reuse", [True, False])
 def test_compiled_sampling_compiles_a_few_graphs_once(model, reuse):
     torch._dynamo.reset()
@@ -86,6 +87,7 @@ def test_compiled_sampling_compiles_a_few_graphs_once(model, reuse):
     assert len(backend.graphs) == expected
 
 
+@pytest.mark.slow  # end to end (compiles, fits, wandb, processes): over 8 s on 2 cores
 def test_aot_compiled_sampling_equals_eager(model):
     # aot_eager runs the AOT-traced aten graph: the compiled path without inductor's codegen time.
     torch._dynamo.reset()

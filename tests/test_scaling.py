@@ -155,6 +155,7 @@ def test_report_writes_fit_plots_and_markdown(sweep_dir, tmp_path):
     assert (tmp_path / "out/points.csv").read_text().count("\n") == 1 + 120
 
 
+@pytest.mark.slow  # end to end (compiles, fits, wandb, processes): over 8 s on 2 cores
 def test_report_publishes_to_wandb_as_one_run(sweep_dir, tmp_path):
     """--wandb: a run of its own in the sweep's group (job type scaling-report) whose summary is
     fit.json; the points as a table and the plots as images; a re-run reuses the id."""

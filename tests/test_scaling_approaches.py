@@ -211,6 +211,7 @@ def test_huber_reaches_a_large_E_and_gives_honest_intervals():
     assert res["objective"] <= _scaled_objective(x_old, *logs, 1e-3)[0] * (1 + 1e-9)
 
 
+@pytest.mark.slow  # end to end (compiles, fits, wandb, processes): over 8 s on 2 cores
 def test_huber_default_1000_resamples_on_a_small_sweep():
     pts = curve_sweep(np.geomspace(1e5, 1e7, 6), np.geomspace(1e5, 1e8, 6))  # 6 runs, 36 points
     res = huber_exponent(pts, KEY)

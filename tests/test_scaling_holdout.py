@@ -219,6 +219,7 @@ def test_preregister_refuses_once_a_holdout_run_holds_its_lease(fitting, tmp_pat
 # --- evaluation ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # end to end (compiles, fits, wandb, processes): over 8 s on 2 cores
 def test_evaluate_holdout_against_the_registered_prediction(fitting, registered, tmp_path):
     """Not yet run, then run: the true loss and the observed one lie inside the registered
     intervals, the error is small, and the report shows it; results that predate the

@@ -63,6 +63,7 @@ def record_interval(path: str, seconds: float) -> None:
     Path(path).write_text(f"{start} {time.time()}")
 
 
+@pytest.mark.slow  # end to end (compiles, fits, wandb, processes): over 8 s on 2 cores
 def test_local_arrays_honour_array_parallelism(tmp_path, monkeypatch):
     """Without SLURM the launcher itself keeps at most launch.array_parallelism tasks running."""
     from launch.submit import executor, submit_array, wait

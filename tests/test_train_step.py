@@ -106,6 +106,7 @@ def test_forward_and_loss_are_one_graph_per_mode():
         assert (graphs, breaks) == (1, 0), reasons
 
 
+@pytest.mark.slow  # end to end (compiles, fits, wandb, processes): over 8 s on 2 cores
 def test_compiled_loss_matches_eager_with_one_graph_for_all_mask_counts():
     """Through AOTAutograd (the graphs inductor would compile; inductor itself takes minutes on 2
     cores): forward and gradients match eager, and new mask counts reuse the graph of their mode."""
