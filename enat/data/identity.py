@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from enat.data.shards import MANIFEST, Manifest, ShardError, index_path, scan_shard
+from enat.data.shards import NPY_HEADER_LOCK, MANIFEST, Manifest, ShardError, index_path, scan_shard
 from enat.files import file_crc32, file_sha256
 
 NO_CHECKSUMS = "no checksums recorded (written by an older enat): sizes and sample counts checked"
@@ -138,7 +138,9 @@ def _verify_shard(path: Path, entry: dict, seq_len: int, text) -> tuple[str, lis
     side = index_path(path)
     if not problems and side.is_file():  # (a damaged tar's index differs anyway)
         try:
-            stale = not np.array_equal(np.load(side, allow_pickle=False), index)
+            with NPY_HEADER_LOCK:
+                saved = np.load(side, allow_pickle=False)
+            stale = not np.array_equal(saved, index)
         except (ValueError, OSError):
             stale = True
         if stale:

@@ -27,6 +27,7 @@ of the empty caption '', (L, C) float16 in `null_context.npy`, with its sha256) 
 from __future__ import annotations
 
 import io
+import threading
 import json
 import os
 import tarfile
@@ -170,13 +171,19 @@ def index_path(tar_path: str | Path) -> Path:
     return Path(str(tar_path) + INDEX_SUFFIX)
 
 
+# numpy parses .npy headers with ast.literal_eval, which CPython 3.11 does not make thread-safe
+# ("AST constructor recursion depth mismatch" under `enat data verify`'s threads): one at a time.
+NPY_HEADER_LOCK = threading.Lock()
+
+
 def _npy_header(raw, member) -> tuple[tuple, bool, np.dtype, int]:
     """(shape, fortran, dtype, header length) of an .npy member, read from its first bytes."""
     raw.seek(member.offset_data)
     buf = io.BytesIO(raw.read(min(member.size, 1024)))
     major, _ = np.lib.format.read_magic(buf)
     read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read_header(buf)
+    with NPY_HEADER_LOCK:
+        shape, fortran, dtype = read_header(buf)
     return shape, fortran, dtype, buf.tell()
 
 
