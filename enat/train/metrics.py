@@ -6,7 +6,6 @@ run continues the same wandb run."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from enat.train.checkpoint import write_atomic
+from enat.train.checkpoint import NO_SPACE, write_atomic
 
 # Dense bf16 peak TFLOP/s per GPU, for MFU. Override with train.peak_tflops.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "V100": 125.0}
@@ -49,9 +48,6 @@ def run_id(run_dir: Path) -> str:
     rid = uuid.uuid4().hex[:12]
     write_atomic(path, rid)  # a run killed here leaves no empty id behind
     return rid
-
-
-NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 class MetricsWriter:
